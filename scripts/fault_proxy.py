@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""Fault-injecting HTTP/1.1 reverse proxy for DynamoDB, SQS and EC2 in front of moto.
+
+Usage:
+    fault_proxy.py --upstream http://127.0.0.1:PORT [--port 0] [--rate 0.1]
+                   [--faults throttle,error500,slow,drop_before,drop_after]
+                   [--slow-ms 2000] [--latency-ms 0] [--seed 1]
+                   [--only DynamoDB.UpdateItem,EC2.TerminateInstances] [--budget N]
+
+Prints exactly one line "LISTENING <port>" on stdout once it accepts connections.
+
+Each proxied request is identified as "<Service>.<Operation>" (DynamoDB / SQS by X-Amz-Target,
+EC2 by Action= in the form body). With probability --rate (and only for operations in --only,
+when given, and while --budget is not used up) one fault kind from --faults is picked uniformly:
+  throttle     service-correct throttling error, not forwarded
+  error500     HTTP 500 with the service's internal-error shape, not forwarded
+  slow         sleep --slow-ms, then forward
+  drop_before  close the connection without forwarding or answering
+  drop_after   forward (the effect happens), then close without answering
+--latency-ms adds a fixed delay to every proxied request.
+
+Control endpoints (never forwarded):
+  GET  /__proxy/stats   {"requests": {"DynamoDB.UpdateItem": n, ...}, "faults": {"throttle": n, ...},
+                         "faults_by_op": {...}, "forwarded": n, "config": {...}}
+  POST /__proxy/config  JSON body with any of: rate, faults, slow_ms, latency_ms, seed, only, budget
+  POST /__proxy/reset   zero the counters
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import http.server
+import json
+import random
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+
+FAULT_KINDS = ("throttle", "error500", "slow", "drop_before", "drop_after")
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+}
+MAX_BODY = 64 * 1024 * 1024  # refuse absurd request bodies instead of buffering them
+MAX_CONCURRENT_CONNECTIONS = 256
+IDLE_CONNECTION_TIMEOUT_S = 120
+CREDENTIAL_SCOPE_RE = re.compile(r"Credential=[^/,\s]+/\d{8}/[^/]+/([^/]+)/aws4_request")
+SERVICE_BY_SCOPE = {"dynamodb": "DynamoDB", "sqs": "SQS", "ec2": "EC2"}
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[fault_proxy {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+class State:
+    """Settings and counters, shared by all handler threads."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.lock = threading.Lock()
+        self.upstream = urllib.parse.urlsplit(args.upstream)
+        if self.upstream.scheme != "http" or not self.upstream.hostname:
+            raise SystemExit(f"--upstream must be http://host:port, got {args.upstream!r}")
+        self.upstream_timeout = args.upstream_timeout
+        self.rate = 0.0
+        self.faults: list[str] = list(FAULT_KINDS)
+        self.slow_ms = 2000
+        self.latency_ms = 0
+        self.only: list[str] = []
+        self.budget: int | None = None  # None = unlimited
+        self.rng = random.Random(args.seed)
+        self.apply_config(
+            {
+                "rate": args.rate,
+                "faults": args.faults,
+                "slow_ms": args.slow_ms,
+                "latency_ms": args.latency_ms,
+                "only": args.only,
+                "budget": args.budget,
+            }
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests: dict[str, int] = {}
+            self.fault_counts: dict[str, int] = {}
+            self.faults_by_op: dict[str, int] = {}
+            self.forwarded = 0
+
+    def apply_config(self, cfg: dict) -> None:
+        unknown = set(cfg) - {"rate", "faults", "slow_ms", "latency_ms", "seed", "only", "budget"}
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        new = {}
+        if "rate" in cfg:
+            rate = float(cfg["rate"])
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError("rate must be within 0..1")
+            new["rate"] = rate
+        if "faults" in cfg:
+            faults = cfg["faults"]
+            if isinstance(faults, str):
+                faults = [f.strip() for f in faults.split(",") if f.strip()]
+            bad = [f for f in faults if f not in FAULT_KINDS]
+            if bad or not faults:
+                raise ValueError(f"faults must be a non-empty subset of {FAULT_KINDS}, got {faults}")
+            new["faults"] = list(faults)
+        for key in ("slow_ms", "latency_ms"):
+            if key in cfg:
+                value = int(cfg[key])
+                if value < 0:
+                    raise ValueError(f"{key} must be >= 0")
+                new[key] = value
+        if "only" in cfg:
+            only = cfg["only"] or []
+            if isinstance(only, str):
+                only = [o.strip() for o in only.split(",") if o.strip()]
+            new["only"] = list(only)
+        if "budget" in cfg:
+            budget = cfg["budget"]
+            new["budget"] = None if budget is None or int(budget) < 0 else int(budget)
+        with self.lock:
+            for key, value in new.items():
+                setattr(self, key, value)
+            if "seed" in cfg:
+                self.rng = random.Random(cfg["seed"])
+
+    def config(self) -> dict:
+        with self.lock:
+            return {
+                "rate": self.rate,
+                "faults": list(self.faults),
+                "slow_ms": self.slow_ms,
+                "latency_ms": self.latency_ms,
+                "only": list(self.only),
+                "budget": self.budget,
+            }
+
+    def on_request(self, op: str) -> tuple[str | None, int, int]:
+        """Count the request; return (fault kind or None, latency_ms, slow_ms)."""
+        with self.lock:
+            self.requests[op] = self.requests.get(op, 0) + 1
+            fault = None
+            eligible = not op.startswith("Unknown") and (not self.only or op in self.only)
+            if eligible and self.budget != 0 and self.rate > 0 and self.rng.random() < self.rate:
+                fault = self.rng.choice(self.faults)
+                self.fault_counts[fault] = self.fault_counts.get(fault, 0) + 1
+                key = f"{op}:{fault}"
+                self.faults_by_op[key] = self.faults_by_op.get(key, 0) + 1
+                if self.budget is not None:
+                    self.budget -= 1
+            return fault, self.latency_ms, self.slow_ms
+
+    def on_forwarded(self) -> None:
+        with self.lock:
+            self.forwarded += 1
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                "requests": dict(self.requests),
+                "faults": dict(self.fault_counts),
+                "faults_by_op": dict(self.faults_by_op),
+                "forwarded": self.forwarded,
+            }
+
+
+def identify(headers, body: bytes) -> tuple[str, str]:
+    """Return (service, operation) for an AWS request."""
+    target = headers.get("X-Amz-Target", "")
+    service = None
+    m = CREDENTIAL_SCOPE_RE.search(headers.get("Authorization", ""))
+    if m:
+        service = SERVICE_BY_SCOPE.get(m.group(1).lower())
+    if target:
+        prefix, _, op = target.partition(".")
+        if service is None:
+            if prefix.startswith("DynamoDB"):
+                service = "DynamoDB"
+            elif prefix.startswith("AmazonSQS"):
+                service = "SQS"
+        if service:
+            return service, op or "Unknown"
+    ctype = headers.get("Content-Type", "")
+    if body and "x-www-form-urlencoded" in ctype:
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=100_000)
+        action = (form.get("Action") or [""])[0]
+        if service is None:
+            version = (form.get("Version") or [""])[0]
+            service = "SQS" if version == "2012-11-05" else "EC2"
+        if action:
+            return service, action
+    return service or "Unknown", "Unknown"
+
+
+def error_response(service: str, kind: str) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of an injected throttle / error500 for the service."""
+    request_id = str(uuid.uuid4())
+    if service == "EC2":
+        if kind == "throttle":
+            status, code, msg = 503, "RequestLimitExceeded", "Request limit exceeded (injected)."
+        else:
+            status, code, msg = 500, "InternalError", "An internal error has occurred (injected)."
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f"<Response><Errors><Error><Code>{code}</Code><Message>{msg}</Message></Error></Errors>"
+            f"<RequestID>{request_id}</RequestID></Response>"
+        )
+        return status, {"Content-Type": "text/xml;charset=UTF-8"}, body.encode()
+    if service == "SQS":
+        if kind == "throttle":
+            status, code, fault, msg = 400, "RequestThrottled", "Sender", "Rate exceeded (injected)"
+        else:
+            status, code, fault, msg = 500, "InternalError", "Receiver", "Internal error (injected)"
+        body = json.dumps({"__type": f"com.amazonaws.sqs#{code}", "message": msg})
+        headers = {
+            "Content-Type": "application/x-amz-json-1.0",
+            "x-amzn-query-error": f"{code};{fault}",
+            "x-amzn-RequestId": request_id,
+        }
+        return status, headers, body.encode()
+    # DynamoDB (and anything else speaking JSON)
+    if kind == "throttle":
+        status, code, msg = 400, "ThrottlingException", "Rate exceeded (injected)"
+    else:
+        status, code, msg = 500, "InternalServerError", "Internal server error (injected)"
+    body = json.dumps({"__type": f"com.amazonaws.dynamodb.v20120810#{code}", "message": msg})
+    headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-RequestId": request_id}
+    return status, headers, body.encode()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_CONNECTION_TIMEOUT_S  # idle keep-alive connections do not hold a thread forever
+    server_version = "fault-proxy/1"
+    state: State  # set on the class by main()
+
+    # Buffered writes + TCP_NODELAY: status line, headers and body leave in one segment, so
+    # Nagle's algorithm and delayed ACKs do not add ~40 ms to every response.
+    wbufsize = 1 << 16
+
+    def setup(self):
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def log_message(self, fmt, *args):  # silence per-request access logs
+        pass
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks, total = [], 0
+            while True:
+                line = self.rfile.readline(65537)
+                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                total += size
+                if total > MAX_BODY:
+                    raise ValueError("request body too large")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ValueError("request body too large")
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, headers: dict | list, body: bytes) -> None:
+        self.send_response_only(status)
+        items = headers.items() if isinstance(headers, dict) else headers
+        for name, value in items:
+            if name.lower() in HOP_BY_HOP or name.lower() == "content-length":
+                continue
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def _send_json(self, status: int, obj) -> None:
+        self._send(status, {"Content-Type": "application/json"}, json.dumps(obj).encode())
+
+    def _drop(self) -> None:
+        """Close the client connection without an answer."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+        except OSError:
+            pass
+
+    def _forward(self, body: bytes) -> tuple[int, list, bytes]:
+        up = self.state.upstream
+        conn = http.client.HTTPConnection(up.hostname, up.port or 80, timeout=self.state.upstream_timeout)
+        try:
+            headers = {}
+            for name, value in self.headers.items():
+                lname = name.lower()
+                if lname in HOP_BY_HOP or lname in ("host", "content-length", "expect"):
+                    continue
+                headers[name] = value
+            headers["Host"] = up.netloc
+            headers["Content-Length"] = str(len(body))
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.state.on_forwarded()
+            return resp.status, resp.getheaders(), data
+        finally:
+            conn.close()
+
+    # -- control endpoints ------------------------------------------------------------------
+    def _control(self, body: bytes) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/__proxy/stats" and self.command == "GET":
+            stats = self.state.stats()
+            stats["config"] = self.state.config()
+            self._send_json(200, stats)
+        elif path == "/__proxy/config" and self.command == "POST":
+            try:
+                cfg = json.loads(body or b"{}")
+                if not isinstance(cfg, dict):
+                    raise ValueError("config must be a JSON object")
+                self.state.apply_config(cfg)
+            except (ValueError, TypeError) as e:
+                self._send_json(400, {"error": str(e)})
+                return
+            self._send_json(200, self.state.config())
+        elif path == "/__proxy/reset" and self.command == "POST":
+            self.state.reset()
+            self._send_json(200, {"ok": True})
+        else:
+            self._send_json(404, {"error": f"no control endpoint {self.command} {path}"})
+
+    # -- main entry -------------------------------------------------------------------------
+    def _handle(self) -> None:
+        try:
+            body = self._read_body()
+        except (ValueError, OSError) as e:
+            self.close_connection = True
+            self._send_json(400, {"error": f"bad request body: {e}"})
+            return
+        if self.path.startswith("/__proxy/"):
+            self._control(body)
+            return
+
+        service, operation = identify(self.headers, body)
+        op = f"{service}.{operation}"
+        fault, latency_ms, slow_ms = self.state.on_request(op)
+        if latency_ms:
+            time.sleep(latency_ms / 1000)
+        if fault:
+            log(f"inject {fault} on {op}")
+        if fault in ("throttle", "error500"):
+            self._send(*error_response(service, fault))
+            return
+        if fault == "drop_before":
+            self._drop()
+            return
+        if fault == "slow":
+            time.sleep(slow_ms / 1000)
+        try:
+            status, headers, data = self._forward(body)
+        except (OSError, http.client.HTTPException) as e:
+            log(f"upstream error on {op}: {e!r}")
+            self.close_connection = True
+            self._send_json(502, {"__type": "ProxyUpstreamError", "message": str(e)})
+            return
+        if fault == "drop_after":
+            self._drop()
+            return
+        self._send(status, headers, data)
+
+    def do_GET(self):
+        self._handle()
+
+    do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = do_GET
+
+
+class BoundedThreadingHTTPServer(http.server.ThreadingHTTPServer):
+    """At most MAX_CONCURRENT_CONNECTIONS handler threads; beyond that, accept() waits."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return  # client went away / idle timeout: not worth a traceback
+        super().handle_error(request, client_address)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of moto")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--rate", type=float, default=0.0, help="probability 0..1 of a fault per request")
+    p.add_argument("--faults", default=",".join(FAULT_KINDS), help="comma list of fault kinds")
+    p.add_argument("--slow-ms", type=int, default=2000)
+    p.add_argument("--latency-ms", type=int, default=0, help="fixed delay added to every request")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--only", default="", help="comma list of Service.Operation eligible for faults")
+    p.add_argument("--budget", type=int, default=-1, help="max faults to inject (-1 = unlimited)")
+    p.add_argument("--upstream-timeout", type=float, default=30.0, help="seconds")
+    args = p.parse_args(argv)
+
+    try:
+        state = State(args)
+    except ValueError as e:
+        p.error(str(e))
+    Handler.state = state
+    server = BoundedThreadingHTTPServer((args.host, args.port), Handler)
+    port = server.server_address[1]
+    sys.stdout.write(f"LISTENING {port}\n")
+    sys.stdout.flush()
+    log(f"listening on {args.host}:{port} -> {args.upstream} config={json.dumps(state.config())}")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+//! DynamoDB: run records, spec chunks, the pool's metadata, and instance-record transitions.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TransactWriteItem, Update,
+};
+use aws_sdk_dynamodb::Client;
+
+use super::errors::from_sdk;
+use super::AwsPorts;
+use crate::core::{InstanceDeletion, InstanceState, InstanceTransition, ObservedRecord, WriteResult};
+use crate::ports::{AwsError, CreateOutcome, ErrorClass, InstanceStore, RunStore, StoreError};
+use crate::record::{self, RunRecord};
+use crate::spec::ResourceClassConfig;
+use crate::timestamp::Timestamp;
+
+const SERVICE: &str = "DynamoDB";
+type Item = HashMap<String, AttributeValue>;
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn key(entity: &str, identifier: &str) -> Item {
+    HashMap::from([
+        ("PK".to_string(), s(format!("TYPE#{entity}"))),
+        ("SK".to_string(), s(format!("ID#{identifier}"))),
+    ])
+}
+
+/// JSON to a DynamoDB attribute, natively (maps stay maps), so records read well in the console.
+fn to_attribute(value: &serde_json::Value) -> AttributeValue {
+    match value {
+        serde_json::Value::Null => AttributeValue::Null(true),
+        serde_json::Value::Bool(flag) => AttributeValue::Bool(*flag),
+        serde_json::Value::Number(number) => AttributeValue::N(number.to_string()),
+        serde_json::Value::String(text) => s(text.clone()),
+        serde_json::Value::Array(items) => AttributeValue::L(items.iter().map(to_attribute).collect()),
+        serde_json::Value::Object(map) => {
+            AttributeValue::M(map.iter().map(|(k, v)| (k.clone(), to_attribute(v))).collect())
+        }
+    }
+}
+
+fn from_attribute(value: &AttributeValue) -> serde_json::Value {
+    match value {
+        AttributeValue::S(text) => serde_json::Value::String(text.clone()),
+        AttributeValue::N(number) => serde_json::from_str(number).unwrap_or(serde_json::Value::String(number.clone())),
+        AttributeValue::Bool(flag) => serde_json::Value::Bool(*flag),
+        AttributeValue::L(items) => serde_json::Value::Array(items.iter().map(from_attribute).collect()),
+        AttributeValue::M(map) => {
+            serde_json::Value::Object(map.iter().map(|(k, v)| (k.clone(), from_attribute(v))).collect())
+        }
+        AttributeValue::Ss(items) => serde_json::Value::Array(items.iter().cloned().map(serde_json::Value::String).collect()),
+        _ => serde_json::Value::Null,
+    }
+}
+
+fn record_item(record: &RunRecord) -> Item {
+    let value = serde_json::to_value(record).expect("a run record always serializes");
+    let mut item: Item = match to_attribute(&value) {
+        AttributeValue::M(map) => map,
+        _ => unreachable!("a run record serializes to an object"),
+    };
+    item.extend(key("RUN", &record.run_id));
+    item.insert("entityType".into(), s("RUN"));
+    item.insert("identifier".into(), s(record.run_id.clone()));
+    item
+}
+
+fn record_from_item(item: &Item) -> Result<RunRecord, StoreError> {
+    let object: serde_json::Map<String, serde_json::Value> = item
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "PK" | "SK" | "entityType" | "identifier"))
+        .map(|(name, value)| (name.clone(), from_attribute(value)))
+        .collect();
+    record::from_json_value(serde_json::Value::Object(object)).map_err(StoreError::Corrupt)
+}
+
+fn observed(item: Option<&Item>) -> Option<ObservedRecord> {
+    let item = item.filter(|item| !item.is_empty())?;
+    let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+    Some(ObservedRecord { state: text("state"), run_id: text("runId"), threshold: text("threshold") })
+}
+
+/// What the cancellation reasons of a transaction say about each item, in request order.
+fn cancellation_results(reasons: &[aws_sdk_dynamodb::types::CancellationReason], count: usize) -> Result<Vec<WriteResult>, AwsError> {
+    if reasons.len() != count {
+        return Err(AwsError {
+            service: SERVICE,
+            operation: "TransactWriteItems",
+            code: Some("TransactionCanceledException".into()),
+            message: format!("{} cancellation reasons for {count} items", reasons.len()),
+            class: ErrorClass::Other,
+        });
+    }
+    reasons
+        .iter()
+        .map(|reason| match reason.code() {
+            None | Some("None") => Ok(WriteResult::Cancelled),
+            Some("ConditionalCheckFailed") => Ok(WriteResult::Rejected(observed(reason.item()))),
+            Some(code) => match super::classify_code(code, None) {
+                class if class.is_retryable() => Ok(WriteResult::Cancelled),
+                class => Err(AwsError {
+                    service: SERVICE,
+                    operation: "TransactWriteItems",
+                    code: Some(code.to_string()),
+                    message: reason.message().unwrap_or("transaction item rejected").to_string(),
+                    class,
+                }),
+            },
+        })
+        .collect()
+}
+
+/// A deterministic idempotency token for one exact transaction, so the SDK's own retries of it
+/// are applied once by DynamoDB (within its 10-minute token window).
+fn request_token(parts: impl Iterator<Item = String>) -> String {
+    let joined: Vec<String> = parts.collect();
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, joined.join("|").as_bytes()).to_string()
+}
+
+impl AwsPorts {
+    async fn transact(&self, items: Vec<TransactWriteItem>, token: String) -> Result<Vec<WriteResult>, AwsError> {
+        let count = items.len();
+        let result = self
+            .dynamodb
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .client_request_token(token)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(vec![WriteResult::Applied; count]),
+            Err(error) => {
+                if let Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+                    error.as_service_error()
+                {
+                    return cancellation_results(cancelled.cancellation_reasons(), count);
+                }
+                Err(from_sdk(SERVICE, "TransactWriteItems", error))
+            }
+        }
+    }
+}
+
+fn build_error(operation: &'static str, error: impl std::fmt::Display) -> AwsError {
+    AwsError { service: SERVICE, operation, code: None, message: error.to_string(), class: ErrorClass::Invalid }
+}
+
+impl InstanceStore for AwsPorts {
+    async fn transition(&self, batch: &[InstanceTransition], now: Timestamp) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
+        let mut items = Vec::with_capacity(batch.len());
+        for transition in batch {
+            let mut names = HashMap::from([
+                ("#state".to_string(), "state".to_string()),
+                ("#runId".to_string(), "runId".to_string()),
+                ("#threshold".to_string(), "threshold".to_string()),
+                ("#updatedAt".to_string(), "updatedAt".to_string()),
+            ]);
+            let mut values = HashMap::from([
+                (":newState".to_string(), s(transition.new_state.as_str())),
+                (":newRunId".to_string(), s(transition.new_run_id.clone())),
+                (":newThreshold".to_string(), s(transition.new_threshold.to_string())),
+                (":now".to_string(), s(now.to_string())),
+                (":expectedRunId".to_string(), s(transition.expected_run_id.clone())),
+                (":unexpiredAt".to_string(), s(transition.unexpired_at.to_string())),
+            ]);
+            let mut state_names = Vec::new();
+            for (index, state) in transition.expected_states.iter().enumerate() {
+                let name = format!(":expectedState{index}");
+                values.insert(name.clone(), s(state.as_str()));
+                state_names.push(name);
+            }
+            names.shrink_to_fit();
+            let update = Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(key("INSTANCE", &transition.instance_id)))
+                .update_expression("SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now")
+                .condition_expression(format!(
+                    "#state IN ({}) AND #runId = :expectedRunId AND #threshold > :unexpiredAt",
+                    state_names.join(", ")
+                ))
+                .set_expression_attribute_names(Some(names))
+                .set_expression_attribute_values(Some(values))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .build()
+                .map_err(|error| build_error("TransactWriteItems", error))?;
+            items.push(TransactWriteItem::builder().update(update).build());
+        }
+        let token = request_token(batch.iter().map(|t| {
+            format!("{}>{}:{}:{}", t.instance_id, t.new_state.as_str(), t.new_run_id, t.new_threshold)
+        }));
+        self.transact(items, token).await
+    }
+
+    async fn delete(&self, batch: &[InstanceDeletion]) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
+        let mut items = Vec::with_capacity(batch.len());
+        for deletion in batch {
+            let mut names = HashMap::from([("#runId".to_string(), "runId".to_string())]);
+            let mut values = HashMap::from([(":owner".to_string(), s(deletion.owner_run_id.clone()))]);
+            let mut condition = "#runId = :owner".to_string();
+            if let Some(threshold) = deletion.released_unsent_threshold {
+                names.insert("#state".into(), "state".into());
+                names.insert("#threshold".into(), "threshold".into());
+                values.insert(":pool".into(), s(""));
+                values.insert(":idle".into(), s(InstanceState::Idle.as_str()));
+                values.insert(":released".into(), s(threshold.to_string()));
+                condition.push_str(" OR (#runId = :pool AND #state = :idle AND #threshold = :released)");
+            }
+            let delete = Delete::builder()
+                .table_name(&self.table)
+                .set_key(Some(key("INSTANCE", &deletion.instance_id)))
+                .condition_expression(condition)
+                .set_expression_attribute_names(Some(names))
+                .set_expression_attribute_values(Some(values))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .build()
+                .map_err(|error| build_error("TransactWriteItems", error))?;
+            items.push(TransactWriteItem::builder().delete(delete).build());
+        }
+        let token = request_token(batch.iter().map(|d| format!("delete:{}:{}", d.instance_id, d.owner_run_id)));
+        self.transact(items, token).await
+    }
+}
+
+impl RunStore for AwsPorts {
+    async fn load_run(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let output = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key("RUN", run_id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|error| from_sdk(SERVICE, "GetItem", error))?;
+        output.item().map(record_from_item).transpose()
+    }
+
+    async fn create_run(&self, record: &RunRecord) -> Result<CreateOutcome, StoreError> {
+        let result = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(record_item(record)))
+            .condition_expression("attribute_not_exists(PK)")
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(CreateOutcome::Created),
+            Err(error) => {
+                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) =
+                    error.as_service_error()
+                {
+                    if let Some(item) = failed.item() {
+                        let existing = record_from_item(item)?;
+                        // A retried create whose first attempt landed finds itself: that is ours.
+                        if existing.lease.owner == record.lease.owner && existing.version == record.version {
+                            return Ok(CreateOutcome::Created);
+                        }
+                        return Ok(CreateOutcome::Exists(Box::new(existing)));
+                    }
+                }
+                Err(from_sdk(SERVICE, "PutItem", error).into())
+            }
+        }
+    }
+
+    async fn replace_run(&self, record: &RunRecord, expected_version: u64) -> Result<(), StoreError> {
+        let result = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(record_item(record)))
+            .condition_expression("#version = :expected")
+            .expression_attribute_names("#version", "version")
+            .expression_attribute_values(":expected", AttributeValue::N(expected_version.to_string()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) =
+                    error.as_service_error()
+                {
+                    let existing = failed.item().map(record_from_item).transpose()?;
+                    // A retried write whose first attempt landed (the answer was lost) finds itself.
+                    if let Some(existing) = &existing {
+                        if existing.version == record.version && existing.lease.owner == record.lease.owner {
+                            return Ok(());
+                        }
+                    }
+                    return Err(StoreError::VersionConflict {
+                        found_version: existing.as_ref().map(|r| r.version),
+                        found_owner: existing.map(|r| r.lease.owner),
+                    });
+                }
+                Err(from_sdk(SERVICE, "PutItem", error).into())
+            }
+        }
+    }
+
+    async fn put_spec_chunks(&self, run_id: &str, digest: &str, chunks: &[String], ttl: i64) -> Result<(), StoreError> {
+        let now = Timestamp::now_utc().to_string();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let identifier = format!("{run_id}#{}#{index}", &digest[..16]);
+            let mut item = key("RUNSPEC", &identifier);
+            item.insert("entityType".into(), s("RUNSPEC"));
+            item.insert("identifier".into(), s(identifier.clone()));
+            item.insert("updatedAt".into(), s(now.clone()));
+            item.insert("value".into(), s(chunk.clone()));
+            item.insert("ttl".into(), AttributeValue::N(ttl.to_string()));
+            self.dynamodb
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .send()
+                .await
+                .map_err(|error| from_sdk(SERVICE, "PutItem", error))?;
+        }
+        Ok(())
+    }
+
+    async fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> Result<String, StoreError> {
+        let mut text = String::new();
+        for index in 0..chunks {
+            let identifier = format!("{run_id}#{}#{index}", &digest[..16]);
+            let output = self
+                .dynamodb
+                .get_item()
+                .table_name(&self.table)
+                .set_key(Some(key("RUNSPEC", &identifier)))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|error| from_sdk(SERVICE, "GetItem", error))?;
+            let chunk = output
+                .item()
+                .and_then(|item| item.get("value"))
+                .and_then(|value| value.as_s().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("spec chunk {identifier} is missing")))?;
+            text.push_str(chunk);
+        }
+        if record::digest(&text) != digest {
+            return Err(StoreError::Corrupt(format!("the stored spec of run {run_id} does not match its digest")));
+        }
+        Ok(text)
+    }
+
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let mut records = Vec::new();
+        let mut pages = self
+            .dynamodb
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk")
+            .expression_attribute_values(":pk", s("TYPE#RUN"))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|error| from_sdk(SERVICE, "Query", error))?;
+            for item in page.items() {
+                records.push(record_from_item(item)?);
+            }
+            if records.len() >= limit.saturating_mul(4).max(limit) {
+                break;
+            }
+        }
+        records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id)));
+        records.truncate(limit);
+        Ok(records)
+    }
+
+    async fn load_resource_class_config(&self) -> Result<Option<ResourceClassConfig>, StoreError> {
+        let output = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key("METADATA", "resource_class_config")))
+            .send()
+            .await
+            .map_err(|error| from_sdk(SERVICE, "GetItem", error))?;
+        let Some(value) = output.item().and_then(|item| item.get("value")) else {
+            return Ok(None);
+        };
+        serde_json::from_value(from_attribute(value))
+            .map(Some)
+            .map_err(|error| StoreError::Corrupt(format!("TYPE#METADATA ID#resource_class_config: {error}")))
+    }
+}
+
+/// What [`ensure_table`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableCheck {
+    /// The table was missing and has been created.
+    Created,
+    /// The table exists with the right key schema.
+    Ok,
+}
+
+/// Creates the pool table (`PK`/`SK` strings, on-demand) if missing, or checks an existing one.
+pub async fn ensure_table(client: &Client, table: &str) -> Result<TableCheck, String> {
+    match client.describe_table().table_name(table).send().await {
+        Ok(output) => {
+            let description = output.table().ok_or("DescribeTable returned no table")?;
+            let schema: Vec<(String, String)> = description
+                .key_schema()
+                .iter()
+                .map(|element| (element.attribute_name().to_string(), element.key_type().as_str().to_string()))
+                .collect();
+            let expected = vec![("PK".to_string(), "HASH".to_string()), ("SK".to_string(), "RANGE".to_string())];
+            if schema != expected {
+                return Err(format!("table {table} has key schema {schema:?}, expected PK (HASH) and SK (RANGE)"));
+            }
+            Ok(TableCheck::Ok)
+        }
+        Err(error) => {
+            let error = from_sdk(SERVICE, "DescribeTable", error);
+            if error.class != ErrorClass::NotFound {
+                return Err(error.to_string());
+            }
+            let attribute = |name: &str| {
+                AttributeDefinition::builder()
+                    .attribute_name(name)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attribute definition")
+            };
+            let key_element = |name: &str, key_type| {
+                KeySchemaElement::builder().attribute_name(name).key_type(key_type).build().expect("key schema")
+            };
+            client
+                .create_table()
+                .table_name(table)
+                .attribute_definitions(attribute("PK"))
+                .attribute_definitions(attribute("SK"))
+                .key_schema(key_element("PK", KeyType::Hash))
+                .key_schema(key_element("SK", KeyType::Range))
+                .billing_mode(BillingMode::PayPerRequest)
+                .send()
+                .await
+                .map_err(|error| from_sdk(SERVICE, "CreateTable", error).to_string())?;
+            Ok(TableCheck::Created)
+        }
+    }
+}
+
+impl AwsPorts {
+    /// The DynamoDB client (for `init` and tests).
+    pub fn dynamodb(&self) -> &Client {
+        &self.dynamodb
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_attributes_round_trip() {
+        let value = serde_json::json!({"a": [1, "x", true, null], "b": {"c": 2.5}, "d": ""});
+        assert_eq!(from_attribute(&to_attribute(&value)), value);
+    }
+}

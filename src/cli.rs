@@ -1,0 +1,501 @@
+//! The command-line interface: argument parsing, output, and exit codes.
+//!
+//! Exit codes: `0` Done; `1` Failed after graceful rollback; `2` Failed after emergency cleanup;
+//! `3` not finished (state persisted, resumable; or another driver holds the run); `64` bad usage;
+//! `65` invalid spec (nothing written); `66` no such run; `69` AWS unavailable before anything was
+//! written; `70` internal error (corrupt record, invalid transition); `78` missing table.
+
+use std::io::Read;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::config::Limits;
+use crate::driver::{DriveError, Hooks, OutcomeKind, RunOutcome};
+use crate::engine::{BuildError, Engine};
+use crate::machine::{self, State};
+use crate::ports::{ErrorClass, StoreError};
+use crate::record::RunRecord;
+use crate::spec::Spec;
+use crate::timestamp::Timestamp;
+
+/// Exit code: not finished, resumable.
+pub const EXIT_RESUMABLE: i32 = 3;
+/// Exit code: bad usage.
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code: invalid spec.
+pub const EXIT_INVALID_SPEC: i32 = 65;
+/// Exit code: no such run.
+pub const EXIT_NO_SUCH_RUN: i32 = 66;
+/// Exit code: AWS unavailable before anything was written.
+pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code: internal error.
+pub const EXIT_INTERNAL: i32 = 70;
+/// Exit code: configuration error (missing table).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Finishes provisioning of self-hosted runner pools: commit, roll back or clean up a run.
+#[derive(Debug, Parser)]
+#[command(name = "post-provision", version, about)]
+pub struct Cli {
+    /// The pool's DynamoDB table.
+    #[arg(long, env = "POST_PROVISION_TABLE", global = true)]
+    table: Option<String>,
+    /// AWS region (default: the standard AWS chain, e.g. AWS_REGION).
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// One endpoint for DynamoDB, SQS and EC2 (default: AWS_ENDPOINT_URL or AWS itself).
+    #[arg(long, global = true)]
+    endpoint_url: Option<String>,
+    /// Output format of results.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, global = true)]
+    output: OutputFormat,
+    /// Log format on stderr (RUST_LOG sets the level; default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Attempts per AWS request, retries included.
+    #[arg(long, env = "POST_PROVISION_MAX_ATTEMPTS", default_value_t = Limits::default().max_attempts, global = true)]
+    max_attempts: u32,
+    /// Time one AWS operation may take, all attempts included, in milliseconds.
+    #[arg(long, env = "POST_PROVISION_OPERATION_TIMEOUT_MS", default_value_t = Limits::default().operation_timeout.as_millis() as u64, global = true)]
+    operation_timeout_ms: u64,
+    /// Time one AWS attempt may take, in milliseconds.
+    #[arg(long, env = "POST_PROVISION_ATTEMPT_TIMEOUT_MS", default_value_t = Limits::default().attempt_timeout.as_millis() as u64, global = true)]
+    attempt_timeout_ms: u64,
+    /// Batches of one stage in flight at once.
+    #[arg(long, env = "POST_PROVISION_CONCURRENCY", default_value_t = Limits::default().concurrency, global = true)]
+    concurrency: usize,
+    /// Seconds a driver's lease on a run lasts without renewal.
+    #[arg(long, env = "POST_PROVISION_LEASE_SECS", default_value_t = Limits::default().lease_secs, global = true)]
+    lease_secs: i64,
+    /// Days a finished run record is kept (DynamoDB TTL attribute `ttl`).
+    #[arg(long, env = "POST_PROVISION_RETENTION_DAYS", default_value_t = Limits::default().retention_days, global = true)]
+    retention_days: i64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TableFormat {
+    Markdown,
+    Mermaid,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a run from its spec (or report/continue the run with the same id and spec).
+    Run {
+        /// The spec file, or - for standard input.
+        #[arg(long)]
+        spec: String,
+    },
+    /// Continue an unfinished run after a crash; report a finished one.
+    Resume {
+        /// The run id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        run_id: Option<String>,
+        /// Every unfinished run whose driver is gone (lease ended).
+        #[arg(long)]
+        all: bool,
+    },
+    /// A run's state, path, transitions with times, and error.
+    Status {
+        /// The run id.
+        run_id: String,
+    },
+    /// Runs, newest first, with state and age.
+    List {
+        /// Only runs not in Done or Failed.
+        #[arg(long)]
+        unfinished: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// The transition table.
+    Table {
+        /// Markdown table or Mermaid diagram.
+        #[arg(long, value_enum, default_value_t = TableFormat::Markdown)]
+        format: TableFormat,
+    },
+    /// Create the pool table if it is missing; check an existing one's key schema.
+    Init,
+}
+
+/// A run as reported by `run`, `resume` and `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// The run id.
+    pub run_id: String,
+    /// The persisted state.
+    pub state: State,
+    /// `committed`, `rolled-back`, `cleaned-up`, or null while unfinished.
+    pub outcome: Option<OutcomeKind>,
+    /// The exit code `run`/`resume` give for this run.
+    pub exit_code: i32,
+    /// The states entered, in order.
+    pub path: Vec<State>,
+    /// Every state entered, with time and reason.
+    pub transitions: Vec<crate::record::HistoryEntry>,
+    /// Why the run failed.
+    pub error: Option<crate::record::RunError>,
+    /// Instance counts.
+    pub instances: u32,
+    /// Threshold set on committed instances.
+    pub commit_threshold: Option<Timestamp>,
+    /// Threshold set on instances returned to the pool.
+    pub idle_threshold: Option<Timestamp>,
+    /// Pool messages sent.
+    pub messages_sent: usize,
+    /// The lease holder and its end.
+    pub lease: crate::record::Lease,
+    /// The record's version.
+    pub version: u64,
+    /// When the run started.
+    pub created_at: Timestamp,
+    /// When the record was last written.
+    pub updated_at: Timestamp,
+}
+
+impl RunReport {
+    /// The report of a record.
+    pub fn of(record: &RunRecord) -> RunReport {
+        let outcome = OutcomeKind::of(record);
+        RunReport {
+            run_id: record.run_id.clone(),
+            state: record.state,
+            outcome,
+            exit_code: outcome.map(OutcomeKind::exit_code).unwrap_or(EXIT_RESUMABLE),
+            path: record.history.iter().map(|h| h.state).collect(),
+            transitions: record.history.clone(),
+            error: record.error.clone(),
+            instances: record.instance_count,
+            commit_threshold: record.commit_threshold,
+            idle_threshold: record.idle_threshold,
+            messages_sent: record.messages_sent.len(),
+            lease: record.lease.clone(),
+            version: record.version,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+        }
+    }
+
+    fn text(&self) -> String {
+        let path: Vec<String> = self.path.iter().map(|s| s.to_string()).collect();
+        let outcome = match self.outcome {
+            Some(OutcomeKind::Committed) => "committed",
+            Some(OutcomeKind::RolledBack) => "rolled back (capacity shortfall)",
+            Some(OutcomeKind::CleanedUp) => "cleaned up after an unexpected error",
+            None => "not finished (resumable)",
+        };
+        let mut out = format!("run {}: {} — {}\n", self.run_id, self.state, outcome);
+        out.push_str(&format!("  path: {}\n", path.join(" -> ")));
+        for entry in &self.transitions {
+            out.push_str(&format!("  {}  {:<16} {}\n", entry.at, entry.state.to_string(), entry.reason));
+        }
+        out.push_str(&format!("  instances: {}\n", self.instances));
+        if let Some(threshold) = self.commit_threshold {
+            out.push_str(&format!("  commit threshold: {threshold}\n"));
+        }
+        if let Some(threshold) = self.idle_threshold {
+            out.push_str(&format!("  idle threshold: {threshold} ({} pool messages sent)\n", self.messages_sent));
+        }
+        if let Some(error) = &self.error {
+            out.push_str(&format!("  error ({}): {}\n", error.kind, error.message));
+        }
+        if self.outcome.is_none() {
+            out.push_str(&format!("  lease: {} until {}\n", self.lease.owner, self.lease.expires_at));
+        }
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorReport {
+    error: ErrorBody,
+    exit_code: i32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorBody {
+    kind: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+}
+
+/// The exit code and kind of a driver error.
+pub fn classify_drive_error(error: &DriveError) -> (i32, &'static str) {
+    match error {
+        DriveError::InvalidSpec(_) => (EXIT_INVALID_SPEC, "invalid-spec"),
+        DriveError::SpecMismatch { .. } => (EXIT_INVALID_SPEC, "spec-mismatch"),
+        DriveError::NoSuchRun { .. } => (EXIT_NO_SUCH_RUN, "no-such-run"),
+        DriveError::Busy { .. } => (EXIT_RESUMABLE, "busy"),
+        DriveError::LeaseLost { .. } => (EXIT_RESUMABLE, "lease-lost"),
+        DriveError::Stalled { .. } => (EXIT_RESUMABLE, "stalled"),
+        DriveError::Crashed { .. } => (EXIT_RESUMABLE, "crashed"),
+        DriveError::NotStarted(aws) if aws.class == ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
+        DriveError::NotStarted(_) => (EXIT_UNAVAILABLE, "unavailable"),
+        DriveError::Store(StoreError::Aws(aws)) if aws.class == ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
+        DriveError::Store(StoreError::Aws(_)) => (EXIT_UNAVAILABLE, "unavailable"),
+        DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, "internal"),
+    }
+}
+
+struct Printer {
+    format: OutputFormat,
+}
+
+impl Printer {
+    fn value<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
+        match self.format {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value).expect("report serializes")),
+            OutputFormat::Text => print!("{}", text()),
+        }
+    }
+
+    fn error(&self, code: i32, kind: &'static str, message: String, field: Option<String>) -> i32 {
+        eprintln!("error: {message}");
+        if self.format == OutputFormat::Json {
+            let report = ErrorReport { error: ErrorBody { kind, message, field }, exit_code: code };
+            println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        }
+        code
+    }
+
+    fn drive_error(&self, error: &DriveError) -> i32 {
+        let (code, kind) = classify_drive_error(error);
+        let field = match error {
+            DriveError::InvalidSpec(spec_error) => Some(spec_error.field.clone()),
+            _ => None,
+        };
+        let mut message = error.to_string();
+        if code == EXIT_RESUMABLE {
+            message.push_str(" — the state is persisted; run `post-provision resume RUN_ID` to finish it");
+        }
+        self.error(code, kind, message, field)
+    }
+
+    fn outcome(&self, outcome: &RunOutcome) -> i32 {
+        let report = RunReport::of(&outcome.record);
+        self.value(&report, || report.text());
+        if outcome.kind == OutcomeKind::CleanedUp {
+            if let Some(error) = &outcome.record.error {
+                eprintln!("error: run {} failed: {}", outcome.record.run_id, error.message);
+            }
+        } else if outcome.kind == OutcomeKind::RolledBack {
+            if let Some(error) = &outcome.record.error {
+                eprintln!("error: run {} failed: {}", outcome.record.run_id, error.message);
+            }
+        }
+        outcome.kind.exit_code()
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn read_spec(path: &str) -> Result<String, String> {
+    if path == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).map_err(|e| format!("cannot read the spec from stdin: {e}"))?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the spec file {path}: {e}"))
+    }
+}
+
+/// Test hooks for subprocess tests, from `POST_PROVISION_TEST_HOOK` (`crash-after=N`).
+fn hooks_from_env() -> Hooks {
+    let mut hooks = Hooks::default();
+    if let Ok(value) = std::env::var("POST_PROVISION_TEST_HOOK") {
+        if let Some(count) = value.strip_prefix("crash-after=").and_then(|n| n.parse().ok()) {
+            hooks.crash_after_writes = Some(count);
+        }
+    }
+    hooks
+}
+
+/// Parses `args`, runs the command, and returns the process exit code.
+pub async fn run(args: Vec<String>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = match error.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => EXIT_USAGE,
+            };
+            let _ = error.print();
+            return code;
+        }
+    };
+    init_logging(cli.log_format);
+    let printer = Printer { format: cli.output };
+    if let Command::Table { format } = cli.command {
+        let text = match format {
+            TableFormat::Markdown => machine::render_markdown(),
+            TableFormat::Mermaid => machine::render_mermaid(),
+        };
+        print!("{text}");
+        return 0;
+    }
+    let limits = Limits {
+        max_attempts: cli.max_attempts,
+        operation_timeout: Duration::from_millis(cli.operation_timeout_ms),
+        attempt_timeout: Duration::from_millis(cli.attempt_timeout_ms),
+        concurrency: cli.concurrency,
+        lease_secs: cli.lease_secs,
+        retention_days: cli.retention_days,
+        ..Limits::default()
+    };
+    // The spec is read and validated before any AWS client exists: bad input writes nothing.
+    let spec = match &cli.command {
+        Command::Run { spec } => match read_spec(spec) {
+            Err(message) => return printer.error(EXIT_USAGE, "usage", message, None),
+            Ok(text) => match Spec::from_json(&text) {
+                Ok(spec) => Some(spec),
+                Err(error) => return printer.drive_error(&DriveError::InvalidSpec(error)),
+            },
+        },
+        _ => None,
+    };
+    let mut builder = Engine::builder().limits(limits).hooks(hooks_from_env());
+    if let Some(table) = &cli.table {
+        builder = builder.table(table.clone());
+    }
+    if let Some(region) = &cli.region {
+        builder = builder.region(region.clone());
+    }
+    if let Some(endpoint) = &cli.endpoint_url {
+        builder = builder.endpoint_url(endpoint.clone());
+    }
+    let engine = match builder.build().await {
+        Ok(engine) => engine,
+        Err(error @ BuildError::MissingTable) | Err(error @ BuildError::InvalidLimits(_)) => {
+            return printer.error(EXIT_USAGE, "usage", error.to_string(), None)
+        }
+    };
+    match cli.command {
+        Command::Table { .. } => unreachable!("handled above"),
+        Command::Run { .. } => match engine.start(spec.expect("parsed above")).await {
+            Ok(outcome) => printer.outcome(&outcome),
+            Err(error) => printer.drive_error(&error),
+        },
+        Command::Resume { run_id: Some(run_id), .. } => match engine.resume(&run_id).await {
+            Ok(outcome) => printer.outcome(&outcome),
+            Err(error) => printer.drive_error(&error),
+        },
+        Command::Resume { run_id: None, .. } => match engine.resume_all(10_000).await {
+            Err(error) => printer.drive_error(&DriveError::Store(error)),
+            Ok(results) => {
+                let mut worst = 0;
+                let mut reports = Vec::new();
+                for (run_id, result) in &results {
+                    let (code, line) = match result {
+                        Ok(outcome) => (outcome.kind.exit_code(), format!("{run_id}: {}", outcome.record.state)),
+                        Err(error) => (classify_drive_error(error).0, format!("{run_id}: {error}")),
+                    };
+                    // Any run left unfinished makes the whole call "resumable"; finished runs'
+                    // own failures are reported per run, not as the call's failure.
+                    if code >= EXIT_RESUMABLE {
+                        worst = worst.max(EXIT_RESUMABLE);
+                    }
+                    reports.push(serde_json::json!({"runId": run_id, "exitCode": code, "summary": line}));
+                }
+                printer.value(&reports, || {
+                    if reports.is_empty() {
+                        "no unfinished runs without a driver\n".to_string()
+                    } else {
+                        reports.iter().map(|r| format!("{}\n", r["summary"].as_str().unwrap_or(""))).collect()
+                    }
+                });
+                worst
+            }
+        },
+        Command::Status { run_id } => match engine.status(&run_id).await {
+            Ok(Some(record)) => {
+                let report = RunReport::of(&record);
+                printer.value(&report, || report.text());
+                0
+            }
+            Ok(None) => printer.drive_error(&DriveError::NoSuchRun { run_id }),
+            Err(error) => printer.drive_error(&DriveError::Store(error)),
+        },
+        Command::List { unfinished, limit } => match engine.list(limit).await {
+            Err(error) => printer.drive_error(&DriveError::Store(error)),
+            Ok(records) => {
+                let now = engine.now();
+                let rows: Vec<serde_json::Value> = records
+                    .iter()
+                    .filter(|r| !unfinished || !r.state.is_terminal())
+                    .map(|r| {
+                        serde_json::json!({
+                            "runId": r.run_id, "state": r.state, "outcome": OutcomeKind::of(r),
+                            "createdAt": r.created_at, "updatedAt": r.updated_at,
+                            "ageSecs": now.unix_secs() - r.created_at.unix_secs(),
+                            "leaseOwner": r.lease.owner, "leaseActive": r.lease_active(now),
+                            "instances": r.instance_count,
+                        })
+                    })
+                    .collect();
+                printer.value(&rows, || {
+                    let mut out = format!("{:<32} {:<17} {:>8} {:>9}  {}\n", "RUN", "STATE", "AGE", "INSTANCES", "DRIVER");
+                    for row in &rows {
+                        let driver = if row["leaseActive"].as_bool() == Some(true) {
+                            row["leaseOwner"].as_str().unwrap_or("").to_string()
+                        } else if row["outcome"].is_null() {
+                            "none (resume it)".to_string()
+                        } else {
+                            "-".to_string()
+                        };
+                        out.push_str(&format!(
+                            "{:<32} {:<17} {:>7}s {:>9}  {}\n",
+                            row["runId"].as_str().unwrap_or(""),
+                            row["state"].as_str().unwrap_or(""),
+                            row["ageSecs"],
+                            row["instances"],
+                            driver
+                        ));
+                    }
+                    out
+                });
+                0
+            }
+        },
+        Command::Init => match crate::aws::ensure_table(engine.ports().dynamodb(), engine.ports().table()).await {
+            Ok(check) => {
+                let table = engine.ports().table().to_string();
+                let result = serde_json::json!({"table": table, "result": format!("{check:?}").to_lowercase()});
+                printer.value(&result, || match check {
+                    crate::aws::TableCheck::Created => format!("created table {table} (PK, SK strings; on-demand)\n"),
+                    crate::aws::TableCheck::Ok => format!("table {table} exists with the expected key schema\n"),
+                });
+                0
+            }
+            Err(message) => printer.error(EXIT_CONFIG, "table", message, None),
+        },
+    }
+}

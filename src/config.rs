@@ -1,0 +1,73 @@
+//! Every bound the engine works within, with its default. All of them are configurable through
+//! the library builder and the CLI (see the README's configuration table).
+
+use std::time::Duration;
+
+/// Limits on retries, time, concurrency and retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Attempts per AWS request, the first included (SDK standard retry: exponential backoff with
+    /// full jitter, for throttling, 5xx, timeouts and dropped connections).
+    pub max_attempts: u32,
+    /// First retry backoff.
+    pub initial_backoff: Duration,
+    /// Largest retry backoff.
+    pub max_backoff: Duration,
+    /// Time one HTTP attempt may take.
+    pub attempt_timeout: Duration,
+    /// Time one operation may take, all its attempts included.
+    pub operation_timeout: Duration,
+    /// Time to open a connection.
+    pub connect_timeout: Duration,
+    /// Independent batches of one stage run at most this many at once.
+    pub concurrency: usize,
+    /// Rounds of re-sending the items of a batch that were cancelled (transaction conflicts) or
+    /// failed (SQS batch entries), before the step's error counts as unexpected.
+    pub batch_rounds: u32,
+    /// How long a driver's lease on a run lasts without renewal.
+    pub lease_secs: i64,
+    /// How long finished run records are kept before DynamoDB TTL may delete them.
+    pub retention_days: i64,
+    /// Extra attempts for instance ids EC2 reports unknown (it can be eventual consistency).
+    pub not_found_retries: u32,
+    /// Wait before such an extra attempt.
+    pub not_found_delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(10),
+            operation_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+            concurrency: 8,
+            batch_rounds: 5,
+            lease_secs: 30,
+            retention_days: 30,
+            not_found_retries: 2,
+            not_found_delay: Duration::from_millis(1_000),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the bounds make sense; a programmer or operator error otherwise.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            (self.max_attempts >= 1 && self.max_attempts <= 20, "max attempts must be 1..=20"),
+            (self.concurrency >= 1 && self.concurrency <= 64, "concurrency must be 1..=64"),
+            (self.batch_rounds >= 1 && self.batch_rounds <= 20, "batch rounds must be 1..=20"),
+            (self.lease_secs >= 5 && self.lease_secs <= 3_600, "lease must be 5..=3600 seconds"),
+            (self.retention_days >= 1 && self.retention_days <= 3_650, "retention must be 1..=3650 days"),
+            (self.not_found_retries <= 10, "not-found retries must be at most 10"),
+            (self.initial_backoff <= self.max_backoff, "initial backoff must not exceed max backoff"),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, message)) => Err((*message).to_string()),
+            None => Ok(()),
+        }
+    }
+}

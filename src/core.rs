@@ -1,0 +1,474 @@
+//! The pure core: reconciliation, the planning of every side effect, and the reading of their
+//! outcomes. Nothing here does I/O or reads a clock: time comes in as a parameter, so tests and
+//! resumes are deterministic.
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::Input;
+use crate::spec::{CreationState, PoolInstance, Role, Spec};
+use crate::timestamp::Timestamp;
+
+/// Most actions in one DynamoDB `TransactWriteItems` call.
+pub const MAX_TRANSACTION_ITEMS: usize = 100;
+/// Most entries in one SQS `SendMessageBatch` call.
+pub const MAX_MESSAGE_BATCH: usize = 10;
+/// Most ids in one EC2 `TerminateInstances` call.
+pub const MAX_TERMINATE_BATCH: usize = 1_000;
+/// `DelaySeconds` of every pool message, as the pool's other writers use.
+pub const POOL_MESSAGE_DELAY_SECS: i32 = 3;
+
+/// The outcome of reconciling selection and creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// `ReconciledSuccess` or `ReconciledShortfall`.
+    pub input: Input,
+    /// Why, in one sentence.
+    pub reason: String,
+}
+
+/// Decides between commit and rollback exactly as the existing system does: success when creation
+/// succeeded, at least one instance was acquired, and creation made exactly what was required.
+pub fn reconcile(spec: &Spec) -> Reconciliation {
+    let selected = spec.selection.instances.len();
+    let created = spec.creation.num_instances_created;
+    let required = spec.selection.num_instances_required;
+    let shortfall = |reason: String| Reconciliation { input: Input::ReconciledShortfall, reason };
+    if spec.creation.state != CreationState::Success {
+        return shortfall(format!(
+            "creation ended {:?}, not success ({created} of {required} required instances created)",
+            spec.creation.state
+        ));
+    }
+    if selected == 0 && created == 0 {
+        return shortfall("no instance was selected or created".to_string());
+    }
+    if created != required {
+        return shortfall(format!("creation made {created} instances but {required} were required"));
+    }
+    Reconciliation {
+        input: Input::ReconciledSuccess,
+        reason: format!("{selected} selected and {created} created instances meet the demand"),
+    }
+}
+
+/// The states an instance record can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Registered by creation, not yet validated.
+    Created,
+    /// Working for a run.
+    Running,
+    /// In the pool, owned by no run.
+    Idle,
+    /// Claimed from the pool by a run.
+    Claimed,
+    /// Terminated or about to be.
+    Terminated,
+}
+
+impl InstanceState {
+    /// The value of the record's `state` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Created => "created",
+            InstanceState::Running => "running",
+            InstanceState::Idle => "idle",
+            InstanceState::Claimed => "claimed",
+            InstanceState::Terminated => "terminated",
+        }
+    }
+}
+
+/// One conditional instance-record update: `state IN expected AND runId = expected AND threshold >
+/// now` (when `unexpired_at` is set), setting state, runId, threshold and updatedAt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceTransition {
+    /// The EC2 instance id.
+    pub instance_id: String,
+    /// Which list of the spec the instance came from.
+    pub role: Role,
+    /// Accepted current states.
+    pub expected_states: Vec<InstanceState>,
+    /// The run that must own the record now.
+    pub expected_run_id: String,
+    /// The record must be unexpired at this instant (`threshold > now`).
+    pub unexpired_at: Timestamp,
+    /// The state to set.
+    pub new_state: InstanceState,
+    /// The runId to set (`""` releases the instance).
+    pub new_run_id: String,
+    /// The threshold to set, computed once at state entry.
+    pub new_threshold: Timestamp,
+}
+
+/// One conditional instance-record deletion, for emergency cleanup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceDeletion {
+    /// The EC2 instance id.
+    pub instance_id: String,
+    /// Which list of the spec the instance came from.
+    pub role: Role,
+    /// Delete when the record is owned by this run.
+    pub owner_run_id: String,
+    /// Also delete when this run released the record to the pool at this threshold (idle, runId
+    /// `""`) but never sent its pool message: otherwise it would sit idle in no queue.
+    pub released_unsent_threshold: Option<Timestamp>,
+}
+
+/// What a rejected conditional write found in the record (`ALL_OLD`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedRecord {
+    /// The `state` attribute (as found; may be a value this crate does not know).
+    pub state: String,
+    /// The `runId` attribute.
+    pub run_id: String,
+    /// The `threshold` attribute, as found.
+    pub threshold: String,
+}
+
+/// What a conditional write did to one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteResult {
+    /// The condition held and the write happened.
+    Applied,
+    /// The condition failed; the record as found, if there was one.
+    Rejected(Option<ObservedRecord>),
+    /// Not written because the atomic batch was cancelled for another item, or for a transient
+    /// conflict: try again.
+    Cancelled,
+}
+
+/// The meaning of a conditional write's result, relative to what this run wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// The record is as this run wants it: written now, or by an earlier attempt of this run.
+    Done,
+    /// There is no record.
+    Missing,
+    /// Another run owns the record (or it is in the pool, runId `""`).
+    OwnedByOther {
+        /// The owner found (`""` for the pool).
+        run_id: String,
+        /// The state found.
+        state: String,
+    },
+    /// Owned by this run and in an expected state, but its threshold has passed.
+    Expired {
+        /// The state found.
+        state: String,
+        /// The threshold found.
+        threshold: String,
+    },
+    /// Owned by this run but in a state the transition does not start from.
+    WrongState {
+        /// The state found.
+        state: String,
+    },
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finding::Done => write!(formatter, "already as wanted"),
+            Finding::Missing => write!(formatter, "no instance record"),
+            Finding::OwnedByOther { run_id, state } if run_id.is_empty() => {
+                write!(formatter, "in the pool (state {state}, no run)")
+            }
+            Finding::OwnedByOther { run_id, state } => {
+                write!(formatter, "owned by run {run_id} (state {state})")
+            }
+            Finding::Expired { state, threshold } => {
+                write!(formatter, "{state} but expired (threshold {threshold})")
+            }
+            Finding::WrongState { state } => write!(formatter, "in state {state}"),
+        }
+    }
+}
+
+/// Reads a transition's result: "already done by us" is success, anything else says what was found.
+/// `None` for a cancelled write, which says nothing about the record.
+pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult) -> Option<Finding> {
+    let observed = match result {
+        WriteResult::Applied => return Some(Finding::Done),
+        WriteResult::Rejected(None) => return Some(Finding::Missing),
+        WriteResult::Rejected(Some(observed)) => observed,
+        WriteResult::Cancelled => return None,
+    };
+    // Thresholds are computed once at state entry and reused on resume, so an earlier attempt of
+    // this very transition left exactly these three values behind.
+    if observed.state == transition.new_state.as_str()
+        && observed.run_id == transition.new_run_id
+        && observed.threshold == transition.new_threshold.to_string()
+    {
+        return Some(Finding::Done);
+    }
+    if observed.run_id != transition.expected_run_id {
+        return Some(Finding::OwnedByOther { run_id: observed.run_id.clone(), state: observed.state.clone() });
+    }
+    if !transition.expected_states.iter().any(|state| state.as_str() == observed.state) {
+        return Some(Finding::WrongState { state: observed.state.clone() });
+    }
+    Some(Finding::Expired { state: observed.state.clone(), threshold: observed.threshold.clone() })
+}
+
+/// The commit transitions: selected `claimed → running`, created `running|created → running`,
+/// all keeping the runId and taking the commit threshold.
+pub fn commit_transitions(spec: &Spec, now: Timestamp, commit_threshold: Timestamp) -> Vec<InstanceTransition> {
+    spec.instances()
+        .map(|(role, instance)| InstanceTransition {
+            instance_id: instance.id.clone(),
+            role,
+            expected_states: match role {
+                Role::Selected => vec![InstanceState::Claimed],
+                Role::Created => vec![InstanceState::Running, InstanceState::Created],
+            },
+            expected_run_id: spec.run_id.clone(),
+            unexpired_at: now,
+            new_state: InstanceState::Running,
+            new_run_id: spec.run_id.clone(),
+            new_threshold: commit_threshold,
+        })
+        .collect()
+}
+
+/// The rollback transitions: selected `claimed → idle` and created `running → idle`, runId `""`,
+/// the idle threshold. Created instances still in `created` are not returnable; their transition
+/// is rejected as `WrongState` and [`rollback_disposition`] retires them.
+pub fn release_transitions(spec: &Spec, now: Timestamp, idle_threshold: Timestamp) -> Vec<InstanceTransition> {
+    spec.instances()
+        .map(|(role, instance)| InstanceTransition {
+            instance_id: instance.id.clone(),
+            role,
+            expected_states: match role {
+                Role::Selected => vec![InstanceState::Claimed],
+                Role::Created => vec![InstanceState::Running],
+            },
+            expected_run_id: spec.run_id.clone(),
+            unexpired_at: now,
+            new_state: InstanceState::Idle,
+            new_run_id: String::new(),
+            new_threshold: idle_threshold,
+        })
+        .collect()
+}
+
+/// What rollback does with one instance after its release transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackDisposition {
+    /// Released (now or earlier): its pool message must be sent unless it is known sent.
+    ReturnToPool,
+    /// Owned by this run but not returnable (expired, still `created`, already `terminated`) or
+    /// without a record: terminate it and remove its record, so nothing is left stranded.
+    Retire,
+    /// Somebody else has it (another run, or the pool after a later release): leave it alone.
+    LeaveAlone,
+}
+
+/// Rollback's rule for each finding.
+pub fn rollback_disposition(finding: &Finding) -> RollbackDisposition {
+    match finding {
+        Finding::Done => RollbackDisposition::ReturnToPool,
+        Finding::Missing | Finding::Expired { .. } | Finding::WrongState { .. } => RollbackDisposition::Retire,
+        Finding::OwnedByOther { .. } => RollbackDisposition::LeaveAlone,
+    }
+}
+
+/// The deletions of emergency cleanup: every instance of the run, each only where this run still
+/// owns the record (the isolation check), or where this run released it without sending its message.
+pub fn cleanup_deletions(
+    spec: &Spec,
+    released_unsent_threshold: Option<Timestamp>,
+    messages_sent: &std::collections::HashSet<String>,
+) -> Vec<InstanceDeletion> {
+    spec.instances()
+        .map(|(role, instance)| InstanceDeletion {
+            instance_id: instance.id.clone(),
+            role,
+            owner_run_id: spec.run_id.clone(),
+            released_unsent_threshold: released_unsent_threshold.filter(|_| !messages_sent.contains(&instance.id)),
+        })
+        .collect()
+}
+
+/// Cleanup terminates an instance whose record it deleted now, or whose record is gone: an
+/// instance with no record can never be claimed again, so leaving it alive would leak it. An
+/// instance whose record another run (or the pool) holds is left alone.
+pub fn cleanup_terminates(result: &WriteResult) -> bool {
+    matches!(result, WriteResult::Applied | WriteResult::Rejected(None))
+}
+
+/// A pool message: its body exactly as the pool's consumers read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolMessage {
+    /// The EC2 instance id.
+    pub id: String,
+    /// The resource class.
+    pub resource_class: String,
+    /// The EC2 instance type.
+    pub instance_type: String,
+    /// vCPUs.
+    pub cpu: u32,
+    /// Memory, MiB.
+    pub mmem: u64,
+    /// `spot` or `on-demand`.
+    pub usage_class: &'static str,
+    /// The record's new threshold.
+    pub threshold: Timestamp,
+}
+
+impl PoolMessage {
+    /// The message returning `instance` to its pool with the record's new `threshold`.
+    pub fn returning(instance: &PoolInstance, threshold: Timestamp) -> PoolMessage {
+        PoolMessage {
+            id: instance.id.clone(),
+            resource_class: instance.resource_class.clone(),
+            instance_type: instance.instance_type.clone(),
+            cpu: instance.cpu,
+            mmem: instance.mmem,
+            usage_class: instance.usage_class.as_str(),
+            threshold,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> String {
+        serde_json::to_string(self).expect("a pool message always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests::spec_json;
+
+    fn spec_with(mutate: impl FnOnce(&mut serde_json::Value)) -> Spec {
+        let mut value = spec_json();
+        mutate(&mut value);
+        Spec::from_json(&value.to_string()).unwrap()
+    }
+
+    #[test]
+    fn reconcile_cases() {
+        let success = spec_with(|_| {});
+        assert_eq!(reconcile(&success).input, Input::ReconciledSuccess);
+
+        let partial = spec_with(|v| v["creation"]["state"] = "partial".into());
+        assert_eq!(reconcile(&partial).input, Input::ReconciledShortfall);
+        assert!(reconcile(&partial).reason.contains("Partial"));
+
+        let failed = spec_with(|v| v["creation"]["state"] = "failed".into());
+        assert_eq!(reconcile(&failed).input, Input::ReconciledShortfall);
+
+        let nothing = spec_with(|v| {
+            v["selection"] = serde_json::json!({"numInstancesSelected": 0, "numInstancesRequired": 0, "instances": []});
+            v["creation"] = serde_json::json!({"state": "success", "numInstancesCreated": 0, "instances": []});
+        });
+        let outcome = reconcile(&nothing);
+        assert_eq!(outcome.input, Input::ReconciledShortfall);
+        assert!(outcome.reason.contains("no instance"));
+
+        let too_few = spec_with(|v| v["selection"]["numInstancesRequired"] = 2.into());
+        assert_eq!(reconcile(&too_few).input, Input::ReconciledShortfall);
+        assert!(reconcile(&too_few).reason.contains("made 1 instances but 2"));
+
+        let too_many = spec_with(|v| v["selection"]["numInstancesRequired"] = 0.into());
+        assert_eq!(reconcile(&too_many).input, Input::ReconciledShortfall);
+
+        let only_selected = spec_with(|v| {
+            v["selection"]["numInstancesRequired"] = 0.into();
+            v["creation"] = serde_json::json!({"state": "success", "numInstancesCreated": 0, "instances": []});
+        });
+        assert_eq!(reconcile(&only_selected).input, Input::ReconciledSuccess);
+    }
+
+    fn observed(state: &str, run_id: &str, threshold: &str) -> WriteResult {
+        WriteResult::Rejected(Some(ObservedRecord {
+            state: state.into(),
+            run_id: run_id.into(),
+            threshold: threshold.into(),
+        }))
+    }
+
+    #[test]
+    fn classification_tells_our_own_effects_from_others() {
+        let spec = spec_with(|_| {});
+        let now = Timestamp::parse("2026-11-27T10:00:00Z").unwrap();
+        let threshold = now.plus_secs(1800);
+        let transitions = commit_transitions(&spec, now, threshold);
+        let selected = &transitions[0];
+        assert_eq!(classify_transition(selected, &WriteResult::Applied), Some(Finding::Done));
+        assert_eq!(classify_transition(selected, &WriteResult::Cancelled), None);
+        assert_eq!(
+            classify_transition(selected, &observed("running", "9876543210", "2026-11-27T10:30:00Z")),
+            Some(Finding::Done)
+        );
+        assert_eq!(classify_transition(selected, &WriteResult::Rejected(None)), Some(Finding::Missing));
+        assert_eq!(
+            classify_transition(selected, &observed("claimed", "other", "2026-11-27T10:04:00Z")),
+            Some(Finding::OwnedByOther { run_id: "other".into(), state: "claimed".into() })
+        );
+        assert_eq!(
+            classify_transition(selected, &observed("claimed", "9876543210", "2026-11-27T09:59:00Z")),
+            Some(Finding::Expired { state: "claimed".into(), threshold: "2026-11-27T09:59:00Z".into() })
+        );
+        assert_eq!(
+            classify_transition(selected, &observed("terminated", "9876543210", "2026-11-27T09:59:00Z")),
+            Some(Finding::WrongState { state: "terminated".into() })
+        );
+        // Running for this run but with another threshold is not our commit: a different attempt
+        // with a different threshold would be a bug, so it is not taken as done.
+        assert_eq!(
+            classify_transition(selected, &observed("running", "9876543210", "2026-11-27T11:00:00Z")),
+            Some(Finding::WrongState { state: "running".into() })
+        );
+    }
+
+    #[test]
+    fn rollback_rules() {
+        assert_eq!(rollback_disposition(&Finding::Done), RollbackDisposition::ReturnToPool);
+        assert_eq!(rollback_disposition(&Finding::Missing), RollbackDisposition::Retire);
+        assert_eq!(
+            rollback_disposition(&Finding::WrongState { state: "created".into() }),
+            RollbackDisposition::Retire
+        );
+        assert_eq!(
+            rollback_disposition(&Finding::OwnedByOther { run_id: "x".into(), state: "claimed".into() }),
+            RollbackDisposition::LeaveAlone
+        );
+    }
+
+    #[test]
+    fn release_plans_idle_with_empty_run_id() {
+        let spec = spec_with(|_| {});
+        let now = Timestamp::parse("2026-11-27T10:00:00Z").unwrap();
+        let transitions = release_transitions(&spec, now, now.plus_secs(300));
+        assert!(transitions.iter().all(|t| t.new_state == InstanceState::Idle && t.new_run_id.is_empty()));
+        assert_eq!(transitions[1].expected_states, vec![InstanceState::Running]);
+    }
+
+    #[test]
+    fn cleanup_skips_release_check_for_sent_messages() {
+        let spec = spec_with(|_| {});
+        let threshold = Timestamp::parse("2026-11-27T10:05:00Z").unwrap();
+        let sent: std::collections::HashSet<String> = ["i-0aaaaaaaaaaaaaaaa".to_string()].into();
+        let deletions = cleanup_deletions(&spec, Some(threshold), &sent);
+        assert_eq!(deletions[0].released_unsent_threshold, None);
+        assert_eq!(deletions[1].released_unsent_threshold, Some(threshold));
+        assert!(cleanup_terminates(&WriteResult::Applied));
+        assert!(cleanup_terminates(&WriteResult::Rejected(None)));
+        assert!(!cleanup_terminates(&observed("idle", "", "x")));
+    }
+
+    #[test]
+    fn pool_message_body_matches_the_data_model() {
+        let spec = spec_with(|_| {});
+        let threshold = Timestamp::parse("2025-06-01T10:05:00Z").unwrap();
+        let body = PoolMessage::returning(&spec.selection.instances[0], threshold).body();
+        assert_eq!(
+            body,
+            r#"{"id":"i-0aaaaaaaaaaaaaaaa","resourceClass":"large","instanceType":"c6i.large","cpu":2,"mmem":4096,"usageClass":"on-demand","threshold":"2025-06-01T10:05:00Z"}"#
+        );
+    }
+}

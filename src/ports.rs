@@ -1,0 +1,152 @@
+//! The small traits behind which storage and side effects live, and their error contract.
+//!
+//! The driver only speaks to these. `src/aws/` implements them with the real SDK clients; nothing
+//! else in the crate imports `aws_sdk_*`.
+//!
+//! Error contract, shared by every method: the implementation has already retried transient
+//! failures (throttling, 5xx, timeouts, dropped connections) within its retry budget, so an
+//! [`AwsError`] that comes back is final for this call. Its [`ErrorClass`] says what it was, so
+//! the caller can tell "AWS is unreachable, try again later" from "this can never work".
+
+use std::future::Future;
+
+use crate::core::{InstanceDeletion, InstanceTransition, WriteResult};
+use crate::record::RunRecord;
+use crate::spec::ResourceClassConfig;
+use crate::timestamp::Timestamp;
+
+/// What kind of failure an AWS error is, decided from its error code, never its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorClass {
+    /// Throttling (`ThrottlingException`, `RequestLimitExceeded`, `RequestThrottled`,
+    /// `ProvisionedThroughputExceededException`, transaction conflicts): retryable later.
+    Throttling,
+    /// 5xx, timeouts, dropped connections: retryable later.
+    Transient,
+    /// A conditional check failed.
+    ConditionFailed,
+    /// The table, queue or instance does not exist.
+    NotFound,
+    /// The request is invalid or not allowed: retrying cannot help.
+    Invalid,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorClass {
+    /// Whether a later attempt may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorClass::Throttling | ErrorClass::Transient)
+    }
+}
+
+/// An AWS call that failed after its retries, with the service's own error code kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{service} {operation} failed: {}{message}", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default())]
+pub struct AwsError {
+    /// `DynamoDB`, `SQS` or `EC2`.
+    pub service: &'static str,
+    /// The operation, such as `TransactWriteItems`.
+    pub operation: &'static str,
+    /// The service's error code, when it sent one.
+    pub code: Option<String>,
+    /// The service's message, or the transport failure.
+    pub message: String,
+    /// What kind of failure this is.
+    pub class: ErrorClass,
+}
+
+/// A failed write of the run record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The record changed since it was read: another driver holds the run (fencing).
+    #[error("the run record changed under this driver (found version {found_version:?}, lease owner {found_owner:?})")]
+    VersionConflict {
+        /// The version found, if the record exists.
+        found_version: Option<u64>,
+        /// The lease owner found.
+        found_owner: Option<String>,
+    },
+    /// The stored record could not be read as a run record.
+    #[error("corrupt run record: {0}")]
+    Corrupt(String),
+    /// AWS failed.
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+}
+
+/// Result of creating a run record.
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    /// The record did not exist and now does.
+    Created,
+    /// A record with this run id exists already.
+    Exists(Box<RunRecord>),
+}
+
+/// Result of one `TerminateInstances` request set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Termination {
+    /// Ids AWS accepted (terminating, or already terminated).
+    pub terminated: Vec<String>,
+    /// Ids AWS does not know, even after the retries of [`crate::config::Limits`].
+    pub not_found: Vec<String>,
+}
+
+/// The run records and the pool's configuration, in the pool's table.
+pub trait RunStore: Send + Sync {
+    /// Reads a run record.
+    fn load_run(&self, run_id: &str) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send;
+    /// Creates a run record, only if none exists.
+    fn create_run(&self, record: &RunRecord) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
+    /// Replaces the record, only if its stored version is `expected_version`. A write that
+    /// reached the table but whose answer was lost is recognised and returns `Ok`.
+    fn replace_run(&self, record: &RunRecord, expected_version: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Writes the spec's chunk items (idempotent: same key, same content).
+    fn put_spec_chunks(&self, run_id: &str, digest: &str, chunks: &[String], ttl: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Reads and joins the spec's chunk items.
+    fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> impl Future<Output = Result<String, StoreError>> + Send;
+    /// Every run record, newest first, at most `limit`.
+    fn list_runs(&self, limit: usize) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
+    /// The pool's `resource_class_config` metadata item, if it exists.
+    fn load_resource_class_config(&self) -> impl Future<Output = Result<Option<ResourceClassConfig>, StoreError>> + Send;
+}
+
+/// The instance records, changed in atomic batches.
+pub trait InstanceStore: Send + Sync {
+    /// Applies up to [`crate::core::MAX_TRANSACTION_ITEMS`] transitions atomically, one result
+    /// per transition in order. When any condition fails nothing is written: the rejected ones
+    /// come back as `Rejected` with the record found, the others as `Cancelled`.
+    fn transition(&self, batch: &[InstanceTransition], now: Timestamp) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
+    /// Deletes up to [`crate::core::MAX_TRANSACTION_ITEMS`] records atomically, same results.
+    fn delete(&self, batch: &[InstanceDeletion]) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
+}
+
+/// One pool message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// The instance id (also the batch entry id).
+    pub instance_id: String,
+    /// The JSON body.
+    pub body: String,
+}
+
+/// The SQS pool queues.
+pub trait PoolQueues: Send + Sync {
+    /// Sends up to [`crate::core::MAX_MESSAGE_BATCH`] messages with the pool's delay. Returns the
+    /// ids whose entries failed (empty when all were sent); entries are never dropped silently.
+    fn send(&self, queue_url: &str, messages: &[OutgoingMessage]) -> impl Future<Output = Result<Vec<(String, AwsError)>, AwsError>> + Send;
+}
+
+/// EC2.
+pub trait Compute: Send + Sync {
+    /// Terminates up to [`crate::core::MAX_TERMINATE_BATCH`] instances. Unknown ids do not stop
+    /// the others from being terminated; they come back in `not_found`.
+    fn terminate(&self, instance_ids: &[String]) -> impl Future<Output = Result<Termination, AwsError>> + Send;
+}
+
+/// Everything the driver needs.
+pub trait Ports: RunStore + InstanceStore + PoolQueues + Compute + 'static {}
+
+impl<T: RunStore + InstanceStore + PoolQueues + Compute + 'static> Ports for T {}

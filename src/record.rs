@@ -1,0 +1,178 @@
+//! The run record: the persisted form of a run, a versioned format (see `docs/schema.md`).
+//!
+//! The record lives at `PK = "TYPE#RUN"`, `SK = "ID#<runId>"` in the pool's table. Its spec is
+//! stored beside it in chunk items (`PK = "TYPE#RUNSPEC"`), so the record itself stays small
+//! whatever the fleet size. Every write of the record is conditional on `version`.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::machine::State;
+use crate::timestamp::Timestamp;
+
+/// The schema version this build writes. Older versions it can still read are listed in
+/// `docs/schema.md`; a newer one is refused rather than misread.
+pub const RUN_RECORD_SCHEMA_VERSION: u32 = 1;
+
+/// Largest spec chunk, in bytes. Four chunks hold the largest spec a run may carry
+/// ([`crate::spec::MAX_INSTANCES_PER_RUN`] instances at ~200 bytes each) with room to spare,
+/// each far below DynamoDB's 400 KB item limit.
+pub const SPEC_CHUNK_BYTES: usize = 300_000;
+
+/// The persisted run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    /// Format version of this record.
+    pub schema_version: u32,
+    /// The run id (also the record's key).
+    pub run_id: String,
+    /// Incremented by every write; every write is conditional on the previous value.
+    pub version: u64,
+    /// The state the run is in. Written before that state's side effects run.
+    pub state: State,
+    /// SHA-256 of the canonical spec JSON, hex.
+    pub spec_digest: String,
+    /// How many spec chunk items hold the spec.
+    pub spec_chunks: u32,
+    /// Selected plus created instances.
+    pub instance_count: u32,
+    /// When the run was first persisted.
+    pub created_at: Timestamp,
+    /// When the record was last written.
+    pub updated_at: Timestamp,
+    /// Every state entered, with when and why.
+    pub history: Vec<HistoryEntry>,
+    /// Threshold of committed instances, fixed when `Committing` was entered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_threshold: Option<Timestamp>,
+    /// Threshold of instances returned to the pool, fixed when `RollingBack` was entered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_threshold: Option<Timestamp>,
+    /// Resource class to pool queue URL, resolved before a rollback starts (from the spec or the
+    /// table's metadata), so a resume returns instances to the same queues.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub queue_urls: std::collections::BTreeMap<String, String>,
+    /// Instance ids whose pool message this run knows it sent.
+    #[serde(default)]
+    pub messages_sent: Vec<String>,
+    /// Why the run failed: the shortfall, or the original unexpected error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RunError>,
+    /// The driver allowed to write this record, and until when.
+    pub lease: Lease,
+    /// Epoch seconds after which DynamoDB TTL may delete a finished record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<i64>,
+}
+
+/// One state entered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// The state entered.
+    pub state: State,
+    /// When.
+    pub at: Timestamp,
+    /// Why, in one line.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Why a run failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunError {
+    /// `shortfall` (graceful rollback) or `unexpected` (emergency cleanup), or `cleanup-stalled`
+    /// for the last error of a cleanup that has not finished yet.
+    pub kind: String,
+    /// The message, as the CLI prints it.
+    pub message: String,
+}
+
+/// The driver that holds the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    /// An id unique to one driver process and run.
+    pub owner: String,
+    /// The lease ends at this instant unless renewed.
+    pub expires_at: Timestamp,
+}
+
+impl RunRecord {
+    /// When the current state was entered.
+    pub fn state_entered_at(&self) -> Timestamp {
+        self.history.last().map(|entry| entry.at).unwrap_or(self.created_at)
+    }
+
+    /// Whether the lease is held by someone at `now`.
+    pub fn lease_active(&self, now: Timestamp) -> bool {
+        self.lease.expires_at > now
+    }
+}
+
+/// SHA-256 of `text`, hex.
+pub fn digest(text: &str) -> String {
+    let hash = Sha256::digest(text.as_bytes());
+    hash.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Splits the spec into chunks of at most [`SPEC_CHUNK_BYTES`], on character boundaries.
+pub fn split_spec(text: &str) -> Vec<String> {
+    let mut chunks = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(SPEC_CHUNK_BYTES);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        chunks.push(rest[..cut].to_string());
+        rest = &rest[cut..];
+    }
+    if chunks.is_empty() {
+        chunks.push(String::new());
+    }
+    chunks
+}
+
+/// Reads a record from its JSON form, refusing schema versions this build does not know.
+pub fn from_json_value(value: serde_json::Value) -> Result<RunRecord, String> {
+    let schema_version = value.get("schemaVersion").and_then(|v| v.as_u64()).unwrap_or(0);
+    if schema_version == 0 || schema_version > RUN_RECORD_SCHEMA_VERSION as u64 {
+        return Err(format!(
+            "run record schema version {schema_version} is not one this build reads (1..={RUN_RECORD_SCHEMA_VERSION})"
+        ));
+    }
+    serde_json::from_value(value).map_err(|error| format!("run record does not match its schema: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_join_back() {
+        let text = "é".repeat(SPEC_CHUNK_BYTES); // two bytes each: forces a boundary search
+        let chunks = split_spec(&text);
+        assert!(chunks.iter().all(|c| c.len() <= SPEC_CHUNK_BYTES));
+        assert_eq!(chunks.concat(), text);
+        assert_eq!(split_spec("{}"), vec!["{}".to_string()]);
+    }
+
+    #[test]
+    fn a_version_1_record_still_loads() {
+        // Frozen copy of what version 1 writes; a later format must keep reading it.
+        let text = include_str!("../tests/fixtures/run-record-v1.json");
+        let record = from_json_value(serde_json::from_str(text).unwrap()).unwrap();
+        assert_eq!(record.state, State::Failed);
+        assert_eq!(record.messages_sent, vec!["i-0aaaaaaaaaaaaaaaa".to_string()]);
+        assert_eq!(record.history.len(), 3);
+    }
+
+    #[test]
+    fn unknown_schema_versions_are_refused() {
+        let value = serde_json::json!({"schemaVersion": 99});
+        assert!(from_json_value(value).unwrap_err().contains("schema version 99"));
+    }
+}
