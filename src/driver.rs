@@ -59,7 +59,7 @@ pub struct Hooks {
 
 /// One thing the driver did, for traces, logs and reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "event", rename_all = "camelCase")]
+#[serde(tag = "event", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum TraceEvent {
     /// The run record was written in this state.
     Persisted {

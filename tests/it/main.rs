@@ -1,0 +1,9 @@
+//! Integration tests: the real aws-sdk-rust clients against the moto emulator that
+//! `scripts/test` starts (it exports `AWS_ENDPOINT_URL`). One binary, so the SDKs link once.
+
+mod harness;
+
+mod cli;
+mod crash;
+mod paths;
+mod snapshots;

@@ -1,0 +1,171 @@
+//! Each path end to end against moto: instance records, queue contents and EC2 states afterwards,
+//! plus a snapshot of the trace (states entered, commands issued) per scenario.
+
+use post_provision::driver::{DriveError, Hooks};
+use post_provision::machine::State;
+use post_provision::OutcomeKind;
+
+use crate::harness::{trace_text, Owner, Seed, TestClock, World};
+
+fn snapshot(name: &str, value: String) {
+    insta::with_settings!({snapshot_path => "../../snapshots", prepend_module_to_snapshot => false, omit_expression => true}, {
+        insta::assert_snapshot!(name, value);
+    });
+}
+
+#[tokio::test]
+async fn commit_moves_everything_to_running_with_the_new_lifetime() {
+    let mut world = World::new("commit").await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running"), Seed::created("created")]).await;
+    let clock = TestClock::at(world.start);
+    let engine = world.engine(clock, Hooks::default()).await;
+    let outcome = engine.start(world.spec("success", 2)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::Committed);
+    assert_eq!(outcome.record.state, State::Done);
+    assert_eq!(outcome.record.commit_threshold, Some(world.start.plus_secs(1800)));
+    let picture = world.picture(world.start, false).await;
+    assert_eq!(
+        picture,
+        "sel0: record running runId=\"RUN\" threshold=start+1800s; ec2 running\n\
+         sel1: record running runId=\"RUN\" threshold=start+1800s; ec2 running\n\
+         cre0: record running runId=\"RUN\" threshold=start+1800s; ec2 running\n\
+         cre1: record running runId=\"RUN\" threshold=start+1800s; ec2 running\n\
+         queue large: []\n\
+         queue small: []"
+    );
+    snapshot("trace_commit", trace_text(&world, &outcome.trace));
+    // The finished run carries a TTL and has released its lease.
+    assert!(outcome.record.ttl.is_some());
+    assert_eq!(outcome.record.lease.expires_at, world.start);
+}
+
+#[tokio::test]
+async fn rollback_returns_claimed_instances_to_their_pools_and_retires_unvalidated_ones() {
+    let mut world = World::new("rollback").await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running"), Seed::created("created")]).await;
+    let clock = TestClock::at(world.start);
+    let engine = world.engine(clock, Hooks::default()).await;
+    let outcome = engine.start(world.spec("partial", 3)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::RolledBack);
+    let error = outcome.record.error.clone().expect("error");
+    assert_eq!(error.kind, "shortfall");
+    assert!(error.message.contains("creation ended Partial"), "{}", error.message);
+    let picture = world.picture(world.start, false).await;
+    assert_eq!(
+        picture,
+        "sel0: record idle runId=\"\" threshold=start+300s; ec2 running\n\
+         sel1: record idle runId=\"\" threshold=start+300s; ec2 running\n\
+         cre0: record idle runId=\"\" threshold=start+300s; ec2 running\n\
+         cre1: record no record; ec2 terminated\n\
+         queue large: [cre0@start+300s, sel1@start+300s]\n\
+         queue small: [sel0@start+300s]"
+    );
+    let mut sent = outcome.record.messages_sent.clone();
+    sent.sort();
+    assert_eq!(sent.len(), 3);
+    snapshot("trace_rollback", trace_text(&world, &outcome.trace));
+}
+
+#[tokio::test]
+async fn an_expired_claim_during_commit_leads_to_emergency_cleanup() {
+    let mut world = World::new("expired").await;
+    let expired = Seed { threshold_secs: -60, ..Seed::claimed("large") };
+    world.seed(&[Seed::claimed("small"), expired], &[Seed::created("running")]).await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec("success", 1)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
+    let error = outcome.record.error.clone().expect("error");
+    assert_eq!(error.kind, "unexpected");
+    assert!(world.redact(&error.message).contains("sel1: claimed but expired"), "{}", error.message);
+    let picture = world.picture(world.start, false).await;
+    assert_eq!(
+        picture,
+        "sel0: record no record; ec2 terminated\n\
+         sel1: record no record; ec2 terminated\n\
+         cre0: record no record; ec2 terminated\n\
+         queue large: []\n\
+         queue small: []"
+    );
+    snapshot("trace_cleanup_expired_claim", trace_text(&world, &outcome.trace));
+}
+
+#[tokio::test]
+async fn cleanup_never_touches_an_instance_another_run_owns() {
+    let mut world = World::new("isolation").await;
+    let stolen = Seed { owner: Owner::Other("someone-else"), ..Seed::claimed("large") };
+    world.seed(&[Seed::claimed("small"), stolen], &[]).await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec("success", 0)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
+    let picture = world.picture(world.start, false).await;
+    assert_eq!(
+        picture,
+        "sel0: record no record; ec2 terminated\n\
+         sel1: record claimed runId=\"someone-else\" threshold=seeded; ec2 running\n\
+         queue large: []\n\
+         queue small: []"
+    );
+    snapshot("trace_cleanup_isolation", trace_text(&world, &outcome.trace));
+}
+
+#[tokio::test]
+async fn a_missing_pool_queue_during_rollback_leads_to_cleanup_that_keeps_what_was_released() {
+    let mut world = World::new("noqueue").await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[]).await;
+    world.delete_queue("small").await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec("failed", 1)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
+    let error = outcome.record.error.clone().expect("error");
+    assert!(error.message.contains("SQS SendMessageBatch"), "{}", error.message);
+    // The large instance's message went out before the small queue failed: it stays in the pool.
+    // The small one was released but never announced: cleanup takes it back and terminates it.
+    let mut world_without_small = world;
+    world_without_small.queues.remove("small");
+    let picture = world_without_small.picture(world_without_small.start, false).await;
+    assert_eq!(
+        picture,
+        "sel0: record no record; ec2 terminated\n\
+         sel1: record idle runId=\"\" threshold=start+300s; ec2 running\n\
+         queue large: [sel1@start+300s]"
+    );
+    snapshot("trace_cleanup_missing_queue", trace_text(&world_without_small, &outcome.trace));
+}
+
+#[tokio::test]
+async fn a_repeated_run_reports_the_finished_outcome_and_a_different_spec_is_refused() {
+    let mut world = World::new("repeat").await;
+    world.seed(&[Seed::claimed("small")], &[]).await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let first = engine.start(world.spec("success", 0)).await.expect("run");
+    assert_eq!(first.kind, OutcomeKind::Committed);
+    let requests_before = engine.requests().total();
+    let again = engine.start(world.spec("success", 0)).await.expect("repeat");
+    assert_eq!(again.kind, OutcomeKind::Committed);
+    assert_eq!(again.record.version, first.record.version, "a repeat writes nothing");
+    assert!(again.trace.is_empty());
+    assert!(engine.requests().total() - requests_before <= 2, "one record read and one spec read");
+    let different = engine.start(world.spec("failed", 0)).await;
+    assert!(matches!(different, Err(DriveError::SpecMismatch { .. })), "{different:?}");
+}
+
+#[tokio::test]
+async fn a_shortfall_with_a_class_that_has_no_queue_is_refused_before_any_write() {
+    let mut world = World::new("noclass").await;
+    world.seed(&[Seed::claimed("small")], &[]).await;
+    let mut spec = world.spec_json("failed", 1);
+    spec["selection"]["instances"][0]["resourceClass"] = "xlarge".into();
+    let spec = post_provision::Spec::from_json(&spec.to_string()).expect("valid json");
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let error = engine.start(spec).await.expect_err("refused");
+    match error {
+        DriveError::InvalidSpec(error) => {
+            assert_eq!(error.field, "selection.instances[0].resourceClass");
+            assert!(error.problem.contains("\"xlarge\" has no pool queue"), "{}", error.problem);
+        }
+        other => panic!("expected an invalid spec, got {other:?}"),
+    }
+    assert!(engine.status(&world.run_id).await.expect("status").is_none(), "no run record written");
+    let picture = world.picture(world.start, false).await;
+    assert!(picture.starts_with("sel0: record claimed runId=\"RUN\" threshold=seeded; ec2 running"), "{picture}");
+}
