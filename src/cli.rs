@@ -110,6 +110,10 @@ enum Command {
         /// Every unfinished run whose driver is gone (lease ended).
         #[arg(long)]
         all: bool,
+        /// Take the run over even though its lease has not ended. Only when its driver is known
+        /// to be dead (killed); a live one is fenced off at its next write.
+        #[arg(long, conflicts_with = "all")]
+        force: bool,
     },
     /// A run's state, path, transitions with times, and error.
     Status {
@@ -332,12 +336,31 @@ fn read_spec(path: &str) -> Result<String, String> {
     }
 }
 
-/// Test hooks for subprocess tests, from `POST_PROVISION_TEST_HOOK` (`crash-after=N`).
+/// Test hooks for subprocess tests, from `POST_PROVISION_TEST_HOOK`: `crash-after=N` stops after
+/// the N-th AWS write as if the process died; `pause-after=N` stops after the N-th write until the
+/// process receives SIGUSR1 (a slow or stopped driver).
 fn hooks_from_env() -> Hooks {
     let mut hooks = Hooks::default();
     if let Ok(value) = std::env::var("POST_PROVISION_TEST_HOOK") {
         if let Some(count) = value.strip_prefix("crash-after=").and_then(|n| n.parse().ok()) {
             hooks.crash_after_writes = Some(count);
+        }
+        if let Some(count) = value.strip_prefix("pause-after=").and_then(|n| n.parse().ok()) {
+            let paused = std::sync::Arc::new(tokio::sync::Notify::new());
+            let resume = std::sync::Arc::new(tokio::sync::Notify::new());
+            let waker = resume.clone();
+            tokio::spawn(async move {
+                if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+                    signal.recv().await;
+                    waker.notify_one();
+                }
+            });
+            let announce = paused.clone();
+            tokio::spawn(async move {
+                announce.notified().await;
+                eprintln!("test hook: paused");
+            });
+            hooks.pause_after_writes = Some((count, paused, resume));
         }
     }
     hooks
@@ -408,7 +431,7 @@ pub async fn run(args: Vec<String>) -> i32 {
             Ok(outcome) => printer.outcome(&outcome),
             Err(error) => printer.drive_error(&error),
         },
-        Command::Resume { run_id: Some(run_id), .. } => match engine.resume(&run_id).await {
+        Command::Resume { run_id: Some(run_id), force, .. } => match engine.driver().resume_with(&run_id, force).await {
             Ok(outcome) => printer.outcome(&outcome),
             Err(error) => printer.drive_error(&error),
         },

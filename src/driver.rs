@@ -161,7 +161,7 @@ pub enum DriveError {
 }
 
 /// How a finished run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OutcomeKind {
     /// Path A: every instance is `running` for the run.
@@ -204,6 +204,8 @@ pub struct RunOutcome {
     pub spec: Spec,
     /// What this driver did (empty when the run had finished before).
     pub trace: Vec<TraceEvent>,
+    /// AWS writes this driver made (run record, spec chunks and side effects).
+    pub writes: u64,
 }
 
 /// A step's failure: either unexpected (the machine's `UnexpectedError` input) or a reason to stop
@@ -267,7 +269,9 @@ impl<P: Ports> Driver<P> {
             self.crashed.store(true, Ordering::SeqCst);
         }
         if self.crashed.load(Ordering::SeqCst) {
-            return Err(DriveError::Crashed { writes: count });
+            // A call that was in flight when another one hit the crash point also stops; the
+            // error names the crash point, not the order in which the calls came back.
+            return Err(DriveError::Crashed { writes: self.hooks.crash_after_writes.unwrap_or(count) });
         }
         if let Some((at, paused, resume)) = &self.hooks.pause_after_writes {
             if *at == count {
@@ -361,22 +365,29 @@ impl<P: Ports> Driver<P> {
         if existing.spec_digest != spec_digest {
             return Err(DriveError::SpecMismatch { run_id: existing.run_id });
         }
-        self.resume_record(existing).await
+        self.resume_record(existing, false).await
     }
 
     /// Continues an unfinished run from its persisted state; a finished one reports its outcome.
     pub async fn resume(&self, run_id: &str) -> Result<RunOutcome, DriveError> {
+        self.resume_with(run_id, false).await
+    }
+
+    /// Like [`Driver::resume`]; with `force`, takes the lease even though it has not ended. Only
+    /// for a driver known to be dead (its process was killed): if it is alive after all, its
+    /// next write is refused (the version fence), so it stops instead of acting on.
+    pub async fn resume_with(&self, run_id: &str, force: bool) -> Result<RunOutcome, DriveError> {
         let span = info_span!("run", run_id = %run_id);
         async {
             let record = self.ports.load_run(run_id).await.map_err(DriveError::Store)?;
             let record = record.ok_or_else(|| DriveError::NoSuchRun { run_id: run_id.to_string() })?;
-            self.resume_record(record).await
+            self.resume_record(record, force).await
         }
         .instrument(span)
         .await
     }
 
-    async fn resume_record(&self, mut record: RunRecord) -> Result<RunOutcome, DriveError> {
+    async fn resume_record(&self, mut record: RunRecord, force: bool) -> Result<RunOutcome, DriveError> {
         let spec_text = self
             .ports
             .load_spec(&record.run_id, &record.spec_digest, record.spec_chunks)
@@ -387,7 +398,7 @@ impl<P: Ports> Driver<P> {
             return Ok(self.outcome(record, spec));
         }
         let now = self.clock.now();
-        if record.lease_active(now) && record.lease.owner != self.owner {
+        if record.lease_active(now) && record.lease.owner != self.owner && !force {
             return Err(DriveError::Busy {
                 run_id: record.run_id.clone(),
                 owner: record.lease.owner.clone(),
@@ -416,7 +427,13 @@ impl<P: Ports> Driver<P> {
 
     fn outcome(&self, record: RunRecord, spec: Spec) -> RunOutcome {
         let kind = OutcomeKind::of(&record).expect("outcome of a terminal record");
-        RunOutcome { kind, record, spec, trace: self.trace.lock().expect("trace lock").clone() }
+        RunOutcome {
+            kind,
+            record,
+            spec,
+            trace: self.trace.lock().expect("trace lock").clone(),
+            writes: self.writes.load(Ordering::SeqCst),
+        }
     }
 
     async fn drive(&self, mut record: RunRecord, spec: Spec) -> Result<RunOutcome, DriveError> {
@@ -783,11 +800,11 @@ impl<P: Ports> Driver<P> {
                 StepError::Unexpected(format!("no pool queue recorded for resource class {class:?}"))
             })?;
             for chunk in messages.chunks(core::MAX_MESSAGE_BATCH) {
-                batches.push((class, queue_url.as_str(), chunk.to_vec()));
+                batches.push((class.to_string(), queue_url.clone(), chunk.to_vec()));
             }
         }
         stream::iter(batches)
-            .map(|(class, queue_url, messages)| self.send_batch(class, queue_url, messages, sent))
+            .map(|(class, queue_url, messages)| async move { self.send_batch(&class, &queue_url, messages, sent).await })
             .buffer_unordered(self.limits.concurrency)
             .try_collect::<Vec<()>>()
             .await?;

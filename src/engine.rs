@@ -128,6 +128,12 @@ impl Engine {
         self.driver().resume(run_id).await
     }
 
+    /// Continues an unfinished run, taking its lease even though it has not ended: only for a
+    /// run whose driver is known to be dead (see [`Driver::resume_with`]).
+    pub async fn resume_forced(&self, run_id: &str) -> Result<RunOutcome, DriveError> {
+        self.driver().resume_with(run_id, true).await
+    }
+
     /// The run's record, if it exists.
     pub async fn status(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
         self.ports.load_run(run_id).await

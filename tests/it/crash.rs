@@ -1,1 +1,227 @@
+//! Crash safety: stop a run after every AWS write in turn, resume it, and compare the world with
+//! the same run done without a crash; and one driver per run under a lease.
 
+use std::sync::Arc;
+
+use post_provision::driver::{DriveError, Hooks};
+use post_provision::machine::State;
+use post_provision::OutcomeKind;
+
+use crate::harness::{test_limits, Owner, Seed, TestClock, World};
+
+#[derive(Clone, Copy)]
+struct Scenario {
+    name: &'static str,
+    selected: &'static [Seed],
+    created: &'static [Seed],
+    creation_state: &'static str,
+    required: usize,
+    expected: OutcomeKind,
+}
+
+const EXPIRED_LARGE: Seed = Seed { class: "large", state: Some("claimed"), owner: Owner::Own, threshold_secs: -60 };
+const CLAIMED_SMALL: Seed = Seed { class: "small", state: Some("claimed"), owner: Owner::Own, threshold_secs: 240 };
+const CLAIMED_LARGE: Seed = Seed { class: "large", state: Some("claimed"), owner: Owner::Own, threshold_secs: 240 };
+const CREATED_RUNNING: Seed = Seed { class: "large", state: Some("running"), owner: Owner::Own, threshold_secs: 600 };
+const CREATED_UNVALIDATED: Seed = Seed { class: "large", state: Some("created"), owner: Owner::Own, threshold_secs: 600 };
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        name: "commit",
+        selected: &[CLAIMED_SMALL, CLAIMED_LARGE],
+        created: &[CREATED_RUNNING],
+        creation_state: "success",
+        required: 1,
+        expected: OutcomeKind::Committed,
+    },
+    Scenario {
+        name: "rollback",
+        selected: &[CLAIMED_SMALL, CLAIMED_LARGE],
+        created: &[CREATED_RUNNING, CREATED_UNVALIDATED],
+        creation_state: "partial",
+        required: 3,
+        expected: OutcomeKind::RolledBack,
+    },
+    Scenario {
+        name: "cleanup",
+        selected: &[CLAIMED_SMALL, EXPIRED_LARGE],
+        created: &[CREATED_RUNNING],
+        creation_state: "success",
+        required: 1,
+        expected: OutcomeKind::CleanedUp,
+    },
+];
+
+async fn world_for(scenario: &Scenario, case: &str) -> World {
+    let mut world = World::new(&format!("crash-{}-{case}", scenario.name)).await;
+    world.seed(scenario.selected, scenario.created).await;
+    world
+}
+
+/// Runs the scenario without a crash: the world it leaves and how many writes it made.
+async fn reference(scenario: &Scenario) -> (String, u64) {
+    let world = world_for(scenario, "ref").await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec(scenario.creation_state, scenario.required)).await.expect("reference run");
+    assert_eq!(outcome.kind, scenario.expected, "{}", scenario.name);
+    let picture = world.picture(world.run_start(&engine).await, true).await;
+    (picture, outcome.writes)
+}
+
+/// Crashes the scenario after write `crash_after`, resumes it as an operator would (resume; for
+/// a run whose record never got written, `run` again), and returns the world it leaves.
+async fn crashed_and_resumed(scenario: &Scenario, crash_after: u64) -> String {
+    let world = world_for(scenario, &format!("k{crash_after}")).await;
+    let clock = TestClock::at(world.start);
+    let spec = world.spec(scenario.creation_state, scenario.required);
+    let crashing = world
+        .engine(clock.clone(), Hooks { crash_after_writes: Some(crash_after), ..Hooks::default() })
+        .await;
+    let crash = crashing.start(spec.clone()).await;
+    assert!(
+        matches!(crash, Err(DriveError::Crashed { writes }) if writes == crash_after),
+        "{} k={crash_after}: expected a crash, got {crash:?}",
+        scenario.name
+    );
+    // The dead driver's lease must run out before anyone else may drive the run.
+    clock.advance(test_limits().lease_secs + 1);
+    let resumer = world.engine(clock.clone(), Hooks::default()).await;
+    let outcome = match resumer.resume(&world.run_id).await {
+        Err(DriveError::NoSuchRun { .. }) => resumer.start(spec).await,
+        other => other,
+    }
+    .unwrap_or_else(|error| panic!("{} k={crash_after}: resume failed: {error}", scenario.name));
+    assert_eq!(outcome.kind, scenario.expected, "{} k={crash_after}", scenario.name);
+    world.picture(world.run_start(&resumer).await, true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_after_any_write_resumes_to_the_same_world() {
+    let mut report = Vec::new();
+    for scenario in SCENARIOS {
+        let (expected, writes) = reference(&scenario).await;
+        assert!(writes >= 4, "{}: only {writes} writes", scenario.name);
+        // Every crash point of the path, each in its own world, a few at a time.
+        let cases: Vec<u64> = (1..=writes).collect();
+        for chunk in cases.chunks(4) {
+            let pictures = futures::future::join_all(chunk.iter().map(|k| crashed_and_resumed(&scenario, *k))).await;
+            for (k, picture) in chunk.iter().zip(pictures) {
+                assert_eq!(picture, expected, "{} crashed after write {k}", scenario.name);
+            }
+        }
+        report.push(format!("{}: {writes} crash points, all resumed to the reference world", scenario.name));
+    }
+    // The count of crash points per path is part of the evidence; print it for the test log.
+    println!("{}", report.join("\n"));
+}
+
+#[tokio::test]
+async fn a_second_driver_is_refused_while_the_first_holds_the_lease() {
+    let mut world = World::new("lease-busy").await;
+    world.seed(&[CLAIMED_SMALL, CLAIMED_LARGE], &[]).await;
+    let clock = TestClock::at(world.start);
+    let paused = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hooks = Hooks { pause_after_writes: Some((2, paused.clone(), release.clone())), ..Hooks::default() };
+    let first = world.engine(clock.clone(), hooks).await;
+    let spec = world.spec("success", 0);
+    let first_run = tokio::spawn({
+        let spec = spec.clone();
+        async move { first.start(spec).await }
+    });
+    paused.notified().await; // The record exists and the first driver holds the lease.
+    let second = world.engine(clock.clone(), Hooks::default()).await;
+    match second.start(spec.clone()).await {
+        Err(DriveError::Busy { owner, until, .. }) => {
+            assert!(owner.starts_with("pid"), "{owner}");
+            assert_eq!(until, world.start.plus_secs(test_limits().lease_secs));
+        }
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert!(matches!(second.resume(&world.run_id).await, Err(DriveError::Busy { .. })));
+    release.notify_one();
+    let outcome = first_run.await.expect("join").expect("first driver finishes");
+    assert_eq!(outcome.kind, OutcomeKind::Committed);
+    let picture = world.picture(world.start, true).await;
+    assert_eq!(
+        picture,
+        "sel0: record running runId=\"RUN\" threshold=start+1800s; ec2 running\n\
+         sel1: record running runId=\"RUN\" threshold=start+1800s; ec2 running\n\
+         queue large: []\n\
+         queue small: []"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_driver_whose_lease_expired_is_fenced_off() {
+    let mut world = World::new("lease-fence").await;
+    world.seed(&[CLAIMED_SMALL, CLAIMED_LARGE], &[]).await;
+    let clock = TestClock::at(world.start);
+    let paused = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    // The old driver stops right after persisting RollingBack (write 2), before any side effect.
+    let hooks = Hooks { pause_after_writes: Some((2, paused.clone(), release.clone())), ..Hooks::default() };
+    let old = world.engine(clock.clone(), hooks).await;
+    let spec = world.spec("failed", 1);
+    let old_run = tokio::spawn({
+        let spec = spec.clone();
+        async move { old.start(spec).await }
+    });
+    paused.notified().await;
+    clock.advance(test_limits().lease_secs + 1);
+    let new = world.engine(clock.clone(), Hooks::default()).await;
+    let outcome = new.resume(&world.run_id).await.expect("the new driver takes over");
+    assert_eq!(outcome.kind, OutcomeKind::RolledBack);
+    let final_version = outcome.record.version;
+    // The old driver wakes up and acts on: its releases find the new driver's (same thresholds),
+    // and its next record write is refused.
+    release.notify_one();
+    let late = old_run.await.expect("join");
+    assert!(matches!(late, Err(DriveError::LeaseLost { .. })), "{late:?}");
+    let record = new.status(&world.run_id).await.expect("status").expect("record");
+    assert_eq!(record.version, final_version, "the old driver wrote nothing to the record");
+    assert_eq!(record.state, State::Failed);
+    let picture = world.picture(world.start, true).await;
+    assert_eq!(
+        picture,
+        "sel0: record idle runId=\"\" threshold=start+300s; ec2 running\n\
+         sel1: record idle runId=\"\" threshold=start+300s; ec2 running\n\
+         queue large: [sel1@start+300s]\n\
+         queue small: [sel0@start+300s]"
+    );
+}
+
+#[tokio::test]
+async fn resume_all_finishes_runs_whose_driver_is_gone() {
+    let mut worlds = Vec::new();
+    for name in ["all-a", "all-b"] {
+        let mut world = World::new(name).await;
+        world.seed(&[CLAIMED_SMALL], &[]).await;
+        worlds.push(world);
+    }
+    // Both runs in one table: the second world's instances are re-seeded into the first's.
+    let host = &worlds[0];
+    let guest = &worlds[1];
+    for seeded in &guest.selected {
+        host.put_record(&seeded.id, &seeded.class, "claimed", &guest.run_id, seeded.threshold).await;
+    }
+    let clock = TestClock::at(host.start);
+    let crashing = host.engine(clock.clone(), Hooks { crash_after_writes: Some(2), ..Hooks::default() }).await;
+    let crashing_again = host.engine(clock.clone(), Hooks { crash_after_writes: Some(2), ..Hooks::default() }).await;
+    assert!(matches!(crashing.start(host.spec("success", 0)).await, Err(DriveError::Crashed { .. })));
+    assert!(matches!(crashing_again.start(guest.spec("success", 0)).await, Err(DriveError::Crashed { .. })));
+    let sweeper = host.engine(clock.clone(), Hooks::default()).await;
+    // While the dead drivers' leases last, nothing is taken over.
+    assert!(sweeper.resume_all(100).await.expect("resume all").is_empty());
+    clock.advance(test_limits().lease_secs + 1);
+    let results = sweeper.resume_all(100).await.expect("resume all");
+    let mut finished: Vec<(String, OutcomeKind)> = results
+        .into_iter()
+        .map(|(run_id, result)| (run_id, result.expect("finished").kind))
+        .collect();
+    finished.sort();
+    let mut expected = vec![(host.run_id.clone(), OutcomeKind::Committed), (guest.run_id.clone(), OutcomeKind::Committed)];
+    expected.sort();
+    assert_eq!(finished, expected);
+    assert!(sweeper.list(100).await.expect("list").iter().all(|r| r.state.is_terminal()));
+}
