@@ -173,6 +173,9 @@ pub struct RunReport {
     pub created_at: Timestamp,
     /// When the record was last written.
     pub updated_at: Timestamp,
+    /// What happened to each instance (on `run` and `resume` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_results: Option<Vec<crate::report::InstanceResult>>,
 }
 
 impl RunReport {
@@ -195,6 +198,7 @@ impl RunReport {
             version: record.version,
             created_at: record.created_at,
             updated_at: record.updated_at,
+            instance_results: None,
         }
     }
 
@@ -217,6 +221,9 @@ impl RunReport {
         }
         if let Some(threshold) = self.idle_threshold {
             out.push_str(&format!("  idle threshold: {threshold} ({} pool messages sent)\n", self.messages_sent));
+        }
+        for line in self.instance_results.iter().flatten() {
+            out.push_str(&format!("  {}  {:<8} {:<8} {}\n", line.id, format!("{:?}", line.role).to_lowercase(), line.resource_class, line.result));
         }
         if let Some(error) = &self.error {
             out.push_str(&format!("  error ({}): {}\n", error.kind, error.message));
@@ -283,6 +290,28 @@ impl Printer {
         code
     }
 
+    fn github(&self) -> bool {
+        std::env::var("GITHUB_ACTIONS").map(|v| v == "true").unwrap_or(false)
+    }
+
+    /// Workflow commands go to stdout, except when stdout carries JSON.
+    fn annotations(&self) -> Box<dyn std::io::Write> {
+        match self.format {
+            OutputFormat::Json => Box::new(std::io::stderr()),
+            OutputFormat::Text => Box::new(std::io::stdout()),
+        }
+    }
+
+    fn drive_error_for(&self, run_id: Option<&str>, error: &DriveError) -> i32 {
+        let code = self.drive_error(error);
+        if self.github() {
+            if let Err(io) = crate::report::write_github_error(run_id, code, &error.to_string(), &mut *self.annotations()) {
+                eprintln!("warning: could not write GitHub Actions outputs: {io}");
+            }
+        }
+        code
+    }
+
     fn drive_error(&self, error: &DriveError) -> i32 {
         let (code, kind) = classify_drive_error(error);
         let field = match error {
@@ -297,16 +326,17 @@ impl Printer {
     }
 
     fn outcome(&self, outcome: &RunOutcome) -> i32 {
-        let report = RunReport::of(&outcome.record);
+        let mut report = RunReport::of(&outcome.record);
+        report.instance_results = Some(crate::report::instance_results(outcome));
         self.value(&report, || report.text());
-        if outcome.kind == OutcomeKind::CleanedUp {
-            if let Some(error) = &outcome.record.error {
-                eprintln!("error: run {} failed: {}", outcome.record.run_id, error.message);
+        if self.github() {
+            if let Err(io) = crate::report::write_github_outcome(outcome, &mut *self.annotations()) {
+                eprintln!("warning: could not write GitHub Actions outputs: {io}");
             }
-        } else if outcome.kind == OutcomeKind::RolledBack {
-            if let Some(error) = &outcome.record.error {
-                eprintln!("error: run {} failed: {}", outcome.record.run_id, error.message);
-            }
+        }
+        // Both failure paths end the step with one clear line on stderr.
+        if let Some(error) = outcome.record.error.as_ref().filter(|_| outcome.kind != OutcomeKind::Committed) {
+            eprintln!("error: run {} failed: {}", outcome.record.run_id, error.message);
         }
         outcome.kind.exit_code()
     }
@@ -404,7 +434,7 @@ pub async fn run(args: Vec<String>) -> i32 {
             Err(message) => return printer.error(EXIT_USAGE, "usage", message, None),
             Ok(text) => match Spec::from_json(&text) {
                 Ok(spec) => Some(spec),
-                Err(error) => return printer.drive_error(&DriveError::InvalidSpec(error)),
+                Err(error) => return printer.drive_error_for(None, &DriveError::InvalidSpec(error)),
             },
         },
         _ => None,
@@ -427,13 +457,17 @@ pub async fn run(args: Vec<String>) -> i32 {
     };
     match cli.command {
         Command::Table { .. } => unreachable!("handled above"),
-        Command::Run { .. } => match engine.start(spec.expect("parsed above")).await {
-            Ok(outcome) => printer.outcome(&outcome),
-            Err(error) => printer.drive_error(&error),
-        },
+        Command::Run { .. } => {
+            let spec = spec.expect("parsed above");
+            let run_id = spec.run_id.clone();
+            match engine.start(spec).await {
+                Ok(outcome) => printer.outcome(&outcome),
+                Err(error) => printer.drive_error_for(Some(&run_id), &error),
+            }
+        }
         Command::Resume { run_id: Some(run_id), force, .. } => match engine.driver().resume_with(&run_id, force).await {
             Ok(outcome) => printer.outcome(&outcome),
-            Err(error) => printer.drive_error(&error),
+            Err(error) => printer.drive_error_for(Some(&run_id), &error),
         },
         Command::Resume { run_id: None, .. } => match engine.resume_all(10_000).await {
             Err(error) => printer.drive_error(&DriveError::Store(error)),
@@ -512,17 +546,41 @@ pub async fn run(args: Vec<String>) -> i32 {
                 0
             }
         },
-        Command::Init => match crate::aws::ensure_table(engine.ports().dynamodb(), engine.ports().table()).await {
-            Ok(check) => {
-                let table = engine.ports().table().to_string();
-                let result = serde_json::json!({"table": table, "result": format!("{check:?}").to_lowercase()});
-                printer.value(&result, || match check {
+        Command::Init => {
+            let client = engine.ports().dynamodb();
+            let table = engine.ports().table().to_string();
+            let check = match crate::aws::ensure_table(client, &table).await {
+                Ok(check) => check,
+                Err(message) => return printer.error(EXIT_CONFIG, "table", message, None),
+            };
+            let ttl = match crate::aws::ensure_ttl(client, &table).await {
+                Ok(ttl) => ttl,
+                Err(message) => return printer.error(EXIT_CONFIG, "table", message, None),
+            };
+            let ttl_word = match &ttl {
+                crate::aws::TtlCheck::Enabled => "enabled",
+                crate::aws::TtlCheck::AlreadyEnabled => "already-enabled",
+                crate::aws::TtlCheck::OtherAttribute(_) => "other-attribute",
+            };
+            let result = serde_json::json!({
+                "table": table,
+                "result": format!("{check:?}").to_lowercase(),
+                "ttl": ttl_word,
+            });
+            printer.value(&result, || {
+                let mut text = match check {
                     crate::aws::TableCheck::Created => format!("created table {table} (PK, SK strings; on-demand)\n"),
                     crate::aws::TableCheck::Ok => format!("table {table} exists with the expected key schema\n"),
+                };
+                text.push_str(&match &ttl {
+                    crate::aws::TtlCheck::OtherAttribute(name) => format!(
+                        "warning: TTL is enabled on attribute {name:?}, not \"ttl\": finished run records will not expire by themselves\n"
+                    ),
+                    _ => format!("TTL on attribute \"ttl\": {ttl_word}\n"),
                 });
-                0
-            }
-            Err(message) => printer.error(EXIT_CONFIG, "table", message, None),
-        },
+                text
+            });
+            0
+        }
     }
 }

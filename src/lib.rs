@@ -11,6 +11,7 @@ pub mod engine;
 pub mod machine;
 pub mod ports;
 pub mod record;
+pub mod report;
 pub mod spec;
 pub mod timestamp;
 

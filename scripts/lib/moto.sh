@@ -63,7 +63,7 @@ _pp_create_venv() {
 moto_ensure_installed() {
     local venv="$POST_PROVISION_VENV"
     if [ -x "$venv/bin/moto_server" ] && [ -x "$venv/bin/python" ] &&
-        "$venv/bin/python" -c 'import boto3, moto' >/dev/null 2>&1; then
+        "$venv/bin/python" -c 'import boto3, moto, jsonschema' >/dev/null 2>&1; then
         return 0
     fi
     if ! command -v python3 >/dev/null 2>&1; then
@@ -78,9 +78,9 @@ moto_ensure_installed() {
     local pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input -q)
     local err
     err="$(mktemp)"
-    if ! "${pip[@]}" install "moto[server]==$MOTO_VERSION_PIN" boto3 2>"$err"; then
+    if ! "${pip[@]}" install "moto[server]==$MOTO_VERSION_PIN" boto3 jsonschema 2>"$err"; then
         _pp_log "moto $MOTO_VERSION_PIN not installable ($(grep -m1 '^ERROR' "$err" | cut -c1-160)); trying the newest 5.2.x"
-        if ! "${pip[@]}" install "moto[server]>=5.2,<5.3" boto3; then
+        if ! "${pip[@]}" install "moto[server]>=5.2,<5.3" boto3 jsonschema; then
             _pp_log "ERROR: could not install moto[server] into $venv; first attempt said:"
             tail -n 20 "$err" >&2
             rm -f "$err"

@@ -452,6 +452,49 @@ pub async fn ensure_table(client: &Client, table: &str) -> Result<TableCheck, St
     }
 }
 
+/// What [`ensure_ttl`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TtlCheck {
+    /// TTL was off and is now enabled on `ttl`.
+    Enabled,
+    /// TTL was already enabled on `ttl`.
+    AlreadyEnabled,
+    /// TTL is enabled on another attribute; finished run records will not expire by themselves.
+    OtherAttribute(String),
+}
+
+/// The TTL attribute of finished run records and spec chunks.
+pub const TTL_ATTRIBUTE: &str = "ttl";
+
+/// Enables DynamoDB TTL on [`TTL_ATTRIBUTE`] unless TTL is already on (on any attribute).
+pub async fn ensure_ttl(client: &Client, table: &str) -> Result<TtlCheck, String> {
+    let description = client
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|error| from_sdk(SERVICE, "DescribeTimeToLive", error).to_string())?;
+    let current = description.time_to_live_description();
+    let status = current.and_then(|d| d.time_to_live_status()).map(|s| s.as_str().to_string()).unwrap_or_default();
+    let attribute = current.and_then(|d| d.attribute_name()).unwrap_or_default().to_string();
+    if status == "ENABLED" || status == "ENABLING" {
+        return Ok(if attribute == TTL_ATTRIBUTE { TtlCheck::AlreadyEnabled } else { TtlCheck::OtherAttribute(attribute) });
+    }
+    let specification = aws_sdk_dynamodb::types::TimeToLiveSpecification::builder()
+        .enabled(true)
+        .attribute_name(TTL_ATTRIBUTE)
+        .build()
+        .map_err(|error| error.to_string())?;
+    client
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(specification)
+        .send()
+        .await
+        .map_err(|error| from_sdk(SERVICE, "UpdateTimeToLive", error).to_string())?;
+    Ok(TtlCheck::Enabled)
+}
+
 impl AwsPorts {
     /// The DynamoDB client (for `init` and tests).
     pub fn dynamodb(&self) -> &Client {

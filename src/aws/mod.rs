@@ -84,4 +84,4 @@ impl AwsPorts {
     }
 }
 
-pub use dynamodb::{ensure_table, TableCheck};
+pub use dynamodb::{ensure_table, ensure_ttl, TableCheck, TtlCheck, TTL_ATTRIBUTE};

@@ -5,5 +5,9 @@ mod harness;
 
 mod cli;
 mod crash;
+mod faults;
+mod github;
 mod paths;
+mod policy;
+mod scale;
 mod snapshots;
