@@ -212,7 +212,21 @@ pub struct RunOutcome {
 /// driving now.
 enum StepError {
     Unexpected(String),
+    /// AWS still failed with a retryable error (throttling, 5xx, timeout, dropped connection)
+    /// once the SDK's retries were spent. Nothing is wrong with the run, so it must not fall into
+    /// emergency cleanup (which would terminate a healthy fleet): it stops where it is, resumable.
+    Unavailable(AwsError),
     Stop(DriveError),
+}
+
+/// A side effect's AWS error, decided by its class: retryable ones stall the run, others are
+/// unexpected.
+fn aws_step_error(error: AwsError) -> StepError {
+    if error.class.is_retryable() {
+        StepError::Unavailable(error)
+    } else {
+        StepError::Unexpected(error.to_string())
+    }
 }
 
 impl From<DriveError> for StepError {
@@ -230,6 +244,10 @@ pub struct Driver<P: Ports> {
     hooks: Hooks,
     writes: AtomicU64,
     crashed: AtomicBool,
+    /// Set while a pause hook holds the driver: a stopped process renews nothing.
+    paused: AtomicBool,
+    /// Set when the lease renewer found another driver holding the run.
+    lease_lost: AtomicBool,
     trace: Mutex<Vec<TraceEvent>>,
 }
 
@@ -245,6 +263,8 @@ impl<P: Ports> Driver<P> {
             hooks,
             writes: AtomicU64::new(0),
             crashed: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            lease_lost: AtomicBool::new(false),
             trace: Mutex::new(Vec::new()),
         }
     }
@@ -264,6 +284,11 @@ impl<P: Ports> Driver<P> {
             return Err(DriveError::Crashed { writes: self.writes.load(Ordering::SeqCst) });
         }
         let value = call.await;
+        if self.lease_lost.load(Ordering::SeqCst) {
+            // The renewer saw another driver take over: stop instead of acting on. The write
+            // that just ran was idempotent and the same the new driver makes.
+            return Err(DriveError::LeaseLost { run_id: String::new() });
+        }
         let count = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
         if self.hooks.crash_after_writes == Some(count) {
             self.crashed.store(true, Ordering::SeqCst);
@@ -275,8 +300,10 @@ impl<P: Ports> Driver<P> {
         }
         if let Some((at, paused, resume)) = &self.hooks.pause_after_writes {
             if *at == count {
+                self.paused.store(true, Ordering::SeqCst);
                 paused.notify_one();
                 resume.notified().await;
+                self.paused.store(false, Ordering::SeqCst);
             }
         }
         Ok(value)
@@ -306,7 +333,9 @@ impl<P: Ports> Driver<P> {
             match self.resolve_queues(&spec).await {
                 Ok(urls) => queue_urls = urls,
                 Err(ResolveError::Spec(error)) => return Err(DriveError::InvalidSpec(error)),
-                Err(ResolveError::Aws(aws)) if aws.class == ErrorClass::NotFound => {
+                // Nothing is written yet: a missing table, or AWS unavailable for now, is reported
+                // as such, and the same `run` can simply be repeated.
+                Err(ResolveError::Aws(aws)) if aws.class == ErrorClass::NotFound || aws.class.is_retryable() => {
                     return Err(DriveError::NotStarted(aws));
                 }
                 Err(ResolveError::Aws(aws)) => {
@@ -436,7 +465,47 @@ impl<P: Ports> Driver<P> {
         }
     }
 
-    async fn drive(&self, mut record: RunRecord, spec: Spec) -> Result<RunOutcome, DriveError> {
+    async fn drive(&self, record: RunRecord, spec: Spec) -> Result<RunOutcome, DriveError> {
+        let run_id = record.run_id.clone();
+        let driving = self.drive_states(record, spec);
+        let renewing = self.renew_lease_periodically(&run_id);
+        tokio::pin!(driving);
+        // The renewer never finishes by itself; when driving ends, so does renewal.
+        let result = tokio::select! {
+            result = &mut driving => result,
+            () = renewing => driving.await,
+        };
+        match result {
+            Err(DriveError::LeaseLost { .. }) => Err(DriveError::LeaseLost { run_id }),
+            other => other,
+        }
+    }
+
+    /// Extends the lease every third of its length while the run is driven, so a long stage
+    /// (large fleets, slow AWS) does not let it lapse. A renewal that finds another owner marks
+    /// the lease lost; the driver stops at its next write.
+    async fn renew_lease_periodically(&self, run_id: &str) {
+        let period = std::time::Duration::from_secs((self.limits.lease_secs / 3).max(1) as u64);
+        loop {
+            tokio::time::sleep(period).await;
+            if self.paused.load(Ordering::SeqCst) || self.crashed.load(Ordering::SeqCst) {
+                continue;
+            }
+            let expires_at = self.clock.now().plus_secs(self.limits.lease_secs);
+            match self.ports.renew_lease(run_id, &self.owner, expires_at).await {
+                Ok(true) => info!(until = %expires_at, "lease renewed"),
+                Ok(false) => {
+                    warn!("lease taken over by another driver; stopping at the next write");
+                    self.lease_lost.store(true, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                }
+                // A failed renewal is retried next period; the versioned writes still fence.
+                Err(error) => warn!(error = %error, "lease renewal failed"),
+            }
+        }
+    }
+
+    async fn drive_states(&self, mut record: RunRecord, spec: Spec) -> Result<RunOutcome, DriveError> {
         loop {
             let state = record.state;
             let span = info_span!("state", state = %state);
@@ -481,6 +550,10 @@ impl<P: Ports> Driver<P> {
                     warn!(error = %message, "unexpected error; entering emergency cleanup");
                     let error = RunError { kind: "unexpected".into(), message: message.clone() };
                     self.enter(&mut record, &spec, Input::UnexpectedError, message, Some(error)).await?;
+                }
+                Err(StepError::Unavailable(error)) => {
+                    warn!(error = %error, "AWS is unavailable; the run stays resumable in its state");
+                    return Err(DriveError::Stalled { run_id: record.run_id.clone(), state, error: error.to_string() });
                 }
                 Err(StepError::Stop(error)) => return Err(error),
             }
@@ -630,7 +703,7 @@ impl<P: Ports> Driver<P> {
             let results = self
                 .write(self.ports.transition(&pending, now))
                 .await?
-                .map_err(|error| StepError::Unexpected(error.to_string()))?;
+                .map_err(aws_step_error)?;
             info!(to = to.as_str(), ids = ?pending.iter().map(|t| &t.instance_id).collect::<Vec<_>>(), "transitioned instance records");
             let mut retry = Vec::new();
             for (transition, result) in pending.into_iter().zip(results) {
@@ -678,7 +751,7 @@ impl<P: Ports> Driver<P> {
             let results = self
                 .write(self.ports.delete(&pending))
                 .await?
-                .map_err(|error| StepError::Unexpected(error.to_string()))?;
+                .map_err(aws_step_error)?;
             info!(ids = ?pending.iter().map(|d| &d.instance_id).collect::<Vec<_>>(), "deleted instance records");
             let mut retry = Vec::new();
             for (deletion, result) in pending.into_iter().zip(results) {
@@ -834,7 +907,7 @@ impl<P: Ports> Driver<P> {
             let failed = self
                 .write(self.ports.send(queue_url, &pending))
                 .await?
-                .map_err(|error| StepError::Unexpected(error.to_string()))?;
+                .map_err(aws_step_error)?;
             let failed_ids: HashSet<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
             let delivered: Vec<String> =
                 pending.iter().filter(|m| !failed_ids.contains(m.instance_id.as_str())).map(|m| m.instance_id.clone()).collect();
@@ -849,12 +922,18 @@ impl<P: Ports> Driver<P> {
         if pending.is_empty() {
             return Ok(());
         }
-        Err(StepError::Unexpected(format!(
-            "{} pool messages still failing after {} rounds (last: {})",
-            pending.len(),
-            self.limits.batch_rounds,
-            last_failures.first().map(|(id, e)| format!("{id}: {e}")).unwrap_or_default()
-        )))
+        // Entries that failed with a final code returned above: these failed with retryable codes
+        // in every round, so SQS is unavailable for them, not refusing them.
+        let (id, last) = last_failures.into_iter().next().expect("the last round's failures are the pending entries");
+        Err(StepError::Unavailable(AwsError {
+            message: format!(
+                "{} pool messages still failing after {} rounds (last, for {id}: {})",
+                pending.len(),
+                self.limits.batch_rounds,
+                last.message
+            ),
+            ..last
+        }))
     }
 
     async fn terminate_all(&self, ids: &[String]) -> Result<(), StepError> {
@@ -865,7 +944,7 @@ impl<P: Ports> Driver<P> {
                 let result = self
                     .write(self.ports.terminate(&chunk))
                     .await?
-                    .map_err(|error| StepError::Unexpected(error.to_string()))?;
+                    .map_err(aws_step_error)?;
                 info!(ids = ?result.terminated, "terminated instances");
                 for id in &result.not_found {
                     warn!(instance = %id, "EC2 does not know this instance: treated as already gone");

@@ -103,6 +103,10 @@ pub trait RunStore: Send + Sync {
     /// Replaces the record, only if its stored version is `expected_version`. A write that
     /// reached the table but whose answer was lost is recognised and returns `Ok`.
     fn replace_run(&self, record: &RunRecord, expected_version: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Extends the lease to `expires_at` if `owner` still holds it, without touching the
+    /// version: the driver's own versioned writes stay valid. `Ok(false)` when another driver
+    /// has taken the run over.
+    fn renew_lease(&self, run_id: &str, owner: &str, expires_at: Timestamp) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Writes the spec's chunk items (idempotent: same key, same content).
     fn put_spec_chunks(&self, run_id: &str, digest: &str, chunks: &[String], ttl: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Reads and joins the spec's chunk items.

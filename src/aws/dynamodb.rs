@@ -307,6 +307,34 @@ impl RunStore for AwsPorts {
         }
     }
 
+    async fn renew_lease(&self, run_id: &str, owner: &str, expires_at: Timestamp) -> Result<bool, StoreError> {
+        let result = self
+            .dynamodb
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key("RUN", run_id)))
+            .update_expression("SET #lease.#expiresAt = :expiresAt")
+            .condition_expression("#lease.#owner = :owner")
+            .expression_attribute_names("#lease", "lease")
+            .expression_attribute_names("#expiresAt", "expiresAt")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":expiresAt", s(expires_at.to_string()))
+            .expression_attribute_values(":owner", s(owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(error) => {
+                if let Some(aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(_)) =
+                    error.as_service_error()
+                {
+                    return Ok(false);
+                }
+                Err(from_sdk(SERVICE, "UpdateItem", error).into())
+            }
+        }
+    }
+
     async fn put_spec_chunks(&self, run_id: &str, digest: &str, chunks: &[String], ttl: i64) -> Result<(), StoreError> {
         let now = Timestamp::now_utc().to_string();
         for (index, chunk) in chunks.iter().enumerate() {

@@ -11,6 +11,7 @@ fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
         ("dynamodb", "get_item") => &["dynamodb:GetItem"],
         ("dynamodb", "put_item") => &["dynamodb:PutItem"],
         ("dynamodb", "query") => &["dynamodb:Query"],
+        ("dynamodb", "update_item") => &["dynamodb:UpdateItem"],
         ("dynamodb", "transact_write_items") => &["dynamodb:UpdateItem", "dynamodb:DeleteItem"],
         ("dynamodb", "describe_table") => &["dynamodb:DescribeTable"],
         ("dynamodb", "create_table") => &["dynamodb:CreateTable"],
