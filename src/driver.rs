@@ -729,8 +729,15 @@ impl<P: Ports> Driver<P> {
     async fn run_deletions(&self, deletions: Vec<InstanceDeletion>) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
         let batches: Vec<Vec<InstanceDeletion>> =
             deletions.chunks(core::MAX_TRANSACTION_ITEMS).map(<[_]>::to_vec).collect();
+        let total = batches.len();
+        let done = &AtomicU64::new(0);
         let results: Vec<Vec<(InstanceDeletion, WriteResult)>> = stream::iter(batches)
-            .map(|batch| self.deletion_batch(batch))
+            .map(|batch| async move {
+                let result = self.deletion_batch(batch).await;
+                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
+                info!(batches_done = finished, batches = total, "deletion batch finished");
+                result
+            })
             .buffer_unordered(self.limits.concurrency)
             .try_collect()
             .await?;
@@ -876,8 +883,15 @@ impl<P: Ports> Driver<P> {
                 batches.push((class.to_string(), queue_url.clone(), chunk.to_vec()));
             }
         }
+        let total = batches.len();
+        let done = &AtomicU64::new(0);
         stream::iter(batches)
-            .map(|(class, queue_url, messages)| async move { self.send_batch(&class, &queue_url, messages, sent).await })
+            .map(|(class, queue_url, messages)| async move {
+                let result = self.send_batch(&class, &queue_url, messages, sent).await;
+                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
+                info!(batches_done = finished, batches = total, "message batch finished");
+                result
+            })
             .buffer_unordered(self.limits.concurrency)
             .try_collect::<Vec<()>>()
             .await?;
