@@ -319,10 +319,8 @@ impl<P: Ports> Driver<P> {
     async fn start_inner(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
         let canonical = spec.to_canonical_json();
         let spec_digest = record::digest(&canonical);
-        let existing = self.ports.load_run(&spec.run_id).await.map_err(not_started)?;
-        if let Some(existing) = existing {
-            return self.rejoin(existing, &spec_digest).await;
-        }
+        // No read first: creating the record is conditional, and a run id that already has one
+        // gets it back from the refused create (one round trip either way).
         let now = self.clock.now();
         let reconciliation = core::reconcile(&spec);
         info!(outcome = ?reconciliation.input, reason = %reconciliation.reason, "reconciled");
@@ -332,7 +330,14 @@ impl<P: Ports> Driver<P> {
         if input == Input::ReconciledShortfall {
             match self.resolve_queues(&spec).await {
                 Ok(urls) => queue_urls = urls,
-                Err(ResolveError::Spec(error)) => return Err(DriveError::InvalidSpec(error)),
+                Err(ResolveError::Spec(error)) => {
+                    // A repeated `run` of an existing run reports that run, even if the pool's
+                    // configuration changed since.
+                    if let Some(existing) = self.ports.load_run(&spec.run_id).await.map_err(not_started)? {
+                        return self.rejoin(existing, &spec_digest).await;
+                    }
+                    return Err(DriveError::InvalidSpec(error));
+                }
                 // Nothing is written yet: a missing table, or AWS unavailable for now, is reported
                 // as such, and the same `run` can simply be repeated.
                 Err(ResolveError::Aws(aws)) if aws.class == ErrorClass::NotFound || aws.class.is_retryable() => {
@@ -377,10 +382,7 @@ impl<P: Ports> Driver<P> {
         record.spec_chunks = chunks.len() as u32;
         // Spec chunks outlive an unfinished run's record by the retention; they are small.
         let chunk_ttl = now.plus_secs(2 * self.limits.retention_days * 86_400).unix_secs();
-        self.write(self.ports.put_spec_chunks(&spec.run_id, &spec_digest, &chunks, chunk_ttl))
-            .await?
-            .map_err(not_started)?;
-        match self.write(self.ports.create_run(&record)).await?.map_err(not_started)? {
+        match self.write(self.ports.create_run(&record, &chunks, chunk_ttl)).await?.map_err(not_started)? {
             CreateOutcome::Created => {}
             CreateOutcome::Exists(existing) => return self.rejoin(*existing, &spec_digest).await,
         }

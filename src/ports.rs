@@ -98,8 +98,9 @@ pub struct Termination {
 pub trait RunStore: Send + Sync {
     /// Reads a run record.
     fn load_run(&self, run_id: &str) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send;
-    /// Creates a run record, only if none exists.
-    fn create_run(&self, record: &RunRecord) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
+    /// Creates a run record together with its spec chunk items, atomically, only if no record
+    /// exists; otherwise returns the existing record and writes nothing.
+    fn create_run(&self, record: &RunRecord, spec_chunks: &[String], chunk_ttl: i64) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
     /// Replaces the record, only if its stored version is `expected_version`. A write that
     /// reached the table but whose answer was lost is recognised and returns `Ok`.
     fn replace_run(&self, record: &RunRecord, expected_version: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -107,8 +108,6 @@ pub trait RunStore: Send + Sync {
     /// version: the driver's own versioned writes stay valid. `Ok(false)` when another driver
     /// has taken the run over.
     fn renew_lease(&self, run_id: &str, owner: &str, expires_at: Timestamp) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Writes the spec's chunk items (idempotent: same key, same content).
-    fn put_spec_chunks(&self, run_id: &str, digest: &str, chunks: &[String], ttl: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Reads and joins the spec's chunk items.
     fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> impl Future<Output = Result<String, StoreError>> + Send;
     /// Every run record, newest first, at most `limit`.

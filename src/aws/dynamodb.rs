@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType,
+    AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType, Put,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
@@ -56,6 +56,12 @@ fn from_attribute(value: &AttributeValue) -> serde_json::Value {
         AttributeValue::Ss(items) => serde_json::Value::Array(items.iter().cloned().map(serde_json::Value::String).collect()),
         _ => serde_json::Value::Null,
     }
+}
+
+/// The identifier of a spec chunk item: the run, the spec's digest (so two different specs
+/// racing for one run id never mix their chunks), and the chunk's index.
+fn spec_chunk_identifier(run_id: &str, digest: &str, index: usize) -> String {
+    format!("{run_id}#{}#{index}", &digest[..16])
 }
 
 fn record_item(record: &RunRecord) -> Item {
@@ -242,34 +248,67 @@ impl RunStore for AwsPorts {
         output.item().map(record_from_item).transpose()
     }
 
-    async fn create_run(&self, record: &RunRecord) -> Result<CreateOutcome, StoreError> {
-        let result = self
-            .dynamodb
-            .put_item()
+    async fn create_run(&self, record: &RunRecord, spec_chunks: &[String], chunk_ttl: i64) -> Result<CreateOutcome, StoreError> {
+        // One transaction: the spec chunks and the record appear together or not at all, so a
+        // crash can never leave a record whose spec is missing, and it costs one round trip.
+        let mut items = Vec::with_capacity(spec_chunks.len() + 1);
+        for (index, chunk) in spec_chunks.iter().enumerate() {
+            let identifier = spec_chunk_identifier(&record.run_id, &record.spec_digest, index);
+            let mut item = key("RUNSPEC", &identifier);
+            item.insert("entityType".into(), s("RUNSPEC"));
+            item.insert("identifier".into(), s(identifier.clone()));
+            item.insert("updatedAt".into(), s(record.created_at.to_string()));
+            item.insert("value".into(), s(chunk.clone()));
+            item.insert(TTL_ATTRIBUTE.into(), AttributeValue::N(chunk_ttl.to_string()));
+            let put = Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .build()
+                .map_err(|error| build_error("TransactWriteItems", error))?;
+            items.push(TransactWriteItem::builder().put(put).build());
+        }
+        let put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(record_item(record)))
             .condition_expression("attribute_not_exists(PK)")
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(|error| build_error("TransactWriteItems", error))?;
+        items.push(TransactWriteItem::builder().put(put).build());
+        let token = request_token([format!("create:{}:{}:{}", record.run_id, record.spec_digest, record.lease.owner)].into_iter());
+        let result = self
+            .dynamodb
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .client_request_token(token)
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(CreateOutcome::Created),
-            Err(error) => {
-                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) =
-                    error.as_service_error()
-                {
-                    if let Some(item) = failed.item() {
-                        let existing = record_from_item(item)?;
-                        // A retried create whose first attempt landed finds itself: that is ours.
-                        if existing.lease.owner == record.lease.owner && existing.version == record.version {
-                            return Ok(CreateOutcome::Created);
-                        }
-                        return Ok(CreateOutcome::Exists(Box::new(existing)));
-                    }
+        let error = match result {
+            Ok(_) => return Ok(CreateOutcome::Created),
+            Err(error) => error,
+        };
+        if let Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+            error.as_service_error()
+        {
+            let reason = cancelled.cancellation_reasons().last();
+            if let Some(item) = reason.filter(|r| r.code() == Some("ConditionalCheckFailed")).and_then(|r| r.item()) {
+                let existing = record_from_item(item)?;
+                // A retried create whose first attempt landed finds itself: that is ours.
+                if existing.lease.owner == record.lease.owner && existing.version == record.version {
+                    return Ok(CreateOutcome::Created);
                 }
-                Err(from_sdk(SERVICE, "PutItem", error).into())
+                return Ok(CreateOutcome::Exists(Box::new(existing)));
             }
+            let code = cancelled.cancellation_reasons().iter().filter_map(|r| r.code()).find(|c| *c != "None");
+            return Err(StoreError::Aws(AwsError {
+                service: SERVICE,
+                operation: "TransactWriteItems",
+                code: code.map(str::to_string),
+                message: "creating the run record was cancelled".to_string(),
+                class: super::classify_code(code.unwrap_or(""), None),
+            }));
         }
+        Err(from_sdk(SERVICE, "TransactWriteItems", error).into())
     }
 
     async fn replace_run(&self, record: &RunRecord, expected_version: u64) -> Result<(), StoreError> {
@@ -335,31 +374,10 @@ impl RunStore for AwsPorts {
         }
     }
 
-    async fn put_spec_chunks(&self, run_id: &str, digest: &str, chunks: &[String], ttl: i64) -> Result<(), StoreError> {
-        let now = Timestamp::now_utc().to_string();
-        for (index, chunk) in chunks.iter().enumerate() {
-            let identifier = format!("{run_id}#{}#{index}", &digest[..16]);
-            let mut item = key("RUNSPEC", &identifier);
-            item.insert("entityType".into(), s("RUNSPEC"));
-            item.insert("identifier".into(), s(identifier.clone()));
-            item.insert("updatedAt".into(), s(now.clone()));
-            item.insert("value".into(), s(chunk.clone()));
-            item.insert("ttl".into(), AttributeValue::N(ttl.to_string()));
-            self.dynamodb
-                .put_item()
-                .table_name(&self.table)
-                .set_item(Some(item))
-                .send()
-                .await
-                .map_err(|error| from_sdk(SERVICE, "PutItem", error))?;
-        }
-        Ok(())
-    }
-
     async fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> Result<String, StoreError> {
         let mut text = String::new();
         for index in 0..chunks {
-            let identifier = format!("{run_id}#{}#{index}", &digest[..16]);
+            let identifier = spec_chunk_identifier(run_id, digest, index as usize);
             let output = self
                 .dynamodb
                 .get_item()
