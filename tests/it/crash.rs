@@ -225,3 +225,63 @@ async fn resume_all_finishes_runs_whose_driver_is_gone() {
     assert_eq!(finished, expected);
     assert!(sweeper.list(100).await.expect("list").iter().all(|r| r.state.is_terminal()));
 }
+
+/// A stage longer than the lease (a slow TransactWriteItems) does not let the lease lapse: the
+/// background renewer extends it, and a second driver is still refused.
+#[tokio::test]
+async fn the_lease_is_renewed_while_a_long_stage_runs() {
+    let mut world = World::new("lease-renew").await;
+    world.seed(&[CLAIMED_SMALL], &[]).await;
+    // Every instance transaction takes 7 s; the lease lasts 5 s and is renewed every 1 s.
+    let proxy = crate::faults::FaultProxy::start(&[
+        "--rate", "1.0", "--faults", "slow", "--slow-ms", "7000", "--only", "DynamoDB.TransactWriteItems", "--budget", "2",
+    ]);
+    let limits = post_provision::config::Limits {
+        lease_secs: 5,
+        attempt_timeout: std::time::Duration::from_secs(20),
+        operation_timeout: std::time::Duration::from_secs(40),
+        ..test_limits()
+    };
+    let clock = Arc::new(post_provision::driver::SystemClock);
+    let engine = post_provision::Engine::builder()
+        .table(&world.table)
+        .region("us-east-1")
+        .endpoint_url(proxy.url())
+        .limits(limits.clone())
+        .clock(clock.clone())
+        .build()
+        .await
+        .expect("engine");
+    let spec = world.spec("success", 0);
+    let run = tokio::spawn(async move { engine.start(spec).await });
+    let observer = post_provision::Engine::builder()
+        .table(&world.table)
+        .sdk_config(world.clients.sdk_config.clone())
+        .limits(limits)
+        .clock(clock)
+        .build()
+        .await
+        .expect("observer");
+    // Wait (bounded) until a renewal has moved the lease past its first expiry.
+    let mut first_expiry = None;
+    let mut renewed = false;
+    for _ in 0..200 {
+        if let Some(record) = observer.status(&world.run_id).await.expect("status") {
+            let expiry = record.lease.expires_at;
+            let first = *first_expiry.get_or_insert(expiry);
+            if expiry > first {
+                renewed = true;
+                break;
+            }
+        }
+        // A poll interval while waiting for the renewal (a condition), not a timed expectation.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(renewed, "the lease was never renewed while the stage ran");
+    match observer.resume(&world.run_id).await {
+        Err(DriveError::Busy { .. }) => {}
+        other => panic!("expected Busy while the first driver works, got {other:?}"),
+    }
+    let outcome = run.await.expect("join").expect("the first driver finishes");
+    assert_eq!(outcome.kind, OutcomeKind::Committed);
+}
