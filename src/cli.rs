@@ -63,6 +63,25 @@ pub struct Cli {
     /// Time one AWS attempt may take, in milliseconds.
     #[arg(long, env = "POST_PROVISION_ATTEMPT_TIMEOUT_MS", default_value_t = Limits::default().attempt_timeout.as_millis() as u64, global = true)]
     attempt_timeout_ms: u64,
+    /// First retry backoff, in milliseconds (exponential with full jitter up to the max).
+    #[arg(long, env = "POST_PROVISION_INITIAL_BACKOFF_MS", default_value_t = Limits::default().initial_backoff.as_millis() as u64, global = true)]
+    initial_backoff_ms: u64,
+    /// Largest retry backoff, in milliseconds.
+    #[arg(long, env = "POST_PROVISION_MAX_BACKOFF_MS", default_value_t = Limits::default().max_backoff.as_millis() as u64, global = true)]
+    max_backoff_ms: u64,
+    /// Time to open a connection, in milliseconds.
+    #[arg(long, env = "POST_PROVISION_CONNECT_TIMEOUT_MS", default_value_t = Limits::default().connect_timeout.as_millis() as u64, global = true)]
+    connect_timeout_ms: u64,
+    /// Rounds of re-sending batch items that were cancelled (transaction conflicts) or failed
+    /// (SQS batch entries) before the step's error counts.
+    #[arg(long, env = "POST_PROVISION_BATCH_ROUNDS", default_value_t = Limits::default().batch_rounds, global = true)]
+    batch_rounds: u32,
+    /// Extra TerminateInstances attempts for ids EC2 reports unknown (eventual consistency).
+    #[arg(long, env = "POST_PROVISION_NOT_FOUND_RETRIES", default_value_t = Limits::default().not_found_retries, global = true)]
+    not_found_retries: u32,
+    /// Wait before such an attempt, in milliseconds.
+    #[arg(long, env = "POST_PROVISION_NOT_FOUND_DELAY_MS", default_value_t = Limits::default().not_found_delay.as_millis() as u64, global = true)]
+    not_found_delay_ms: u64,
     /// Batches of one stage in flight at once.
     #[arg(long, env = "POST_PROVISION_CONCURRENCY", default_value_t = Limits::default().concurrency, global = true)]
     concurrency: usize,
@@ -369,8 +388,12 @@ fn read_spec(path: &str) -> Result<String, String> {
 /// Test hooks for subprocess tests, from `POST_PROVISION_TEST_HOOK`: `crash-after=N` stops after
 /// the N-th AWS write as if the process died; `pause-after=N` stops after the N-th write until the
 /// process receives SIGUSR1 (a slow or stopped driver).
+/// Only debug builds (the ones tests run) read it: a release binary ignores the variable.
 fn hooks_from_env() -> Hooks {
     let mut hooks = Hooks::default();
+    if !cfg!(debug_assertions) {
+        return hooks;
+    }
     if let Ok(value) = std::env::var("POST_PROVISION_TEST_HOOK") {
         if let Some(count) = value.strip_prefix("crash-after=").and_then(|n| n.parse().ok()) {
             hooks.crash_after_writes = Some(count);
@@ -421,12 +444,17 @@ pub async fn run(args: Vec<String>) -> i32 {
     }
     let limits = Limits {
         max_attempts: cli.max_attempts,
-        operation_timeout: Duration::from_millis(cli.operation_timeout_ms),
+        initial_backoff: Duration::from_millis(cli.initial_backoff_ms),
+        max_backoff: Duration::from_millis(cli.max_backoff_ms),
         attempt_timeout: Duration::from_millis(cli.attempt_timeout_ms),
+        operation_timeout: Duration::from_millis(cli.operation_timeout_ms),
+        connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
         concurrency: cli.concurrency,
+        batch_rounds: cli.batch_rounds,
         lease_secs: cli.lease_secs,
         retention_days: cli.retention_days,
-        ..Limits::default()
+        not_found_retries: cli.not_found_retries,
+        not_found_delay: Duration::from_millis(cli.not_found_delay_ms),
     };
     // The spec is read and validated before any AWS client exists: bad input writes nothing.
     let spec = match &cli.command {
@@ -505,13 +533,12 @@ pub async fn run(args: Vec<String>) -> i32 {
             Ok(None) => printer.drive_error(&DriveError::NoSuchRun { run_id }),
             Err(error) => printer.drive_error(&DriveError::Store(error)),
         },
-        Command::List { unfinished, limit } => match engine.list(limit).await {
+        Command::List { unfinished, limit } => match engine.list(unfinished, limit).await {
             Err(error) => printer.drive_error(&DriveError::Store(error)),
             Ok(records) => {
                 let now = engine.now();
                 let rows: Vec<serde_json::Value> = records
                     .iter()
-                    .filter(|r| !unfinished || !r.state.is_terminal())
                     .map(|r| {
                         serde_json::json!({
                             "runId": r.run_id, "state": r.state, "outcome": OutcomeKind::of(r),
@@ -536,8 +563,8 @@ pub async fn run(args: Vec<String>) -> i32 {
                             "{:<32} {:<17} {:>7}s {:>9}  {}\n",
                             row["runId"].as_str().unwrap_or(""),
                             row["state"].as_str().unwrap_or(""),
-                            row["ageSecs"],
-                            row["instances"],
+                            row["ageSecs"].as_i64().unwrap_or(0),
+                            row["instances"].as_u64().unwrap_or(0),
                             driver
                         ));
                     }

@@ -109,8 +109,9 @@ pub struct InstanceDeletion {
     pub instance_id: String,
     /// Which list of the spec the instance came from.
     pub role: Role,
-    /// Delete when the record is owned by this run.
-    pub owner_run_id: String,
+    /// Delete only when the record is owned by this run (the isolation check); `None` deletes
+    /// whatever the record says.
+    pub owner_run_id: Option<String>,
     /// Also delete when this run released the record to the pool at this threshold (idle, runId
     /// `""`) but never sent its pool message: otherwise it would sit idle in no queue.
     pub released_unsent_threshold: Option<Timestamp>,
@@ -274,19 +275,29 @@ pub fn rollback_disposition(finding: &Finding) -> RollbackDisposition {
     }
 }
 
-/// The deletions of emergency cleanup: every instance of the run, each only where this run still
-/// owns the record (the isolation check), or where this run released it without sending its message.
+/// The deletions of emergency cleanup, as the design says:
+/// - selected instances: only where this run still owns the record (the isolation check), or
+///   where this run released it to the pool without sending its message;
+/// - created instances (this run launched them): whatever the record says;
+/// - except any instance this run already returned to the pool (message sent): it stays there.
 pub fn cleanup_deletions(
     spec: &Spec,
     released_unsent_threshold: Option<Timestamp>,
     messages_sent: &std::collections::HashSet<String>,
 ) -> Vec<InstanceDeletion> {
     spec.instances()
+        .filter(|(_, instance)| !messages_sent.contains(&instance.id))
         .map(|(role, instance)| InstanceDeletion {
             instance_id: instance.id.clone(),
             role,
-            owner_run_id: spec.run_id.clone(),
-            released_unsent_threshold: released_unsent_threshold.filter(|_| !messages_sent.contains(&instance.id)),
+            owner_run_id: match role {
+                Role::Selected => Some(spec.run_id.clone()),
+                Role::Created => None,
+            },
+            released_unsent_threshold: match role {
+                Role::Selected => released_unsent_threshold,
+                Role::Created => None,
+            },
         })
         .collect()
 }
@@ -449,13 +460,18 @@ mod tests {
     }
 
     #[test]
-    fn cleanup_skips_release_check_for_sent_messages() {
+    fn cleanup_keeps_what_was_returned_and_checks_ownership_of_selected_only() {
         let spec = spec_with(|_| {});
         let threshold = Timestamp::parse("2026-11-27T10:05:00Z").unwrap();
+        let none_sent = std::collections::HashSet::new();
+        let deletions = cleanup_deletions(&spec, Some(threshold), &none_sent);
+        assert_eq!(deletions[0].owner_run_id.as_deref(), Some("9876543210"));
+        assert_eq!(deletions[0].released_unsent_threshold, Some(threshold));
+        assert_eq!(deletions[1].owner_run_id, None, "created instances are purged whatever the record says");
         let sent: std::collections::HashSet<String> = ["i-0aaaaaaaaaaaaaaaa".to_string()].into();
         let deletions = cleanup_deletions(&spec, Some(threshold), &sent);
-        assert_eq!(deletions[0].released_unsent_threshold, None);
-        assert_eq!(deletions[1].released_unsent_threshold, Some(threshold));
+        assert_eq!(deletions.len(), 1, "an instance returned to the pool stays there");
+        assert_eq!(deletions[0].instance_id, "i-0bbbbbbbbbbbbbbbb");
         assert!(cleanup_terminates(&WriteResult::Applied));
         assert!(cleanup_terminates(&WriteResult::Rejected(None)));
         assert!(!cleanup_terminates(&observed("idle", "", "x")));

@@ -377,11 +377,12 @@ impl<P: Ports> Driver<P> {
             lease: Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) },
             ttl: None,
         };
+        // An abandoned run's record and spec chunks expire together, long after any resume.
+        let chunk_ttl = now.plus_secs(2 * self.limits.retention_days * 86_400).unix_secs();
+        record.ttl = Some(chunk_ttl);
         set_entry_thresholds(&mut record, &spec, now);
         let chunks = record::split_spec(&canonical);
         record.spec_chunks = chunks.len() as u32;
-        // Spec chunks outlive an unfinished run's record by the retention; they are small.
-        let chunk_ttl = now.plus_secs(2 * self.limits.retention_days * 86_400).unix_secs();
         match self.write(self.ports.create_run(&record, &chunks, chunk_ttl)).await?.map_err(not_started)? {
             CreateOutcome::Created => {}
             CreateOutcome::Exists(existing) => return self.rejoin(*existing, &spec_digest).await,
@@ -849,7 +850,7 @@ impl<P: Ports> Driver<P> {
                 .map(|id| InstanceDeletion {
                     instance_id: id.clone(),
                     role: spec.instances().find(|(_, i)| &i.id == id).map(|(r, _)| r).unwrap_or(Role::Created),
-                    owner_run_id: spec.run_id.clone(),
+                    owner_run_id: Some(spec.run_id.clone()),
                     released_unsent_threshold: None,
                 })
                 .collect();

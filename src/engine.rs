@@ -139,16 +139,16 @@ impl Engine {
         self.ports.load_run(run_id).await
     }
 
-    /// Run records, newest first.
-    pub async fn list(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
-        self.ports.list_runs(limit).await
+    /// Run records, newest first; only unfinished ones with `unfinished_only`.
+    pub async fn list(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        self.ports.list_runs(unfinished_only, limit).await
     }
 
     /// Finishes every unfinished run whose lease has ended (its driver is gone), one at a time.
     pub async fn resume_all(&self, limit: usize) -> Result<Vec<ResumeResult>, StoreError> {
         let now = self.clock.now();
         let mut results = Vec::new();
-        for record in self.list(limit).await? {
+        for record in self.list(true, limit).await? {
             if record.state.is_terminal() || record.lease_active(now) {
                 continue;
             }

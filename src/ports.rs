@@ -68,6 +68,9 @@ pub enum StoreError {
         /// The lease owner found.
         found_owner: Option<String>,
     },
+    /// The record would not fit in one DynamoDB item.
+    #[error("{0}")]
+    TooLarge(String),
     /// The stored record could not be read as a run record.
     #[error("corrupt run record: {0}")]
     Corrupt(String),
@@ -110,8 +113,10 @@ pub trait RunStore: Send + Sync {
     fn renew_lease(&self, run_id: &str, owner: &str, expires_at: Timestamp) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Reads and joins the spec's chunk items.
     fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> impl Future<Output = Result<String, StoreError>> + Send;
-    /// Every run record, newest first, at most `limit`.
-    fn list_runs(&self, limit: usize) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
+    /// Run records, newest first, at most `limit`; only those not in `Done` or `Failed` when
+    /// `unfinished_only`. Reads every run record of the table (up to
+    /// [`crate::record::MAX_LISTED_RUNS`]), so the newest are never missed.
+    fn list_runs(&self, unfinished_only: bool, limit: usize) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
     /// The pool's `resource_class_config` metadata item, if it exists.
     fn load_resource_class_config(&self) -> impl Future<Output = Result<Option<ResourceClassConfig>, StoreError>> + Send;
 }

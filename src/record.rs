@@ -19,6 +19,10 @@ pub const RUN_RECORD_SCHEMA_VERSION: u32 = 1;
 /// each far below DynamoDB's 400 KB item limit.
 pub const SPEC_CHUNK_BYTES: usize = 300_000;
 
+/// The most run records `list` and `resume --all` read in one call. Finished records expire
+/// after the retention (30 days by default), so this bounds a pool of about 3,000 runs a day.
+pub const MAX_LISTED_RUNS: usize = 100_000;
+
 /// The persisted run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -61,7 +65,9 @@ pub struct RunRecord {
     pub error: Option<RunError>,
     /// The driver allowed to write this record, and until when.
     pub lease: Lease,
-    /// Epoch seconds after which DynamoDB TTL may delete a finished record.
+    /// Epoch seconds after which DynamoDB TTL may delete the record: the retention after the run
+    /// finished, or, while unfinished, twice the retention after it started (the same as its
+    /// spec chunks, so an abandoned run's record and spec go together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<i64>,
 }
@@ -83,8 +89,8 @@ pub struct HistoryEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunError {
-    /// `shortfall` (graceful rollback) or `unexpected` (emergency cleanup), or `cleanup-stalled`
-    /// for the last error of a cleanup that has not finished yet.
+    /// `shortfall` (graceful rollback) or `unexpected` (the error that sent the run to emergency
+    /// cleanup).
     pub kind: String,
     /// The message, as the CLI prints it.
     pub message: String,
@@ -136,6 +142,24 @@ pub fn split_spec(text: &str) -> Vec<String> {
     chunks
 }
 
+/// The largest run record this crate writes, in bytes of its JSON form: a margin below
+/// DynamoDB's 400 KB item limit for the attribute names and key attributes.
+pub const MAX_RECORD_BYTES: usize = 350_000;
+
+/// Checks the record fits in one DynamoDB item. The spec lives in chunk items, so what grows is
+/// `messagesSent` (at most [`crate::spec::MAX_INSTANCES_PER_RUN`] ids of 19 characters, about
+/// 110 KB) and `queueUrls` (one per resource class of the run).
+pub fn check_size(record: &RunRecord) -> Result<(), String> {
+    let size = serde_json::to_string(record).map(|text| text.len()).unwrap_or(usize::MAX);
+    if size > MAX_RECORD_BYTES {
+        return Err(format!(
+            "run record of {} would be {size} bytes, over the {MAX_RECORD_BYTES}-byte bound below DynamoDB's 400 KB item limit",
+            record.run_id
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a record from its JSON form, refusing schema versions this build does not know.
 pub fn from_json_value(value: serde_json::Value) -> Result<RunRecord, String> {
     let schema_version = value.get("schemaVersion").and_then(|v| v.as_u64()).unwrap_or(0);
@@ -168,6 +192,16 @@ mod tests {
         assert_eq!(record.state, State::Failed);
         assert_eq!(record.messages_sent, vec!["i-0aaaaaaaaaaaaaaaa".to_string()]);
         assert_eq!(record.history.len(), 3);
+    }
+
+    #[test]
+    fn the_largest_run_record_fits_in_one_item() {
+        let text = include_str!("../tests/fixtures/run-record-v1.json");
+        let mut record = from_json_value(serde_json::from_str(text).unwrap()).unwrap();
+        record.messages_sent = (0..crate::spec::MAX_INSTANCES_PER_RUN).map(|i| format!("i-{i:017x}")).collect();
+        assert!(check_size(&record).is_ok());
+        record.queue_urls = (0..2_000).map(|i| (format!("class-{i}"), format!("https://sqs.example/123456789012/pool-{i}"))).collect();
+        assert!(check_size(&record).unwrap_err().contains("over the 350000-byte bound"));
     }
 
     #[test]

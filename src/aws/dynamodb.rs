@@ -64,7 +64,8 @@ fn spec_chunk_identifier(run_id: &str, digest: &str, index: usize) -> String {
     format!("{run_id}#{}#{index}", &digest[..16])
 }
 
-fn record_item(record: &RunRecord) -> Item {
+fn record_item(record: &RunRecord) -> Result<Item, StoreError> {
+    record::check_size(record).map_err(StoreError::TooLarge)?;
     let value = serde_json::to_value(record).expect("a run record always serializes");
     let mut item: Item = match to_attribute(&value) {
         AttributeValue::M(map) => map,
@@ -73,7 +74,7 @@ fn record_item(record: &RunRecord) -> Item {
     item.extend(key("RUN", &record.run_id));
     item.insert("entityType".into(), s("RUN"));
     item.insert("identifier".into(), s(record.run_id.clone()));
-    item
+    Ok(item)
 }
 
 fn record_from_item(item: &Item) -> Result<RunRecord, StoreError> {
@@ -121,11 +122,13 @@ fn cancellation_results(reasons: &[aws_sdk_dynamodb::types::CancellationReason],
         .collect()
 }
 
-/// A deterministic idempotency token for one exact transaction, so the SDK's own retries of it
-/// are applied once by DynamoDB (within its 10-minute token window).
-fn request_token(parts: impl Iterator<Item = String>) -> String {
-    let joined: Vec<String> = parts.collect();
-    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, joined.join("|").as_bytes()).to_string()
+/// A fresh idempotency token for one transaction call. The SDK sends the same token with each
+/// of its retries of that call, so a retry whose first attempt landed is applied once (within
+/// DynamoDB's 10-minute window); a later call of ours gets a new token, because its parameters
+/// (the `:now` of its condition) may differ, and reusing a token with other parameters is refused
+/// with `IdempotentParameterMismatch`.
+fn fresh_token() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 impl AwsPorts {
@@ -197,18 +200,24 @@ impl InstanceStore for AwsPorts {
                 .map_err(|error| build_error("TransactWriteItems", error))?;
             items.push(TransactWriteItem::builder().update(update).build());
         }
-        let token = request_token(batch.iter().map(|t| {
-            format!("{}>{}:{}:{}", t.instance_id, t.new_state.as_str(), t.new_run_id, t.new_threshold)
-        }));
-        self.transact(items, token).await
+        self.transact(items, fresh_token()).await
     }
 
     async fn delete(&self, batch: &[InstanceDeletion]) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
         let mut items = Vec::with_capacity(batch.len());
         for deletion in batch {
+            let Some(owner) = &deletion.owner_run_id else {
+                let delete = Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key("INSTANCE", &deletion.instance_id)))
+                    .build()
+                    .map_err(|error| build_error("TransactWriteItems", error))?;
+                items.push(TransactWriteItem::builder().delete(delete).build());
+                continue;
+            };
             let mut names = HashMap::from([("#runId".to_string(), "runId".to_string())]);
-            let mut values = HashMap::from([(":owner".to_string(), s(deletion.owner_run_id.clone()))]);
+            let mut values = HashMap::from([(":owner".to_string(), s(owner.clone()))]);
             let mut condition = "#runId = :owner".to_string();
             if let Some(threshold) = deletion.released_unsent_threshold {
                 names.insert("#state".into(), "state".into());
@@ -229,8 +238,7 @@ impl InstanceStore for AwsPorts {
                 .map_err(|error| build_error("TransactWriteItems", error))?;
             items.push(TransactWriteItem::builder().delete(delete).build());
         }
-        let token = request_token(batch.iter().map(|d| format!("delete:{}:{}", d.instance_id, d.owner_run_id)));
-        self.transact(items, token).await
+        self.transact(items, fresh_token()).await
     }
 }
 
@@ -269,13 +277,13 @@ impl RunStore for AwsPorts {
         }
         let put = Put::builder()
             .table_name(&self.table)
-            .set_item(Some(record_item(record)))
+            .set_item(Some(record_item(record)?))
             .condition_expression("attribute_not_exists(PK)")
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .map_err(|error| build_error("TransactWriteItems", error))?;
         items.push(TransactWriteItem::builder().put(put).build());
-        let token = request_token([format!("create:{}:{}:{}", record.run_id, record.spec_digest, record.lease.owner)].into_iter());
+        let token = fresh_token();
         let result = self
             .dynamodb
             .transact_write_items()
@@ -316,7 +324,7 @@ impl RunStore for AwsPorts {
             .dynamodb
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(record_item(record)))
+            .set_item(Some(record_item(record)?))
             .condition_expression("#version = :expected")
             .expression_attribute_names("#version", "version")
             .expression_attribute_values(":expected", AttributeValue::N(expected_version.to_string()))
@@ -353,7 +361,11 @@ impl RunStore for AwsPorts {
             .table_name(&self.table)
             .set_key(Some(key("RUN", run_id)))
             .update_expression("SET #lease.#expiresAt = :expiresAt")
-            .condition_expression("#lease.#owner = :owner")
+            // A finished run's lease stays released, even when a renewal races the last write.
+            .condition_expression("#lease.#owner = :owner AND NOT (#state IN (:done, :failed))")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":done", s("Done"))
+            .expression_attribute_values(":failed", s("Failed"))
             .expression_attribute_names("#lease", "lease")
             .expression_attribute_names("#expiresAt", "expiresAt")
             .expression_attribute_names("#owner", "owner")
@@ -400,26 +412,42 @@ impl RunStore for AwsPorts {
         Ok(text)
     }
 
-    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
-        let mut records = Vec::new();
-        let mut pages = self
+    async fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let mut query = self
             .dynamodb
             .query()
             .table_name(&self.table)
             .key_condition_expression("PK = :pk")
-            .expression_attribute_values(":pk", s("TYPE#RUN"))
-            .into_paginator()
-            .send();
+            .expression_attribute_values(":pk", s("TYPE#RUN"));
+        if unfinished_only {
+            // Filtered by DynamoDB: finished records are read but not sent back.
+            query = query
+                .filter_expression("NOT (#state IN (:done, :failed))")
+                .expression_attribute_names("#state", "state")
+                .expression_attribute_values(":done", s("Done"))
+                .expression_attribute_values(":failed", s("Failed"));
+        }
+        let mut pages = query.into_paginator().send();
+        let mut records: Vec<RunRecord> = Vec::new();
+        let mut read = 0usize;
+        let newest_first = |a: &RunRecord, b: &RunRecord| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id));
         while let Some(page) = pages.next().await {
             let page = page.map_err(|error| from_sdk(SERVICE, "Query", error))?;
+            read += page.scanned_count() as usize;
             for item in page.items() {
                 records.push(record_from_item(item)?);
             }
-            if records.len() >= limit.saturating_mul(4).max(limit) {
+            // Keep memory bounded by the limit, not by the table: only the newest can be shown.
+            if records.len() > limit.saturating_mul(2).max(1_000) {
+                records.sort_by(newest_first);
+                records.truncate(limit);
+            }
+            if read >= crate::record::MAX_LISTED_RUNS {
+                tracing::warn!(read, "stopped listing runs at the bound; older runs are not shown");
                 break;
             }
         }
-        records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id)));
+        records.sort_by(newest_first);
         records.truncate(limit);
         Ok(records)
     }
@@ -493,6 +521,14 @@ pub async fn ensure_table(client: &Client, table: &str) -> Result<TableCheck, St
                 .send()
                 .await
                 .map_err(|error| from_sdk(SERVICE, "CreateTable", error).to_string())?;
+            // A new table is CREATING for a while on AWS; TTL and writes need it ACTIVE.
+            use aws_sdk_dynamodb::client::Waiters;
+            client
+                .wait_until_table_exists()
+                .table_name(table)
+                .wait(std::time::Duration::from_secs(300))
+                .await
+                .map_err(|error| format!("table {table} did not become ACTIVE: {error}"))?;
             Ok(TableCheck::Created)
         }
     }

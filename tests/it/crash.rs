@@ -223,7 +223,8 @@ async fn resume_all_finishes_runs_whose_driver_is_gone() {
     let mut expected = vec![(host.run_id.clone(), OutcomeKind::Committed), (guest.run_id.clone(), OutcomeKind::Committed)];
     expected.sort();
     assert_eq!(finished, expected);
-    assert!(sweeper.list(100).await.expect("list").iter().all(|r| r.state.is_terminal()));
+    assert!(sweeper.list(false, 100).await.expect("list").iter().all(|r| r.state.is_terminal()));
+    assert!(sweeper.list(true, 100).await.expect("list").is_empty());
 }
 
 /// A stage longer than the lease (a slow TransactWriteItems) does not let the lease lapse: the

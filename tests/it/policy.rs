@@ -5,15 +5,16 @@
 use std::collections::BTreeSet;
 
 /// IAM actions an SDK operation needs. TransactWriteItems is authorized per item: our
-/// transactions carry Update and Delete actions.
+/// transactions carry Update, Delete and (creating a run with its spec chunks) Put actions.
 fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
     let actions: &[&str] = match (service, operation) {
         ("dynamodb", "get_item") => &["dynamodb:GetItem"],
         ("dynamodb", "put_item") => &["dynamodb:PutItem"],
         ("dynamodb", "query") => &["dynamodb:Query"],
         ("dynamodb", "update_item") => &["dynamodb:UpdateItem"],
-        ("dynamodb", "transact_write_items") => &["dynamodb:UpdateItem", "dynamodb:DeleteItem"],
+        ("dynamodb", "transact_write_items") => &["dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:PutItem"],
         ("dynamodb", "describe_table") => &["dynamodb:DescribeTable"],
+        ("dynamodb", "wait_until_table_exists") => &["dynamodb:DescribeTable"],
         ("dynamodb", "create_table") => &["dynamodb:CreateTable"],
         ("dynamodb", "describe_time_to_live") => &["dynamodb:DescribeTimeToLive"],
         ("dynamodb", "update_time_to_live") => &["dynamodb:UpdateTimeToLive"],
