@@ -3,26 +3,38 @@
 
 Usage:
     fault_proxy.py --upstream http://127.0.0.1:PORT [--port 0] [--rate 0.1]
-                   [--faults throttle,error500,slow,drop_before,drop_after]
+                   [--faults throttle,error500,slow,drop_before,drop_after[,sqs_partial]]
                    [--slow-ms 2000] [--latency-ms 0] [--seed 1]
-                   [--only DynamoDB.UpdateItem,EC2.TerminateInstances] [--budget N]
+                   [--only DynamoDB.UpdateItem,EC2.TerminateInstances] [--budget N] [--skip N]
 
 Prints exactly one line "LISTENING <port>" on stdout once it accepts connections.
 
 Each proxied request is identified as "<Service>.<Operation>" (DynamoDB / SQS by X-Amz-Target,
 EC2 by Action= in the form body). With probability --rate (and only for operations in --only,
-when given, and while --budget is not used up) one fault kind from --faults is picked uniformly:
+when given, and while --budget is not used up; the first --skip such requests are let through)
+one fault kind from --faults is picked uniformly:
   throttle     service-correct throttling error, not forwarded
   error500     HTTP 500 with the service's internal-error shape, not forwarded
   slow         sleep --slow-ms, then forward
   drop_before  close the connection without forwarding or answering
   drop_after   forward (the effect happens), then close without answering
+  sqs_partial  opt-in (not in the default --faults), SQS.SendMessageBatch only: withhold one entry
+               from moto and answer HTTP 200 with that entry in `Failed` (Code InternalError,
+               SenderFault false), the others as moto answered them. The withheld message is
+               really not sent, so only a retry of the entry delivers it.
+A kind that does not apply to an operation (sqs_partial to anything but SendMessageBatch) is never
+picked for it; when no listed kind applies, the request is not faulted.
 --latency-ms adds a fixed delay to every proxied request.
 
 Control endpoints (never forwarded):
   GET  /__proxy/stats   {"requests": {"DynamoDB.UpdateItem": n, ...}, "faults": {"throttle": n, ...},
-                         "faults_by_op": {...}, "forwarded": n, "config": {...}}
-  POST /__proxy/config  JSON body with any of: rate, faults, slow_ms, latency_ms, seed, only, budget
+                         "faults_by_op": {...}, "forwarded": n, "in_flight": n, "config": {...}}
+  GET  /__proxy/wait_idle?timeout_ms=N
+                        answers once no proxied request is in flight (a `slow` one still sleeping
+                        or forwarding counts): {"idle": true, "in_flight": 0}; after N ms (default
+                        10000) {"idle": false, "in_flight": n}. Lets a test wait on a condition.
+  POST /__proxy/config  JSON body with any of: rate, faults, slow_ms, latency_ms, seed, only, budget,
+                        skip
   POST /__proxy/reset   zero the counters
 """
 
@@ -41,7 +53,11 @@ import time
 import urllib.parse
 import uuid
 
-FAULT_KINDS = ("throttle", "error500", "slow", "drop_before", "drop_after")
+FAULT_KINDS = ("throttle", "error500", "slow", "drop_before", "drop_after", "sqs_partial")
+# The kinds --faults means when not given; sqs_partial rewrites answers, so it is opt-in.
+DEFAULT_FAULT_KINDS = ("throttle", "error500", "slow", "drop_before", "drop_after")
+# Kinds that only make sense for some operations; the others apply to every operation.
+FAULT_OPERATIONS = {"sqs_partial": {"SQS.SendMessageBatch"}}
 HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -76,11 +92,13 @@ class State:
             raise SystemExit(f"--upstream must be http://host:port, got {args.upstream!r}")
         self.upstream_timeout = args.upstream_timeout
         self.rate = 0.0
-        self.faults: list[str] = list(FAULT_KINDS)
+        self.faults: list[str] = list(DEFAULT_FAULT_KINDS)
+        self.idle = threading.Condition(self.lock)
         self.slow_ms = 2000
         self.latency_ms = 0
         self.only: list[str] = []
         self.budget: int | None = None  # None = unlimited
+        self.skip = 0  # eligible requests still to let through before faults may start
         self.rng = random.Random(args.seed)
         self.apply_config(
             {
@@ -90,6 +108,7 @@ class State:
                 "latency_ms": args.latency_ms,
                 "only": args.only,
                 "budget": args.budget,
+                "skip": args.skip,
             }
         )
         self.reset()
@@ -100,9 +119,11 @@ class State:
             self.fault_counts: dict[str, int] = {}
             self.faults_by_op: dict[str, int] = {}
             self.forwarded = 0
+            # Not reset: requests in flight are still in flight after a reset.
+            self.in_flight = getattr(self, "in_flight", 0)
 
     def apply_config(self, cfg: dict) -> None:
-        unknown = set(cfg) - {"rate", "faults", "slow_ms", "latency_ms", "seed", "only", "budget"}
+        unknown = set(cfg) - {"rate", "faults", "slow_ms", "latency_ms", "seed", "only", "budget", "skip"}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         new = {}
@@ -119,7 +140,7 @@ class State:
             if bad or not faults:
                 raise ValueError(f"faults must be a non-empty subset of {FAULT_KINDS}, got {faults}")
             new["faults"] = list(faults)
-        for key in ("slow_ms", "latency_ms"):
+        for key in ("slow_ms", "latency_ms", "skip"):
             if key in cfg:
                 value = int(cfg[key])
                 if value < 0:
@@ -148,6 +169,7 @@ class State:
                 "latency_ms": self.latency_ms,
                 "only": list(self.only),
                 "budget": self.budget,
+                "skip": self.skip,
             }
 
     def on_request(self, op: str) -> tuple[str | None, int, int]:
@@ -156,8 +178,12 @@ class State:
             self.requests[op] = self.requests.get(op, 0) + 1
             fault = None
             eligible = not op.startswith("Unknown") and (not self.only or op in self.only)
-            if eligible and self.budget != 0 and self.rate > 0 and self.rng.random() < self.rate:
-                fault = self.rng.choice(self.faults)
+            kinds = [k for k in self.faults if op in FAULT_OPERATIONS.get(k, (op,))]
+            if eligible and self.skip > 0:
+                self.skip -= 1
+                eligible = False
+            if eligible and kinds and self.budget != 0 and self.rate > 0 and self.rng.random() < self.rate:
+                fault = self.rng.choice(kinds)
                 self.fault_counts[fault] = self.fault_counts.get(fault, 0) + 1
                 key = f"{op}:{fault}"
                 self.faults_by_op[key] = self.faults_by_op.get(key, 0) + 1
@@ -169,6 +195,26 @@ class State:
         with self.lock:
             self.forwarded += 1
 
+    def begin(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+
+    def end(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> tuple[bool, int]:
+        with self.lock:
+            idle = self.idle.wait_for(lambda: self.in_flight == 0, timeout=timeout_s)
+            return idle, self.in_flight
+
+    def pick(self, count: int) -> int:
+        """A seeded choice of one of `count` items (for sqs_partial)."""
+        with self.lock:
+            return self.rng.randrange(count)
+
     def stats(self) -> dict:
         with self.lock:
             return {
@@ -176,6 +222,7 @@ class State:
                 "faults": dict(self.fault_counts),
                 "faults_by_op": dict(self.faults_by_op),
                 "forwarded": self.forwarded,
+                "in_flight": self.in_flight,
             }
 
 
@@ -348,6 +395,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._send_json(400, {"error": str(e)})
                 return
             self._send_json(200, self.state.config())
+        elif path == "/__proxy/wait_idle" and self.command == "GET":
+            query = urllib.parse.parse_qs(self.path.partition("?")[2])
+            try:
+                timeout_ms = int((query.get("timeout_ms") or ["10000"])[0])
+            except ValueError:
+                self._send_json(400, {"error": "timeout_ms must be an integer"})
+                return
+            idle, in_flight = self.state.wait_idle(max(0, timeout_ms) / 1000)
+            self._send_json(200, {"idle": idle, "in_flight": in_flight})
         elif path == "/__proxy/reset" and self.command == "POST":
             self.state.reset()
             self._send_json(200, {"ok": True})
@@ -368,6 +424,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         service, operation = identify(self.headers, body)
         op = f"{service}.{operation}"
+        self.state.begin()
+        try:
+            self._proxy(service, op, body)
+        finally:
+            self.state.end()
+
+    def _proxy(self, service: str, op: str, body: bytes) -> None:
         fault, latency_ms, slow_ms = self.state.on_request(op)
         if latency_ms:
             time.sleep(latency_ms / 1000)
@@ -381,6 +444,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault == "slow":
             time.sleep(slow_ms / 1000)
+        if fault == "sqs_partial":
+            self._partial_batch(op, body)
+            return
         try:
             status, headers, data = self._forward(body)
         except (OSError, http.client.HTTPException) as e:
@@ -392,6 +458,49 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._drop()
             return
         self._send(status, headers, data)
+
+    def _partial_batch(self, op: str, body: bytes) -> None:
+        """sqs_partial: forward the batch without one entry; report that entry as `Failed`."""
+        try:
+            request = json.loads(body)
+            entries = request["Entries"]
+            if not isinstance(entries, list) or not entries:
+                raise ValueError("no entries")
+        except (ValueError, KeyError, TypeError):
+            # Not a JSON-protocol batch (e.g. the query protocol): pass it through unchanged.
+            log(f"sqs_partial: {op} body is not a JSON batch; forwarded unchanged")
+            request = None
+        if request is None:
+            status, headers, data = self._forward(body)
+            self._send(status, headers, data)
+            return
+        withheld = entries.pop(self.state.pick(len(entries)))
+        failed = {
+            "Id": withheld.get("Id", ""),
+            "SenderFault": False,
+            "Code": "InternalError",
+            "Message": "Entry withheld by the fault proxy (injected).",
+        }
+        if entries:
+            try:
+                status, headers, data = self._forward(json.dumps(request).encode())
+            except (OSError, http.client.HTTPException) as e:
+                log(f"upstream error on {op}: {e!r}")
+                self.close_connection = True
+                self._send_json(502, {"__type": "ProxyUpstreamError", "message": str(e)})
+                return
+            if status != 200:
+                # The rest of the batch failed as a whole: that answer says enough.
+                self._send(status, headers, data)
+                return
+            answer = json.loads(data or b"{}")
+        else:
+            headers = [("Content-Type", "application/x-amz-json-1.0"), ("x-amzn-RequestId", str(uuid.uuid4()))]
+            answer = {"Successful": []}
+        answer.setdefault("Successful", [])
+        answer["Failed"] = list(answer.get("Failed") or []) + [failed]
+        log(f"sqs_partial: withheld entry {failed['Id']!r} of {op}")
+        self._send(200, headers, json.dumps(answer).encode())
 
     def do_GET(self):
         self._handle()
@@ -438,12 +547,13 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--rate", type=float, default=0.0, help="probability 0..1 of a fault per request")
-    p.add_argument("--faults", default=",".join(FAULT_KINDS), help="comma list of fault kinds")
+    p.add_argument("--faults", default=",".join(DEFAULT_FAULT_KINDS), help="comma list of fault kinds")
     p.add_argument("--slow-ms", type=int, default=2000)
     p.add_argument("--latency-ms", type=int, default=0, help="fixed delay added to every request")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--only", default="", help="comma list of Service.Operation eligible for faults")
     p.add_argument("--budget", type=int, default=-1, help="max faults to inject (-1 = unlimited)")
+    p.add_argument("--skip", type=int, default=0, help="let the first N eligible requests through")
     p.add_argument("--upstream-timeout", type=float, default=30.0, help="seconds")
     args = p.parse_args(argv)
 
