@@ -1,30 +1,64 @@
 //! Turning SDK errors into [`AwsError`]s, keeping the service's code and deciding its class.
 
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use crate::ports::{AwsError, ErrorClass};
 
 /// The class of an AWS error code (and HTTP status, when there is one). Pure; unit-tested.
+///
+/// The throttling codes include every code the SDK's own retry classifier treats as throttling
+/// (`aws_runtime::retries::classifiers::THROTTLING_ERRORS`), so that what the SDK retried is never
+/// taken for a final error once its retries are spent.
 pub fn classify_code(code: &str, status: Option<u16>) -> ErrorClass {
     match code {
-        "ThrottlingException" | "Throttling" | "ThrottlingError" | "RequestLimitExceeded" | "RequestThrottled"
-        | "RequestThrottledException" | "ProvisionedThroughputExceededException" | "TooManyRequestsException"
-        | "TransactionConflict" | "TransactionConflictException" | "TransactionInProgressException"
-        | "SlowDown" | "PriorRequestNotComplete" | "RequestLimitExceededException" => ErrorClass::Throttling,
-        "InternalServerError" | "InternalError" | "InternalFailure" | "ServiceUnavailable"
-        | "ServiceUnavailableException" | "Unavailable" | "RequestTimeout" | "RequestTimeoutException" => {
-            ErrorClass::Transient
-        }
+        "ThrottlingException"
+        | "Throttling"
+        | "ThrottlingError"
+        | "ThrottledException"
+        | "RequestLimitExceeded"
+        | "RequestThrottled"
+        | "RequestThrottledException"
+        | "ProvisionedThroughputExceededException"
+        | "TooManyRequestsException"
+        | "TransactionConflict"
+        | "TransactionConflictException"
+        | "TransactionInProgressException"
+        | "SlowDown"
+        | "PriorRequestNotComplete"
+        | "RequestLimitExceededException"
+        | "BandwidthLimitExceeded"
+        | "LimitExceededException"
+        | "EC2ThrottledException" => ErrorClass::Throttling,
+        "InternalServerError"
+        | "InternalError"
+        | "InternalFailure"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException"
+        | "Unavailable"
+        | "RequestTimeout"
+        | "RequestTimeoutException" => ErrorClass::Transient,
         "ConditionalCheckFailedException" | "ConditionalCheckFailed" => ErrorClass::ConditionFailed,
-        "ResourceNotFoundException" | "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist"
+        "ResourceNotFoundException"
+        | "AWS.SimpleQueueService.NonExistentQueue"
+        | "QueueDoesNotExist"
         | "InvalidInstanceID.NotFound" => ErrorClass::NotFound,
-        "ValidationException" | "InvalidParameterValue" | "InvalidParameterCombination" | "MissingParameter"
-        | "InvalidInstanceID.Malformed" | "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation"
-        | "InvalidClientTokenId" | "UnrecognizedClientException" | "InvalidAddress" | "InvalidParameter"
-        | "IdempotentParameterMismatch" | "IdempotentParameterMismatchException" | "SerializationException" => {
-            ErrorClass::Invalid
-        }
+        "ValidationException"
+        | "InvalidParameterValue"
+        | "InvalidParameterCombination"
+        | "MissingParameter"
+        | "InvalidInstanceID.Malformed"
+        | "AccessDenied"
+        | "AccessDeniedException"
+        | "UnauthorizedOperation"
+        | "InvalidClientTokenId"
+        | "UnrecognizedClientException"
+        | "InvalidAddress"
+        | "InvalidParameter"
+        | "IdempotentParameterMismatch"
+        | "IdempotentParameterMismatchException"
+        | "SerializationException" => ErrorClass::Invalid,
         _ => match status {
             Some(status) if status >= 500 => ErrorClass::Transient,
             Some(429) => ErrorClass::Throttling,
@@ -33,11 +67,28 @@ pub fn classify_code(code: &str, status: Option<u16>) -> ErrorClass {
     }
 }
 
-/// Converts an SDK error, keeping the code. Transport failures and timeouts are transient.
-pub(crate) fn from_sdk<E, R>(service: &'static str, operation: &'static str, error: SdkError<E, R>) -> AwsError
+/// An error and its sources on one line, `outer: inner: innermost`. Unlike the SDK's
+/// `DisplayErrorContext`, it appends no Debug dump of the nested structs.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Converts an SDK error, keeping the code. Transport failures and timeouts are transient; a
+/// service error whose code is unknown is classified by its HTTP status.
+pub(crate) fn from_sdk<E>(
+    service: &'static str,
+    operation: &'static str,
+    error: SdkError<E, HttpResponse>,
+) -> AwsError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let transport = |message: String| AwsError {
         service,
@@ -48,22 +99,43 @@ where
     };
     match &error {
         SdkError::TimeoutError(_) => transport("timed out".to_string()),
-        SdkError::DispatchFailure(failure) => transport(format!("could not send the request: {failure:?}")),
-        SdkError::ResponseError(_) => transport("could not read the response".to_string()),
+        // One readable line ("io error: connection closed before message completed"), not the
+        // SDK's Debug dump of nested structs.
+        SdkError::DispatchFailure(failure) => match failure.as_connector_error() {
+            Some(connector) => transport(format!(
+                "could not send the request: {}",
+                error_chain(connector)
+            )),
+            None => transport("could not send the request".to_string()),
+        },
+        SdkError::ResponseError(response) => transport(format!(
+            "could not read the response (HTTP {})",
+            response.raw().status().as_u16()
+        )),
         SdkError::ConstructionFailure(_) => AwsError {
             service,
             operation,
             code: None,
-            message: format!("could not build the request: {}", aws_smithy_types::error::display::DisplayErrorContext(&error)),
+            message: format!("could not build the request: {}", error_chain(&error)),
             class: ErrorClass::Invalid,
         },
         _ => {
             let code = error.code().map(str::to_string);
-            let message = error.message().map(str::to_string).unwrap_or_else(|| {
-                aws_smithy_types::error::display::DisplayErrorContext(&error).to_string()
-            });
-            let class = classify_code(code.as_deref().unwrap_or(""), None);
-            AwsError { service, operation, code, message, class }
+            let message = error
+                .message()
+                .map(str::to_string)
+                .unwrap_or_else(|| error_chain(&error));
+            let status = error
+                .raw_response()
+                .map(|response| response.status().as_u16());
+            let class = classify_code(code.as_deref().unwrap_or(""), status);
+            AwsError {
+                service,
+                operation,
+                code,
+                message,
+                class,
+            }
         }
     }
 }
@@ -74,17 +146,135 @@ mod tests {
 
     #[test]
     fn codes_decide_the_class() {
-        assert_eq!(classify_code("RequestLimitExceeded", Some(503)), ErrorClass::Throttling);
-        assert_eq!(classify_code("ThrottlingException", Some(400)), ErrorClass::Throttling);
-        assert_eq!(classify_code("ProvisionedThroughputExceededException", None), ErrorClass::Throttling);
-        assert_eq!(classify_code("TransactionConflict", None), ErrorClass::Throttling);
-        assert_eq!(classify_code("InternalServerError", Some(500)), ErrorClass::Transient);
-        assert_eq!(classify_code("ConditionalCheckFailedException", Some(400)), ErrorClass::ConditionFailed);
-        assert_eq!(classify_code("ValidationException", Some(400)), ErrorClass::Invalid);
-        assert_eq!(classify_code("InvalidInstanceID.NotFound", Some(400)), ErrorClass::NotFound);
-        assert_eq!(classify_code("AWS.SimpleQueueService.NonExistentQueue", Some(400)), ErrorClass::NotFound);
-        assert_eq!(classify_code("SomethingNew", Some(502)), ErrorClass::Transient);
+        assert_eq!(
+            classify_code("RequestLimitExceeded", Some(503)),
+            ErrorClass::Throttling
+        );
+        assert_eq!(
+            classify_code("ThrottlingException", Some(400)),
+            ErrorClass::Throttling
+        );
+        assert_eq!(
+            classify_code("ProvisionedThroughputExceededException", None),
+            ErrorClass::Throttling
+        );
+        assert_eq!(
+            classify_code("TransactionConflict", None),
+            ErrorClass::Throttling
+        );
+        assert_eq!(
+            classify_code("InternalServerError", Some(500)),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            classify_code("ConditionalCheckFailedException", Some(400)),
+            ErrorClass::ConditionFailed
+        );
+        assert_eq!(
+            classify_code("ValidationException", Some(400)),
+            ErrorClass::Invalid
+        );
+        assert_eq!(
+            classify_code("InvalidInstanceID.NotFound", Some(400)),
+            ErrorClass::NotFound
+        );
+        assert_eq!(
+            classify_code("AWS.SimpleQueueService.NonExistentQueue", Some(400)),
+            ErrorClass::NotFound
+        );
+        assert_eq!(
+            classify_code("SomethingNew", Some(502)),
+            ErrorClass::Transient
+        );
         assert_eq!(classify_code("SomethingNew", Some(400)), ErrorClass::Other);
-        assert!(ErrorClass::Throttling.is_retryable() && !ErrorClass::ConditionFailed.is_retryable());
+        assert_eq!(classify_code("", Some(503)), ErrorClass::Transient);
+        assert_eq!(classify_code("", Some(429)), ErrorClass::Throttling);
+        assert_eq!(
+            classify_code("RequestThrottled", Some(400)),
+            ErrorClass::Throttling
+        );
+        assert_eq!(
+            classify_code("InternalError", Some(500)),
+            ErrorClass::Transient
+        );
+        assert!(
+            ErrorClass::Throttling.is_retryable() && !ErrorClass::ConditionFailed.is_retryable()
+        );
+    }
+
+    fn response(status: u16) -> HttpResponse {
+        HttpResponse::new(
+            status.try_into().expect("status"),
+            aws_smithy_types::body::SdkBody::empty(),
+        )
+    }
+
+    #[test]
+    fn an_unknown_code_is_classified_by_its_http_status() {
+        use aws_sdk_dynamodb::operation::get_item::GetItemError;
+        let unknown = || {
+            GetItemError::generic(
+                aws_smithy_types::error::ErrorMetadata::builder()
+                    .code("SomethingNew")
+                    .build(),
+            )
+        };
+        let error = from_sdk(
+            "DynamoDB",
+            "GetItem",
+            SdkError::service_error(unknown(), response(503)),
+        );
+        assert_eq!(
+            (error.code.as_deref(), error.class),
+            (Some("SomethingNew"), ErrorClass::Transient)
+        );
+        let error = from_sdk(
+            "DynamoDB",
+            "GetItem",
+            SdkError::service_error(unknown(), response(400)),
+        );
+        assert_eq!(error.class, ErrorClass::Other);
+    }
+
+    #[test]
+    fn transport_failures_are_one_readable_line() {
+        use aws_sdk_dynamodb::operation::get_item::GetItemError;
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        let failure = ConnectorError::io("connection closed before message completed".into());
+        let error =
+            from_sdk::<GetItemError>("DynamoDB", "GetItem", SdkError::dispatch_failure(failure));
+        assert_eq!(error.class, ErrorClass::Transient);
+        assert_eq!(
+            error.message,
+            "could not send the request: io error: connection closed before message completed"
+        );
+    }
+
+    #[test]
+    fn every_code_the_sdk_retries_as_throttling_is_throttling() {
+        // aws-runtime 1.x `retries::classifiers::THROTTLING_ERRORS`.
+        let sdk_throttling = [
+            "Throttling",
+            "ThrottlingException",
+            "ThrottledException",
+            "RequestThrottledException",
+            "TooManyRequestsException",
+            "ProvisionedThroughputExceededException",
+            "TransactionInProgressException",
+            "RequestLimitExceeded",
+            "BandwidthLimitExceeded",
+            "LimitExceededException",
+            "RequestThrottled",
+            "SlowDown",
+            "PriorRequestNotComplete",
+            "EC2ThrottledException",
+        ];
+        for code in sdk_throttling {
+            assert_eq!(
+                classify_code(code, Some(400)),
+                ErrorClass::Throttling,
+                "{code}"
+            );
+        }
     }
 }

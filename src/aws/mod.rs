@@ -59,16 +59,33 @@ pub struct AwsPorts {
 
 impl AwsPorts {
     /// Builds the clients from an SDK configuration (which carries retries and timeouts).
+    ///
+    /// Each client gets a retry partition of its own. The SDK's default partition is one token
+    /// bucket (retry quota) per service and region for the whole process: an engine whose calls
+    /// keep failing would use up the retries of every other engine and client in the process, so
+    /// their next throttle would come back unretried. An engine's retries are bounded by its own
+    /// quota instead.
     pub fn new(sdk_config: &SdkConfig, table: impl Into<String>, limits: Limits) -> AwsPorts {
+        use aws_sdk_dynamodb::config::retry::{RetryPartition, TokenBucket};
+        let partition = |service: &'static str| RetryPartition::custom(service).token_bucket(TokenBucket::default()).build();
         let counter = RequestCounter::default();
         let dynamodb = aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(sdk_config).interceptor(counter.clone()).build(),
+            aws_sdk_dynamodb::config::Builder::from(sdk_config)
+                .interceptor(counter.clone())
+                .retry_partition(partition("post-provision-dynamodb"))
+                .build(),
         );
         let sqs = aws_sdk_sqs::Client::from_conf(
-            aws_sdk_sqs::config::Builder::from(sdk_config).interceptor(counter.clone()).build(),
+            aws_sdk_sqs::config::Builder::from(sdk_config)
+                .interceptor(counter.clone())
+                .retry_partition(partition("post-provision-sqs"))
+                .build(),
         );
         let ec2 = aws_sdk_ec2::Client::from_conf(
-            aws_sdk_ec2::config::Builder::from(sdk_config).interceptor(counter.clone()).build(),
+            aws_sdk_ec2::config::Builder::from(sdk_config)
+                .interceptor(counter.clone())
+                .retry_partition(partition("post-provision-ec2"))
+                .build(),
         );
         AwsPorts { dynamodb, sqs, ec2, table: table.into(), limits, counter }
     }
