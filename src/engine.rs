@@ -29,6 +29,7 @@ pub struct EngineBuilder {
     connection: Connection,
     limits: Limits,
     sdk_config: Option<SdkConfig>,
+    clients: Option<(aws_sdk_dynamodb::Client, aws_sdk_sqs::Client, aws_sdk_ec2::Client)>,
     clock: Option<Arc<dyn Clock>>,
     hooks: Hooks,
 }
@@ -53,10 +54,16 @@ impl EngineBuilder {
     }
 
     /// Use this SDK configuration instead of loading one (region and endpoint are then ignored;
-    /// the limits' retry and timeout settings still apply to the clients built from it only if
-    /// the configuration carries none of its own).
+    /// the limits' retries and timeouts override the configuration's own).
     pub fn sdk_config(mut self, config: SdkConfig) -> Self {
         self.sdk_config = Some(config);
+        self
+    }
+
+    /// Use these clients (their credentials, endpoints and HTTP settings) instead of building
+    /// them; the limits' retries and timeouts override theirs, and requests are counted.
+    pub fn clients(mut self, dynamodb: aws_sdk_dynamodb::Client, sqs: aws_sdk_sqs::Client, ec2: aws_sdk_ec2::Client) -> Self {
+        self.clients = Some((dynamodb, sqs, ec2));
         self
     }
 
@@ -82,11 +89,15 @@ impl EngineBuilder {
     pub async fn build(self) -> Result<Engine, BuildError> {
         let table = self.table.filter(|t| !t.is_empty()).ok_or(BuildError::MissingTable)?;
         self.limits.validate().map_err(BuildError::InvalidLimits)?;
-        let sdk_config = match self.sdk_config {
-            Some(config) => config,
-            None => aws::load_sdk_config(&self.connection, &self.limits).await,
+        let ports = match (self.clients, self.sdk_config) {
+            (Some((dynamodb, sqs, ec2)), _) => AwsPorts::from_clients(&dynamodb, &sqs, &ec2, table, self.limits.clone()),
+            (None, Some(config)) => AwsPorts::new(&config, table, self.limits.clone()),
+            (None, None) => {
+                let config = aws::load_sdk_config(&self.connection, &self.limits).await;
+                AwsPorts::new(&config, table, self.limits.clone())
+            }
         };
-        let ports = Arc::new(AwsPorts::new(&sdk_config, table, self.limits.clone()));
+        let ports = Arc::new(ports);
         Ok(Engine {
             ports,
             limits: self.limits,

@@ -25,18 +25,27 @@ pub struct Connection {
     pub endpoint_url: Option<String>,
 }
 
-/// Loads the SDK configuration with the crate's retry and timeout limits applied.
-pub async fn load_sdk_config(connection: &Connection, limits: &Limits) -> SdkConfig {
-    let retry = RetryConfig::standard()
+/// The SDK retry configuration of the limits: standard mode, exponential backoff with jitter.
+fn retry_config(limits: &Limits) -> RetryConfig {
+    RetryConfig::standard()
         .with_max_attempts(limits.max_attempts)
         .with_initial_backoff(limits.initial_backoff)
-        .with_max_backoff(limits.max_backoff);
-    let timeouts = TimeoutConfig::builder()
+        .with_max_backoff(limits.max_backoff)
+}
+
+/// The SDK timeouts of the limits (the SDK sets none by default).
+fn timeout_config(limits: &Limits) -> TimeoutConfig {
+    TimeoutConfig::builder()
         .operation_timeout(limits.operation_timeout)
         .operation_attempt_timeout(limits.attempt_timeout)
         .connect_timeout(limits.connect_timeout)
-        .build();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(retry).timeout_config(timeouts);
+        .build()
+}
+
+/// Loads the SDK configuration with the crate's retry and timeout limits applied.
+pub async fn load_sdk_config(connection: &Connection, limits: &Limits) -> SdkConfig {
+    let mut loader =
+        aws_config::defaults(BehaviorVersion::latest()).retry_config(retry_config(limits)).timeout_config(timeout_config(limits));
     if let Some(region) = &connection.region {
         loader = loader.region(Region::new(region.clone()));
     }
@@ -57,37 +66,61 @@ pub struct AwsPorts {
     counter: RequestCounter,
 }
 
+/// Finishes one service's client configuration the same way for every client: the request
+/// counter, a retry partition of its own, and the limits' retries and timeouts (which override
+/// whatever the given configuration carried).
+///
+/// Each client gets a retry partition of its own. The SDK's default partition is one token
+/// bucket (retry quota) per service and region for the whole process: an engine whose calls
+/// keep failing would use up the retries of every other engine and client in the process, so
+/// their next throttle would come back unretried. An engine's retries are bounded by its own
+/// quota instead.
+macro_rules! finish_client {
+    ($sdk:ident, $builder:expr, $partition:literal, $counter:expr, $limits:expr) => {{
+        use $sdk::config::retry::{RetryPartition, TokenBucket};
+        $sdk::Client::from_conf(
+            $builder
+                .interceptor($counter.clone())
+                .retry_partition(RetryPartition::custom($partition).token_bucket(TokenBucket::default()).build())
+                .retry_config(retry_config($limits))
+                .timeout_config(timeout_config($limits))
+                .build(),
+        )
+    }};
+}
+
 impl AwsPorts {
-    /// Builds the clients from an SDK configuration (which carries retries and timeouts).
-    ///
-    /// Each client gets a retry partition of its own. The SDK's default partition is one token
-    /// bucket (retry quota) per service and region for the whole process: an engine whose calls
-    /// keep failing would use up the retries of every other engine and client in the process, so
-    /// their next throttle would come back unretried. An engine's retries are bounded by its own
-    /// quota instead.
+    /// Builds the clients from an SDK configuration; the limits' retries and timeouts apply.
     pub fn new(sdk_config: &SdkConfig, table: impl Into<String>, limits: Limits) -> AwsPorts {
-        use aws_sdk_dynamodb::config::retry::{RetryPartition, TokenBucket};
-        let partition = |service: &'static str| RetryPartition::custom(service).token_bucket(TokenBucket::default()).build();
         let counter = RequestCounter::default();
-        let dynamodb = aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(sdk_config)
-                .interceptor(counter.clone())
-                .retry_partition(partition("post-provision-dynamodb"))
-                .build(),
-        );
-        let sqs = aws_sdk_sqs::Client::from_conf(
-            aws_sdk_sqs::config::Builder::from(sdk_config)
-                .interceptor(counter.clone())
-                .retry_partition(partition("post-provision-sqs"))
-                .build(),
-        );
-        let ec2 = aws_sdk_ec2::Client::from_conf(
-            aws_sdk_ec2::config::Builder::from(sdk_config)
-                .interceptor(counter.clone())
-                .retry_partition(partition("post-provision-ec2"))
-                .build(),
-        );
-        AwsPorts { dynamodb, sqs, ec2, table: table.into(), limits, counter }
+        AwsPorts {
+            dynamodb: finish_client!(aws_sdk_dynamodb, aws_sdk_dynamodb::config::Builder::from(sdk_config), "post-provision-dynamodb", counter, &limits),
+            sqs: finish_client!(aws_sdk_sqs, aws_sdk_sqs::config::Builder::from(sdk_config), "post-provision-sqs", counter, &limits),
+            ec2: finish_client!(aws_sdk_ec2, aws_sdk_ec2::config::Builder::from(sdk_config), "post-provision-ec2", counter, &limits),
+            table: table.into(),
+            limits,
+            counter,
+        }
+    }
+
+    /// Uses clients the caller built (its credentials, endpoints, HTTP client, interceptors), with
+    /// the request counter, retry partitions and the limits' retries and timeouts added.
+    pub fn from_clients(
+        dynamodb: &aws_sdk_dynamodb::Client,
+        sqs: &aws_sdk_sqs::Client,
+        ec2: &aws_sdk_ec2::Client,
+        table: impl Into<String>,
+        limits: Limits,
+    ) -> AwsPorts {
+        let counter = RequestCounter::default();
+        AwsPorts {
+            dynamodb: finish_client!(aws_sdk_dynamodb, dynamodb.config().to_builder(), "post-provision-dynamodb", counter, &limits),
+            sqs: finish_client!(aws_sdk_sqs, sqs.config().to_builder(), "post-provision-sqs", counter, &limits),
+            ec2: finish_client!(aws_sdk_ec2, ec2.config().to_builder(), "post-provision-ec2", counter, &limits),
+            table: table.into(),
+            limits,
+            counter,
+        }
     }
 
     /// The HTTP requests these clients sent, by operation (retries included).

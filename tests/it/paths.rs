@@ -169,3 +169,20 @@ async fn a_shortfall_with_a_class_that_has_no_queue_is_refused_before_any_write(
     let picture = world.picture(world.start, false).await;
     assert!(picture.starts_with("sel0: record claimed runId=\"RUN\" threshold=seeded; ec2 running"), "{picture}");
 }
+
+#[tokio::test]
+async fn an_engine_built_from_the_callers_own_clients_drives_a_run() {
+    let mut world = World::new("clients").await;
+    world.seed(&[Seed::claimed("small")], &[]).await;
+    let engine = post_provision::Engine::builder()
+        .table(&world.table)
+        .clients(world.clients.dynamodb.clone(), world.clients.sqs.clone(), world.clients.ec2.clone())
+        .clock(TestClock::at(world.start))
+        .build()
+        .await
+        .expect("engine");
+    let outcome = engine.start(world.spec("success", 0)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::Committed);
+    // Requests through the caller's clients are counted too: one create, one transaction, one write.
+    assert_eq!(engine.requests().total(), 3, "{:?}", engine.requests().snapshot());
+}
