@@ -290,6 +290,8 @@ pub fn classify_drive_error(error: &DriveError) -> (i32, &'static str) {
 
 struct Printer {
     format: OutputFormat,
+    /// The pool's table, named in errors about it.
+    table: Option<String>,
 }
 
 impl Printer {
@@ -338,6 +340,11 @@ impl Printer {
             _ => None,
         };
         let mut message = error.to_string();
+        if kind == "missing-table" {
+            // DynamoDB's "Requested resource not found" names no resource: say which, and the fix.
+            let table = self.table.as_deref().unwrap_or("(none given)");
+            message.push_str(&format!(" — table {table} does not exist here; create it with `post-provision --table {table} init`"));
+        }
         if code == EXIT_RESUMABLE {
             message.push_str(" — the state is persisted; run `post-provision resume RUN_ID` to finish it");
         }
@@ -433,7 +440,7 @@ pub async fn run(args: Vec<String>) -> i32 {
         }
     };
     init_logging(cli.log_format);
-    let printer = Printer { format: cli.output };
+    let printer = Printer { format: cli.output, table: cli.table.clone() };
     if let Command::Table { format } = cli.command {
         let text = match format {
             TableFormat::Markdown => machine::render_markdown(),

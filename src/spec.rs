@@ -164,7 +164,14 @@ impl Spec {
         let spec: Spec = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
             let path = error.path().to_string();
             let inner = error.into_inner();
-            let field = if path == "." || path.is_empty() { "$".to_string() } else { path };
+            let object = if path == "." || path.is_empty() { None } else { Some(path) };
+            // serde reports a missing field at the object that lacks it: name the field itself.
+            let field = match (object, missing_field(&inner)) {
+                (Some(object), Some(name)) => format!("{object}.{name}"),
+                (None, Some(name)) => name,
+                (Some(object), None) => object,
+                (None, None) => "$".to_string(),
+            };
             SpecError::new(field, describe_json_error(&inner))
         })?;
         deserializer
@@ -296,6 +303,14 @@ pub fn validate_instance_id(id: &str) -> Result<(), String> {
     }
 }
 
+/// The field serde's "missing field `name`" error is about. serde has no structured form of this
+/// error, so its (stable) message is read.
+fn missing_field(error: &serde_json::Error) -> Option<String> {
+    let text = error.to_string();
+    let rest = text.strip_prefix("missing field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
 fn describe_json_error(error: &serde_json::Error) -> String {
     // serde's own text already says what was expected ("invalid type: string, expected i64");
     // the position helps with malformed JSON, whose path is not meaningful.
@@ -353,7 +368,8 @@ pub(crate) mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str, &str)> = vec![
-            (Box::new(|v| { v.as_object_mut().unwrap().remove("runId"); }), "$", "missing field `runId`"),
+            (Box::new(|v| { v.as_object_mut().unwrap().remove("runId"); }), "runId", "missing field `runId`"),
+            (Box::new(|v| { v["creation"]["instances"][0].as_object_mut().unwrap().remove("threshold"); }), "creation.instances[0].threshold", "missing field `threshold`"),
             (Box::new(|v| v["runId"] = "".into()), "runId", "non-empty"),
             (Box::new(|v| v["maxRuntimeMin"] = (-5).into()), "maxRuntimeMin", "from 1 to"),
             (Box::new(|v| v["idleTimeSec"] = "300".into()), "idleTimeSec", "invalid type"),
