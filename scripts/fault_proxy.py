@@ -91,6 +91,12 @@ class State:
         if self.upstream.scheme != "http" or not self.upstream.hostname:
             raise SystemExit(f"--upstream must be http://host:port, got {args.upstream!r}")
         self.upstream_timeout = args.upstream_timeout
+        # moto applies a transaction by copying the table and restoring the copy when a condition
+        # fails, without isolation between threads: two overlapping transactions (a timed-out
+        # attempt landing late beside its retry) can undo each other. AWS isolates transactions;
+        # with --serialize-upstream the proxy forwards one request at a time, so tests exercising
+        # timeouts see AWS's semantics rather than that emulator artifact.
+        self.upstream_lock = threading.Lock() if args.serialize_upstream else None
         self.rate = 0.0
         self.faults: list[str] = list(DEFAULT_FAULT_KINDS)
         self.idle = threading.Condition(self.lock)
@@ -370,9 +376,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 headers[name] = value
             headers["Host"] = up.netloc
             headers["Content-Length"] = str(len(body))
-            conn.request(self.command, self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            lock = self.state.upstream_lock
+            if lock is not None:
+                lock.acquire()
+            try:
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                if lock is not None:
+                    lock.release()
             self.state.on_forwarded()
             return resp.status, resp.getheaders(), data
         finally:
@@ -555,6 +568,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=-1, help="max faults to inject (-1 = unlimited)")
     p.add_argument("--skip", type=int, default=0, help="let the first N eligible requests through")
     p.add_argument("--upstream-timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--serialize-upstream", action="store_true",
+                   help="forward one request at a time (moto's transactions are not isolated between threads)")
     args = p.parse_args(argv)
 
     try:

@@ -82,6 +82,10 @@ pub struct Cli {
     /// Wait before such an attempt, in milliseconds.
     #[arg(long, env = "POST_PROVISION_NOT_FOUND_DELAY_MS", default_value_t = Limits::default().not_found_delay.as_millis() as u64, global = true)]
     not_found_delay_ms: u64,
+    /// When AWS still fails after a step's retries: `clean-up` (the design: emergency cleanup)
+    /// or `stall` (stop resumable, exit 3, and keep the fleet).
+    #[arg(long, env = "POST_PROVISION_ON_RETRIES_EXHAUSTED", value_enum, default_value_t = RetriesExhausted::CleanUp, global = true)]
+    on_retries_exhausted: RetriesExhausted,
     /// Batches of one stage in flight at once.
     #[arg(long, env = "POST_PROVISION_CONCURRENCY", default_value_t = Limits::default().concurrency, global = true)]
     concurrency: usize,
@@ -93,6 +97,12 @@ pub struct Cli {
     retention_days: i64,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RetriesExhausted {
+    CleanUp,
+    Stall,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -462,6 +472,10 @@ pub async fn run(args: Vec<String>) -> i32 {
         retention_days: cli.retention_days,
         not_found_retries: cli.not_found_retries,
         not_found_delay: Duration::from_millis(cli.not_found_delay_ms),
+        on_retries_exhausted: match cli.on_retries_exhausted {
+            RetriesExhausted::CleanUp => crate::config::OnRetriesExhausted::CleanUp,
+            RetriesExhausted::Stall => crate::config::OnRetriesExhausted::Stall,
+        },
     };
     // The spec is read and validated before any AWS client exists: bad input writes nothing.
     let spec = match &cli.command {

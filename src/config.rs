@@ -3,6 +3,19 @@
 
 use std::time::Duration;
 
+/// What a step does when AWS still fails with a retryable error (throttling, 5xx, timeouts,
+/// dropped connections) after its retry budget is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRetriesExhausted {
+    /// As the design says: the step's error is unexpected, and the run goes to emergency cleanup
+    /// (terminating its instances). Cleanup itself never escalates: it stays resumable.
+    #[default]
+    CleanUp,
+    /// Stop where the run is, state persisted, for a later `resume` (CLI exit 3): a healthy
+    /// fleet is not terminated for an AWS outage, at the price of claims held until resumed.
+    Stall,
+}
+
 /// Limits on retries, time, concurrency and retention.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -32,6 +45,8 @@ pub struct Limits {
     pub not_found_retries: u32,
     /// Wait before such an extra attempt.
     pub not_found_delay: Duration,
+    /// What a step does once its retries are spent.
+    pub on_retries_exhausted: OnRetriesExhausted,
 }
 
 impl Default for Limits {
@@ -49,6 +64,7 @@ impl Default for Limits {
             retention_days: 30,
             not_found_retries: 2,
             not_found_delay: Duration::from_millis(1_000),
+            on_retries_exhausted: OnRetriesExhausted::CleanUp,
         }
     }
 }

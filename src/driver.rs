@@ -19,7 +19,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::config::Limits;
+use crate::config::{Limits, OnRetriesExhausted};
 use crate::core::{
     self, classify_transition, cleanup_terminates, rollback_disposition, Finding, InstanceDeletion, InstanceState,
     InstanceTransition, PoolMessage, RollbackDisposition, WriteResult,
@@ -340,7 +340,10 @@ impl<P: Ports> Driver<P> {
                 }
                 // Nothing is written yet: a missing table, or AWS unavailable for now, is reported
                 // as such, and the same `run` can simply be repeated.
-                Err(ResolveError::Aws(aws)) if aws.class == ErrorClass::NotFound || aws.class.is_retryable() => {
+                Err(ResolveError::Aws(aws))
+                    if aws.class == ErrorClass::NotFound
+                        || (aws.class.is_retryable() && self.limits.on_retries_exhausted == OnRetriesExhausted::Stall) =>
+                {
                     return Err(DriveError::NotStarted(aws));
                 }
                 Err(ResolveError::Aws(aws)) => {
@@ -554,9 +557,20 @@ impl<P: Ports> Driver<P> {
                     let error = RunError { kind: "unexpected".into(), message: message.clone() };
                     self.enter(&mut record, &spec, Input::UnexpectedError, message, Some(error)).await?;
                 }
-                Err(StepError::Unavailable(error)) => {
+                Err(StepError::Unavailable(error))
+                    if state == State::EmergencyCleanup || self.limits.on_retries_exhausted == OnRetriesExhausted::Stall =>
+                {
                     warn!(error = %error, "AWS is unavailable; the run stays resumable in its state");
                     return Err(DriveError::Stalled { run_id: record.run_id.clone(), state, error: error.to_string() });
+                }
+                Err(StepError::Unavailable(error)) => {
+                    // The step's retry budget is spent: as the design says, its error is
+                    // unexpected. If AWS is down altogether, this write fails too and the run
+                    // stays resumable in its current state.
+                    let message = format!("{error} (retries exhausted)");
+                    warn!(error = %message, "AWS still failing after retries; entering emergency cleanup");
+                    let error = RunError { kind: "unexpected".into(), message: message.clone() };
+                    self.enter(&mut record, &spec, Input::UnexpectedError, message, Some(error)).await?;
                 }
                 Err(StepError::Stop(error)) => return Err(error),
             }

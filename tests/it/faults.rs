@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use post_provision::cli::{classify_drive_error, EXIT_RESUMABLE};
-use post_provision::config::Limits;
+use post_provision::config::{Limits, OnRetriesExhausted};
 use post_provision::driver::{DriveError, Hooks, TraceEvent};
 use post_provision::machine::State;
 use post_provision::ports::{
@@ -286,7 +286,9 @@ async fn assert_converges(
     attempt_timeout: Option<Duration>,
 ) {
     let seed_text = seed.to_string();
-    let proxy = FaultProxy::start(&["--rate", rate, "--seed", &seed_text, "--slow-ms", "300"]);
+    // Serialized forwarding: a timed-out attempt that lands late must not overlap its retry
+    // inside moto, whose transactions are not isolated (AWS's are).
+    let proxy = FaultProxy::start(&["--rate", rate, "--seed", &seed_text, "--slow-ms", "300", "--serialize-upstream"]);
     let limits = Limits {
         attempt_timeout: attempt_timeout.unwrap_or(fault_limits().attempt_timeout),
         ..fault_limits()
@@ -372,7 +374,10 @@ async fn assert_full_outage_leaves_the_run_resumable(
     outage_after_writes: u64,
     stalled_in: State,
 ) {
-    let proxy = FaultProxy::start(&["--rate", "0", "--seed", "7"]);
+    // AWS unreachable: every request fails without reaching it (no `drop_after`, whose request
+    // lands). With the default policy the step's error then sends the run towards emergency
+    // cleanup, and that write fails too: the run stays where it was.
+    let proxy = FaultProxy::start(&["--rate", "0", "--seed", "7", "--faults", "throttle,error500,drop_before"]);
     let (world, spec) = scenario.world("outage").await;
     let clock = TestClock::at(world.start);
     let paused = Arc::new(tokio::sync::Notify::new());
@@ -465,16 +470,16 @@ async fn a_full_outage_during_emergency_cleanup_leaves_the_run_resumable() {
     .await;
 }
 
-/// One operation fails on every attempt of one call, then AWS recovers: the retry budget is spent,
-/// but nothing is wrong with the run. It must stop resumable, not fall into emergency cleanup
-/// (which would terminate a healthy fleet), and a resume finishes it as a clean run ends.
+/// With `--on-retries-exhausted stall`: one operation fails on every attempt of one call, then
+/// AWS recovers. The retry budget is spent, but the operator chose not to terminate a healthy
+/// fleet for an outage: the run stops resumable, and a resume finishes it as a clean run ends.
 async fn assert_outage_of_one_call_stalls(
     scenario: Scenario,
     operation: &str,
     skip: u32,
     faults: &str,
 ) {
-    let limits = fault_limits();
+    let limits = Limits { on_retries_exhausted: OnRetriesExhausted::Stall, ..fault_limits() };
     let budget = limits.max_attempts.to_string();
     let skip = skip.to_string();
     let proxy = FaultProxy::start(&[
@@ -552,8 +557,8 @@ async fn pool_messages_throttled_beyond_their_retries_stall_the_rollback() {
 }
 
 #[tokio::test]
-async fn an_unreadable_pool_configuration_writes_nothing_instead_of_cleaning_up() {
-    let limits = fault_limits();
+async fn an_unreadable_pool_configuration_writes_nothing_when_told_to_stall() {
+    let limits = Limits { on_retries_exhausted: OnRetriesExhausted::Stall, ..fault_limits() };
     let budget = limits.max_attempts.to_string();
     // The only GetItem of a new run reads the pool's configuration, which a shortfall needs: it
     // fails on every attempt.
@@ -653,7 +658,7 @@ async fn batch_entries_failing_every_round_stall_the_rollback_and_a_resume_sends
     let proxy = FaultProxy::start(&["--rate", "1", "--faults", "sqs_partial", "--seed", "6"]);
     let (world, spec) = Scenario::Rollback.world("partial").await;
     let clock = TestClock::at(world.start);
-    let limits = fault_limits();
+    let limits = Limits { on_retries_exhausted: OnRetriesExhausted::Stall, ..fault_limits() };
     let engine = world
         .engine_with(
             clock.clone(),
@@ -902,4 +907,39 @@ async fn one_engines_spent_retry_quota_leaves_another_engines_retries_alone() {
         count(&blip.stats().await, "requests", "DynamoDB.GetItem"),
         2
     );
+}
+
+
+/// The default, as the design says: a step whose retries are spent has an unexpected error, and
+/// the run goes to emergency cleanup (the original error is kept and reported).
+#[tokio::test]
+async fn by_default_a_commit_failing_beyond_its_retries_goes_to_emergency_cleanup() {
+    let limits = fault_limits();
+    let budget = limits.max_attempts.to_string();
+    // The first transaction creates the run record; the second, the commit, fails every attempt.
+    let proxy = FaultProxy::start(&[
+        "--rate", "1", "--only", "DynamoDB.TransactWriteItems", "--faults", "throttle", "--budget", &budget, "--skip", "1",
+    ]);
+    let (world, spec) = Scenario::Commit.world("exhausted").await;
+    let engine = world.engine_with(TestClock::at(world.start), Hooks::default(), limits, Some(proxy.url())).await;
+    let outcome = engine.start(spec).await.expect("the run finishes");
+    assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
+    let error = outcome.record.error.expect("error");
+    assert!(error.message.contains("ThrottlingException") && error.message.contains("retries exhausted"), "{}", error.message);
+    let picture = world.picture(world.start, true).await;
+    assert!(picture.lines().filter(|l| l.starts_with("sel") || l.starts_with("cre")).all(|l| l.contains("no record; ec2 terminated")), "{picture}");
+}
+
+#[tokio::test]
+async fn by_default_an_unreadable_pool_configuration_is_an_unexpected_error_in_reconciling() {
+    let limits = fault_limits();
+    let budget = limits.max_attempts.to_string();
+    let proxy = FaultProxy::start(&["--rate", "1", "--only", "DynamoDB.GetItem", "--faults", "error500", "--budget", &budget]);
+    let (world, spec) = Scenario::Rollback.world("noconfig-default").await;
+    let engine = world.engine_with(TestClock::at(world.start), Hooks::default(), limits, Some(proxy.url())).await;
+    let outcome = engine.start(spec).await.expect("the run finishes");
+    assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
+    let path: Vec<State> = outcome.record.history.iter().map(|h| h.state).collect();
+    assert_eq!(path, vec![State::Reconciling, State::EmergencyCleanup, State::Failed]);
+    assert!(outcome.record.error.expect("error").message.contains("could not read the pool configuration"));
 }
