@@ -678,122 +678,107 @@ impl<P: Ports> Driver<P> {
         Ok(urls)
     }
 
-    /// Applies transitions in atomic batches, concurrently, re-sending cancelled items.
+    /// Applies transitions in atomic batches, concurrently, re-sending cancelled items, and reads
+    /// what each found.
     async fn run_transitions(
         &self,
         transitions: Vec<InstanceTransition>,
     ) -> Result<Vec<(InstanceTransition, Finding)>, StepError> {
         let now = self.clock.now();
-        let batches: Vec<Vec<InstanceTransition>> =
-            transitions.chunks(core::MAX_TRANSACTION_ITEMS).map(<[_]>::to_vec).collect();
-        let total = batches.len();
-        let done = AtomicU64::new(0);
-        let results: Vec<Vec<(InstanceTransition, Finding)>> = stream::iter(batches)
-            .map(|batch| async {
-                let result = self.transition_batch(batch, now).await;
-                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
-                info!(batches_done = finished, batches = total, "transition batch finished");
-                result
-            })
-            .buffer_unordered(self.limits.concurrency)
-            .try_collect()
+        let results = self
+            .run_batched(
+                transitions,
+                "transition",
+                |t| &t.instance_id,
+                |batch| TraceEvent::TransitionInstances {
+                    to: batch[0].new_state,
+                    ids: batch.iter().map(|t| t.instance_id.clone()).collect(),
+                },
+                move |batch| async move { self.write(self.ports.transition(&batch, now)).await },
+            )
             .await?;
-        Ok(results.into_iter().flatten().collect())
-    }
-
-    async fn transition_batch(
-        &self,
-        batch: Vec<InstanceTransition>,
-        now: Timestamp,
-    ) -> Result<Vec<(InstanceTransition, Finding)>, StepError> {
-        let mut pending = batch;
-        let mut findings = Vec::with_capacity(pending.len());
-        for round in 0..self.limits.batch_rounds {
-            if pending.is_empty() {
-                break;
-            }
-            if round > 0 {
-                tokio::time::sleep(backoff(&self.limits, round)).await;
-            }
-            let to = pending[0].new_state;
-            self.record_event(TraceEvent::TransitionInstances { to, ids: pending.iter().map(|t| t.instance_id.clone()).collect() });
-            let results = self
-                .write(self.ports.transition(&pending, now))
-                .await?
-                .map_err(aws_step_error)?;
-            info!(to = to.as_str(), ids = ?pending.iter().map(|t| &t.instance_id).collect::<Vec<_>>(), "transitioned instance records");
-            let mut retry = Vec::new();
-            for (transition, result) in pending.into_iter().zip(results) {
-                match classify_transition(&transition, &result) {
-                    Some(finding) => findings.push((transition, finding)),
-                    None => retry.push(transition),
-                }
-            }
-            pending = retry;
-        }
-        if !pending.is_empty() {
-            return Err(StepError::Unexpected(format!(
-                "{} instance transitions still conflicting after {} rounds: {}",
-                pending.len(),
-                self.limits.batch_rounds,
-                pending.iter().map(|t| t.instance_id.as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        Ok(findings)
+        Ok(results
+            .into_iter()
+            .map(|(transition, result)| {
+                let finding = classify_transition(&transition, &result).expect("cancelled writes were re-sent");
+                (transition, finding)
+            })
+            .collect())
     }
 
     /// Deletes instance records in atomic batches, concurrently, re-sending cancelled items.
     async fn run_deletions(&self, deletions: Vec<InstanceDeletion>) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
-        let batches: Vec<Vec<InstanceDeletion>> =
-            deletions.chunks(core::MAX_TRANSACTION_ITEMS).map(<[_]>::to_vec).collect();
+        self.run_batched(
+            deletions,
+            "deletion",
+            |d| &d.instance_id,
+            |batch| TraceEvent::DeleteRecords { ids: batch.iter().map(|d| d.instance_id.clone()).collect() },
+            move |batch| async move { self.write(self.ports.delete(&batch)).await },
+        )
+        .await
+    }
+
+    /// The batching both kinds of instance-record writes share: up to
+    /// [`core::MAX_TRANSACTION_ITEMS`] items per atomic transaction, at most `concurrency`
+    /// transactions at once, and the items a cancelled transaction did not write (conflicts, or
+    /// an other item's failed condition) re-sent alone, with backoff, for at most `batch_rounds`.
+    /// Returns every item with its result, never `Cancelled`.
+    async fn run_batched<T, Call, Fut>(
+        &self,
+        items: Vec<T>,
+        what: &'static str,
+        id: fn(&T) -> &String,
+        event: fn(&[T]) -> TraceEvent,
+        call: Call,
+    ) -> Result<Vec<(T, WriteResult)>, StepError>
+    where
+        T: Clone,
+        Call: Fn(Vec<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<Vec<WriteResult>, AwsError>, DriveError>>,
+    {
+        let batches: Vec<Vec<T>> = items.chunks(core::MAX_TRANSACTION_ITEMS).map(<[_]>::to_vec).collect();
         let total = batches.len();
         let done = &AtomicU64::new(0);
-        let results: Vec<Vec<(InstanceDeletion, WriteResult)>> = stream::iter(batches)
+        let call = &call;
+        let results: Vec<Vec<(T, WriteResult)>> = stream::iter(batches)
             .map(|batch| async move {
-                let result = self.deletion_batch(batch).await;
+                let mut pending = batch;
+                let mut outcomes = Vec::with_capacity(pending.len());
+                for round in 0..self.limits.batch_rounds {
+                    if pending.is_empty() {
+                        break;
+                    }
+                    if round > 0 {
+                        tokio::time::sleep(backoff(&self.limits, round)).await;
+                    }
+                    self.record_event(event(&pending));
+                    let results = call(pending.clone()).await?.map_err(aws_step_error)?;
+                    info!(ids = ?pending.iter().map(id).collect::<Vec<_>>(), "{what} batch written");
+                    let mut retry = Vec::new();
+                    for (item, result) in pending.into_iter().zip(results) {
+                        match result {
+                            WriteResult::Cancelled => retry.push(item),
+                            other => outcomes.push((item, other)),
+                        }
+                    }
+                    pending = retry;
+                }
+                if !pending.is_empty() {
+                    return Err(StepError::Unexpected(format!(
+                        "{} instance {what}s still conflicting after {} rounds: {}",
+                        pending.len(),
+                        self.limits.batch_rounds,
+                        pending.iter().map(|item| id(item).as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
                 let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
-                info!(batches_done = finished, batches = total, "deletion batch finished");
-                result
+                info!(batches_done = finished, batches = total, "{what} batches progress");
+                Ok(outcomes)
             })
             .buffer_unordered(self.limits.concurrency)
             .try_collect()
             .await?;
         Ok(results.into_iter().flatten().collect())
-    }
-
-    async fn deletion_batch(&self, batch: Vec<InstanceDeletion>) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
-        let mut pending = batch;
-        let mut outcomes = Vec::with_capacity(pending.len());
-        for round in 0..self.limits.batch_rounds {
-            if pending.is_empty() {
-                break;
-            }
-            if round > 0 {
-                tokio::time::sleep(backoff(&self.limits, round)).await;
-            }
-            self.record_event(TraceEvent::DeleteRecords { ids: pending.iter().map(|d| d.instance_id.clone()).collect() });
-            let results = self
-                .write(self.ports.delete(&pending))
-                .await?
-                .map_err(aws_step_error)?;
-            info!(ids = ?pending.iter().map(|d| &d.instance_id).collect::<Vec<_>>(), "deleted instance records");
-            let mut retry = Vec::new();
-            for (deletion, result) in pending.into_iter().zip(results) {
-                match result {
-                    WriteResult::Cancelled => retry.push(deletion),
-                    other => outcomes.push((deletion, other)),
-                }
-            }
-            pending = retry;
-        }
-        if !pending.is_empty() {
-            return Err(StepError::Unexpected(format!(
-                "{} record deletions still conflicting after {} rounds",
-                pending.len(),
-                self.limits.batch_rounds
-            )));
-        }
-        Ok(outcomes)
     }
 
     /// Path A. Returns how many instances were committed.
