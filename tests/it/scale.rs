@@ -620,9 +620,9 @@ async fn fifty_runs_at_once_on_one_table_each_instance_ends_in_exactly_one_runs_
         }
         owned.push((selected, created));
     }
-    for run in 0..RUNS {
-        if let Some(seeds) = seeds_by_table.remove(&worlds[run].table) {
-            put_records(&worlds[run], &seeds).await;
+    for world in &worlds {
+        if let Some(seeds) = seeds_by_table.remove(&world.table) {
+            put_records(world, &seeds).await;
         }
     }
 
