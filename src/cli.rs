@@ -252,7 +252,13 @@ impl RunReport {
             out.push_str(&format!("  idle threshold: {threshold} ({} pool messages sent)\n", self.messages_sent));
         }
         for line in self.instance_results.iter().flatten() {
-            out.push_str(&format!("  {}  {:<8} {:<8} {}\n", line.id, format!("{:?}", line.role).to_lowercase(), line.resource_class, line.result));
+            out.push_str(&format!(
+                "  {}  {:<8} {:<8} {}\n",
+                line.id,
+                format!("{:?}", line.role).to_lowercase(),
+                line.resource_class,
+                line.result
+            ));
         }
         if let Some(error) = &self.error {
             out.push_str(&format!("  error ({}): {}\n", error.kind, error.message));
@@ -336,7 +342,9 @@ impl Printer {
     fn drive_error_for(&self, run_id: Option<&str>, error: &DriveError) -> i32 {
         let code = self.drive_error(error);
         if self.github() {
-            if let Err(io) = crate::report::write_github_error(run_id, code, &error.to_string(), &mut *self.annotations()) {
+            if let Err(io) =
+                crate::report::write_github_error(run_id, code, &error.to_string(), &mut *self.annotations())
+            {
                 eprintln!("warning: could not write GitHub Actions outputs: {io}");
             }
         }
@@ -353,7 +361,9 @@ impl Printer {
         if kind == "missing-table" {
             // DynamoDB's "Requested resource not found" names no resource: say which, and the fix.
             let table = self.table.as_deref().unwrap_or("(none given)");
-            message.push_str(&format!(" — table {table} does not exist here; create it with `post-provision --table {table} init`"));
+            message.push_str(&format!(
+                " — table {table} does not exist here; create it with `post-provision --table {table} init`"
+            ));
         }
         if code == EXIT_RESUMABLE {
             message.push_str(" — the state is persisted; run `post-provision resume RUN_ID` to finish it");
@@ -514,10 +524,12 @@ pub async fn run(args: Vec<String>) -> i32 {
                 Err(error) => printer.drive_error_for(Some(&run_id), &error),
             }
         }
-        Command::Resume { run_id: Some(run_id), force, .. } => match engine.driver().resume_with(&run_id, force).await {
-            Ok(outcome) => printer.outcome(&outcome),
-            Err(error) => printer.drive_error_for(Some(&run_id), &error),
-        },
+        Command::Resume { run_id: Some(run_id), force, .. } => {
+            match engine.driver().resume_with(&run_id, force).await {
+                Ok(outcome) => printer.outcome(&outcome),
+                Err(error) => printer.drive_error_for(Some(&run_id), &error),
+            }
+        }
         Command::Resume { run_id: None, .. } => match engine.resume_all(10_000).await {
             Err(error) => printer.drive_error(&DriveError::Store(error)),
             Ok(results) => {
@@ -571,7 +583,8 @@ pub async fn run(args: Vec<String>) -> i32 {
                     })
                     .collect();
                 printer.value(&rows, || {
-                    let mut out = format!("{:<32} {:<17} {:>8} {:>9}  {}\n", "RUN", "STATE", "AGE", "INSTANCES", "DRIVER");
+                    let mut out =
+                        format!("{:<32} {:<17} {:>8} {:>9}  {}\n", "RUN", "STATE", "AGE", "INSTANCES", "DRIVER");
                     for row in &rows {
                         let driver = if row["leaseActive"].as_bool() == Some(true) {
                             row["leaseOwner"].as_str().unwrap_or("").to_string()

@@ -440,10 +440,7 @@ mod tests {
     fn rollback_rules() {
         assert_eq!(rollback_disposition(&Finding::Done), RollbackDisposition::ReturnToPool);
         assert_eq!(rollback_disposition(&Finding::Missing), RollbackDisposition::Retire);
-        assert_eq!(
-            rollback_disposition(&Finding::WrongState { state: "created".into() }),
-            RollbackDisposition::Retire
-        );
+        assert_eq!(rollback_disposition(&Finding::WrongState { state: "created".into() }), RollbackDisposition::Retire);
         assert_eq!(
             rollback_disposition(&Finding::OwnedByOther { run_id: "x".into(), state: "claimed".into() }),
             RollbackDisposition::LeaveAlone

@@ -342,7 +342,8 @@ impl<P: Ports> Driver<P> {
                 // as such, and the same `run` can simply be repeated.
                 Err(ResolveError::Aws(aws))
                     if aws.class == ErrorClass::NotFound
-                        || (aws.class.is_retryable() && self.limits.on_retries_exhausted == OnRetriesExhausted::Stall) =>
+                        || (aws.class.is_retryable()
+                            && self.limits.on_retries_exhausted == OnRetriesExhausted::Stall) =>
                 {
                     return Err(DriveError::NotStarted(aws));
                 }
@@ -428,7 +429,8 @@ impl<P: Ports> Driver<P> {
             .load_spec(&record.run_id, &record.spec_digest, record.spec_chunks)
             .await
             .map_err(DriveError::Store)?;
-        let spec = Spec::from_json(&spec_text).map_err(|error| DriveError::Store(StoreError::Corrupt(error.to_string())))?;
+        let spec =
+            Spec::from_json(&spec_text).map_err(|error| DriveError::Store(StoreError::Corrupt(error.to_string())))?;
         if record.state.is_terminal() {
             return Ok(self.outcome(record, spec));
         }
@@ -449,9 +451,8 @@ impl<P: Ports> Driver<P> {
             Ok(()) => record = taken,
             Err(StoreError::VersionConflict { .. }) => {
                 let current = self.ports.load_run(&record.run_id).await.map_err(DriveError::Store)?;
-                let (owner, until) = current
-                    .map(|r| (r.lease.owner, r.lease.expires_at))
-                    .unwrap_or_else(|| ("unknown".into(), now));
+                let (owner, until) =
+                    current.map(|r| (r.lease.owner, r.lease.expires_at)).unwrap_or_else(|| ("unknown".into(), now));
                 return Err(DriveError::Busy { run_id: record.run_id.clone(), owner, until });
             }
             Err(error) => return Err(DriveError::Store(error)),
@@ -523,15 +524,18 @@ impl<P: Ports> Driver<P> {
                         let reconciliation = core::reconcile(&spec);
                         Ok((reconciliation.input, reconciliation.reason))
                     }
-                    State::Committing => self.commit(&spec, &mut record).await.map(|n| {
-                        (Input::ActionsCompleted, format!("{n} instances committed"))
-                    }),
-                    State::RollingBack => self.roll_back(&spec, &mut record).await.map(|()| {
-                        (Input::ActionsCompleted, "claimed instances returned to the pool".to_string())
-                    }),
-                    State::EmergencyCleanup => self.clean_up(&spec, &mut record).await.map(|n| {
-                        (Input::ActionsCompleted, format!("{n} instances terminated and purged"))
-                    }),
+                    State::Committing => self
+                        .commit(&spec, &mut record)
+                        .await
+                        .map(|n| (Input::ActionsCompleted, format!("{n} instances committed"))),
+                    State::RollingBack => self
+                        .roll_back(&spec, &mut record)
+                        .await
+                        .map(|()| (Input::ActionsCompleted, "claimed instances returned to the pool".to_string())),
+                    State::EmergencyCleanup => self
+                        .clean_up(&spec, &mut record)
+                        .await
+                        .map(|n| (Input::ActionsCompleted, format!("{n} instances terminated and purged"))),
                     State::Done | State::Failed => unreachable!("terminal states are not driven"),
                 }
             }
@@ -558,7 +562,8 @@ impl<P: Ports> Driver<P> {
                     self.enter(&mut record, &spec, Input::UnexpectedError, message, Some(error)).await?;
                 }
                 Err(StepError::Unavailable(error))
-                    if state == State::EmergencyCleanup || self.limits.on_retries_exhausted == OnRetriesExhausted::Stall =>
+                    if state == State::EmergencyCleanup
+                        || self.limits.on_retries_exhausted == OnRetriesExhausted::Stall =>
                 {
                     warn!(error = %error, "AWS is unavailable; the run stays resumable in its state");
                     return Err(DriveError::Stalled { run_id: record.run_id.clone(), state, error: error.to_string() });
@@ -707,7 +712,10 @@ impl<P: Ports> Driver<P> {
     }
 
     /// Deletes instance records in atomic batches, concurrently, re-sending cancelled items.
-    async fn run_deletions(&self, deletions: Vec<InstanceDeletion>) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
+    async fn run_deletions(
+        &self,
+        deletions: Vec<InstanceDeletion>,
+    ) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
         self.run_batched(
             deletions,
             "deletion",
@@ -791,7 +799,10 @@ impl<P: Ports> Driver<P> {
             .filter(|(_, finding)| *finding != Finding::Done)
             .map(|(transition, finding)| {
                 warn!(instance = %transition.instance_id, found = %finding, "instance cannot be committed");
-                self.record_event(TraceEvent::Found { id: transition.instance_id.clone(), finding: finding.to_string() });
+                self.record_event(TraceEvent::Found {
+                    id: transition.instance_id.clone(),
+                    finding: finding.to_string(),
+                });
                 format!("{}: {finding}", transition.instance_id)
             })
             .collect();
@@ -835,10 +846,8 @@ impl<P: Ports> Driver<P> {
         }
         self.checkpoint(record).await?;
         let sent = Mutex::new(Vec::new());
-        let (sending, terminating) = tokio::join!(
-            self.send_messages(record, &to_send, threshold, &sent),
-            self.terminate_all(&to_retire)
-        );
+        let (sending, terminating) =
+            tokio::join!(self.send_messages(record, &to_send, threshold, &sent), self.terminate_all(&to_retire));
         record.messages_sent.extend(sent.into_inner().expect("sent lock"));
         sending?;
         terminating?;
@@ -878,9 +887,10 @@ impl<P: Ports> Driver<P> {
         }
         let mut batches = Vec::new();
         for (class, messages) in by_class {
-            let queue_url = record.queue_urls.get(class).ok_or_else(|| {
-                StepError::Unexpected(format!("no pool queue recorded for resource class {class:?}"))
-            })?;
+            let queue_url = record
+                .queue_urls
+                .get(class)
+                .ok_or_else(|| StepError::Unexpected(format!("no pool queue recorded for resource class {class:?}")))?;
             for chunk in messages.chunks(core::MAX_MESSAGE_BATCH) {
                 batches.push((class.to_string(), queue_url.clone(), chunk.to_vec()));
             }
@@ -920,13 +930,13 @@ impl<P: Ports> Driver<P> {
                 resource_class: class.to_string(),
                 ids: pending.iter().map(|m| m.instance_id.clone()).collect(),
             });
-            let failed = self
-                .write(self.ports.send(queue_url, &pending))
-                .await?
-                .map_err(aws_step_error)?;
+            let failed = self.write(self.ports.send(queue_url, &pending)).await?.map_err(aws_step_error)?;
             let failed_ids: HashSet<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
-            let delivered: Vec<String> =
-                pending.iter().filter(|m| !failed_ids.contains(m.instance_id.as_str())).map(|m| m.instance_id.clone()).collect();
+            let delivered: Vec<String> = pending
+                .iter()
+                .filter(|m| !failed_ids.contains(m.instance_id.as_str()))
+                .map(|m| m.instance_id.clone())
+                .collect();
             info!(resource_class = class, ids = ?delivered, "pool messages sent");
             sent.lock().expect("sent lock").extend(delivered);
             if let Some((id, error)) = failed.iter().find(|(_, error)| !error.class.is_retryable()) {
@@ -957,10 +967,7 @@ impl<P: Ports> Driver<P> {
         stream::iter(chunks)
             .map(|chunk| async move {
                 self.record_event(TraceEvent::Terminate { ids: chunk.clone() });
-                let result = self
-                    .write(self.ports.terminate(&chunk))
-                    .await?
-                    .map_err(aws_step_error)?;
+                let result = self.write(self.ports.terminate(&chunk)).await?.map_err(aws_step_error)?;
                 info!(ids = ?result.terminated, "terminated instances");
                 for id in &result.not_found {
                     warn!(instance = %id, "EC2 does not know this instance: treated as already gone");

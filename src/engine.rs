@@ -62,7 +62,12 @@ impl EngineBuilder {
 
     /// Use these clients (their credentials, endpoints and HTTP settings) instead of building
     /// them; the limits' retries and timeouts override theirs, and requests are counted.
-    pub fn clients(mut self, dynamodb: aws_sdk_dynamodb::Client, sqs: aws_sdk_sqs::Client, ec2: aws_sdk_ec2::Client) -> Self {
+    pub fn clients(
+        mut self,
+        dynamodb: aws_sdk_dynamodb::Client,
+        sqs: aws_sdk_sqs::Client,
+        ec2: aws_sdk_ec2::Client,
+    ) -> Self {
         self.clients = Some((dynamodb, sqs, ec2));
         self
     }
@@ -90,7 +95,9 @@ impl EngineBuilder {
         let table = self.table.filter(|t| !t.is_empty()).ok_or(BuildError::MissingTable)?;
         self.limits.validate().map_err(BuildError::InvalidLimits)?;
         let ports = match (self.clients, self.sdk_config) {
-            (Some((dynamodb, sqs, ec2)), _) => AwsPorts::from_clients(&dynamodb, &sqs, &ec2, table, self.limits.clone()),
+            (Some((dynamodb, sqs, ec2)), _) => {
+                AwsPorts::from_clients(&dynamodb, &sqs, &ec2, table, self.limits.clone())
+            }
             (None, Some(config)) => AwsPorts::new(&config, table, self.limits.clone()),
             (None, None) => {
                 let config = aws::load_sdk_config(&self.connection, &self.limits).await;

@@ -15,22 +15,12 @@ pub use declaration::run_machine;
 pub use run_machine::{Input, Output, State};
 
 /// Every state, in the order the table and diagram list them.
-pub const ALL_STATES: [State; 6] = [
-    State::Reconciling,
-    State::Committing,
-    State::RollingBack,
-    State::EmergencyCleanup,
-    State::Done,
-    State::Failed,
-];
+pub const ALL_STATES: [State; 6] =
+    [State::Reconciling, State::Committing, State::RollingBack, State::EmergencyCleanup, State::Done, State::Failed];
 
 /// Every input, in the order the table lists them.
-pub const ALL_INPUTS: [Input; 4] = [
-    Input::ReconciledSuccess,
-    Input::ReconciledShortfall,
-    Input::UnexpectedError,
-    Input::ActionsCompleted,
-];
+pub const ALL_INPUTS: [Input; 4] =
+    [Input::ReconciledSuccess, Input::ReconciledShortfall, Input::UnexpectedError, Input::ActionsCompleted];
 
 /// A (state, input) pair that `states/machine.rs` does not declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -105,11 +95,7 @@ pub fn render_markdown() -> String {
     }
     out.push_str("\nEvery other (state, input) pair is rejected with `InvalidTransition`.\n");
     out.push_str("Terminal states: ");
-    let terminal: Vec<String> = ALL_STATES
-        .iter()
-        .filter(|s| s.is_terminal())
-        .map(|s| s.to_string())
-        .collect();
+    let terminal: Vec<String> = ALL_STATES.iter().filter(|s| s.is_terminal()).map(|s| s.to_string()).collect();
     out.push_str(&terminal.join(", "));
     out.push('\n');
     out

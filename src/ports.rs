@@ -103,22 +103,47 @@ pub trait RunStore: Send + Sync {
     fn load_run(&self, run_id: &str) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send;
     /// Creates a run record together with its spec chunk items, atomically, only if no record
     /// exists; otherwise returns the existing record and writes nothing.
-    fn create_run(&self, record: &RunRecord, spec_chunks: &[String], chunk_ttl: i64) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
+    fn create_run(
+        &self,
+        record: &RunRecord,
+        spec_chunks: &[String],
+        chunk_ttl: i64,
+    ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
     /// Replaces the record, only if its stored version is `expected_version`. A write that
     /// reached the table but whose answer was lost is recognised and returns `Ok`.
-    fn replace_run(&self, record: &RunRecord, expected_version: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn replace_run(
+        &self,
+        record: &RunRecord,
+        expected_version: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Extends the lease to `expires_at` if `owner` still holds it, without touching the
     /// version: the driver's own versioned writes stay valid. `Ok(false)` when another driver
     /// has taken the run over.
-    fn renew_lease(&self, run_id: &str, owner: &str, expires_at: Timestamp) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn renew_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        expires_at: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Reads and joins the spec's chunk items.
-    fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> impl Future<Output = Result<String, StoreError>> + Send;
+    fn load_spec(
+        &self,
+        run_id: &str,
+        digest: &str,
+        chunks: u32,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
     /// Run records, newest first, at most `limit`; only those not in `Done` or `Failed` when
     /// `unfinished_only`. Reads every run record of the table (up to
     /// [`crate::record::MAX_LISTED_RUNS`]), so the newest are never missed.
-    fn list_runs(&self, unfinished_only: bool, limit: usize) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
+    fn list_runs(
+        &self,
+        unfinished_only: bool,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
     /// The pool's `resource_class_config` metadata item, if it exists.
-    fn load_resource_class_config(&self) -> impl Future<Output = Result<Option<ResourceClassConfig>, StoreError>> + Send;
+    fn load_resource_class_config(
+        &self,
+    ) -> impl Future<Output = Result<Option<ResourceClassConfig>, StoreError>> + Send;
 }
 
 /// The instance records, changed in atomic batches.
@@ -126,7 +151,11 @@ pub trait InstanceStore: Send + Sync {
     /// Applies up to [`crate::core::MAX_TRANSACTION_ITEMS`] transitions atomically, one result
     /// per transition in order. When any condition fails nothing is written: the rejected ones
     /// come back as `Rejected` with the record found, the others as `Cancelled`.
-    fn transition(&self, batch: &[InstanceTransition], now: Timestamp) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
+    fn transition(
+        &self,
+        batch: &[InstanceTransition],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
     /// Deletes up to [`crate::core::MAX_TRANSACTION_ITEMS`] records atomically, same results.
     fn delete(&self, batch: &[InstanceDeletion]) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
 }
@@ -144,7 +173,11 @@ pub struct OutgoingMessage {
 pub trait PoolQueues: Send + Sync {
     /// Sends up to [`crate::core::MAX_MESSAGE_BATCH`] messages with the pool's delay. Returns the
     /// ids whose entries failed (empty when all were sent); entries are never dropped silently.
-    fn send(&self, queue_url: &str, messages: &[OutgoingMessage]) -> impl Future<Output = Result<Vec<(String, AwsError)>, AwsError>> + Send;
+    fn send(
+        &self,
+        queue_url: &str,
+        messages: &[OutgoingMessage],
+    ) -> impl Future<Output = Result<Vec<(String, AwsError)>, AwsError>> + Send;
 }
 
 /// EC2.

@@ -200,7 +200,8 @@ mod tests {
         let mut record = from_json_value(serde_json::from_str(text).unwrap()).unwrap();
         record.messages_sent = (0..crate::spec::MAX_INSTANCES_PER_RUN).map(|i| format!("i-{i:017x}")).collect();
         assert!(check_size(&record).is_ok());
-        record.queue_urls = (0..5_000).map(|i| (format!("class-{i}"), format!("https://sqs.example/123456789012/pool-{i}"))).collect();
+        record.queue_urls =
+            (0..5_000).map(|i| (format!("class-{i}"), format!("https://sqs.example/123456789012/pool-{i}"))).collect();
         assert!(check_size(&record).unwrap_err().contains("over the 350000-byte bound"));
     }
 

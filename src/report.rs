@@ -132,7 +132,10 @@ pub fn write_github_outcome(outcome: &RunOutcome, annotations: &mut dyn Write) -
     let committed = committed_ids(outcome);
     let outputs = [
         ("run-id", outcome.record.run_id.clone()),
-        ("outcome", serde_json::to_value(outcome.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+        (
+            "outcome",
+            serde_json::to_value(outcome.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        ),
         ("state", outcome.record.state.to_string()),
         ("exit-code", outcome.kind.exit_code().to_string()),
         ("instance-ids", serde_json::to_string(&committed).unwrap_or_default()),
@@ -143,7 +146,11 @@ pub fn write_github_outcome(outcome: &RunOutcome, annotations: &mut dyn Write) -
     }
     for event in &outcome.trace {
         if let TraceEvent::Found { id, finding } = event {
-            writeln!(annotations, "::warning title=post-provision::{}", escape_annotation(&format!("instance {id}: {finding}")))?;
+            writeln!(
+                annotations,
+                "::warning title=post-provision::{}",
+                escape_annotation(&format!("instance {id}: {finding}"))
+            )?;
         }
     }
     if let Some(error) = &outcome.record.error {
@@ -157,7 +164,12 @@ pub fn write_github_outcome(outcome: &RunOutcome, annotations: &mut dyn Write) -
 }
 
 /// Step outputs and an error annotation for a run that did not finish (or never started).
-pub fn write_github_error(run_id: Option<&str>, exit_code: i32, message: &str, annotations: &mut dyn Write) -> std::io::Result<()> {
+pub fn write_github_error(
+    run_id: Option<&str>,
+    exit_code: i32,
+    message: &str,
+    annotations: &mut dyn Write,
+) -> std::io::Result<()> {
     let outputs = [
         ("run-id", run_id.unwrap_or_default().to_string()),
         ("outcome", if exit_code == 3 { "unfinished".to_string() } else { "error".to_string() }),

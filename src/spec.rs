@@ -238,10 +238,7 @@ impl Spec {
         if self.instance_count() > MAX_INSTANCES_PER_RUN {
             return Err(SpecError::new(
                 "$",
-                format!(
-                    "a run may act on at most {MAX_INSTANCES_PER_RUN} instances, got {}",
-                    self.instance_count()
-                ),
+                format!("a run may act on at most {MAX_INSTANCES_PER_RUN} instances, got {}", self.instance_count()),
             ));
         }
         let mut seen: HashSet<&str> = HashSet::new();
@@ -368,17 +365,49 @@ pub(crate) mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str, &str)> = vec![
-            (Box::new(|v| { v.as_object_mut().unwrap().remove("runId"); }), "runId", "missing field `runId`"),
-            (Box::new(|v| { v["creation"]["instances"][0].as_object_mut().unwrap().remove("threshold"); }), "creation.instances[0].threshold", "missing field `threshold`"),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("runId");
+                }),
+                "runId",
+                "missing field `runId`",
+            ),
+            (
+                Box::new(|v| {
+                    v["creation"]["instances"][0].as_object_mut().unwrap().remove("threshold");
+                }),
+                "creation.instances[0].threshold",
+                "missing field `threshold`",
+            ),
             (Box::new(|v| v["runId"] = "".into()), "runId", "non-empty"),
             (Box::new(|v| v["maxRuntimeMin"] = (-5).into()), "maxRuntimeMin", "from 1 to"),
             (Box::new(|v| v["idleTimeSec"] = "300".into()), "idleTimeSec", "invalid type"),
-            (Box::new(|v| v["selection"]["numInstancesSelected"] = 2.into()), "selection.numInstancesSelected", "expected the number"),
-            (Box::new(|v| v["selection"]["instances"][0]["id"] = "i-XYZ".into()), "selection.instances[0].id", "EC2 instance id"),
-            (Box::new(|v| v["creation"]["instances"][0]["id"] = "i-0aaaaaaaaaaaaaaaa".into()), "creation.instances[0].id", "more than once"),
-            (Box::new(|v| v["creation"]["instances"][0]["threshold"] = "2026-11-27 10:05".into()), "creation.instances[0].threshold", "YYYY-MM-DDTHH:MM:SSZ"),
+            (
+                Box::new(|v| v["selection"]["numInstancesSelected"] = 2.into()),
+                "selection.numInstancesSelected",
+                "expected the number",
+            ),
+            (
+                Box::new(|v| v["selection"]["instances"][0]["id"] = "i-XYZ".into()),
+                "selection.instances[0].id",
+                "EC2 instance id",
+            ),
+            (
+                Box::new(|v| v["creation"]["instances"][0]["id"] = "i-0aaaaaaaaaaaaaaaa".into()),
+                "creation.instances[0].id",
+                "more than once",
+            ),
+            (
+                Box::new(|v| v["creation"]["instances"][0]["threshold"] = "2026-11-27 10:05".into()),
+                "creation.instances[0].threshold",
+                "YYYY-MM-DDTHH:MM:SSZ",
+            ),
             (Box::new(|v| v["creation"]["state"] = "maybe".into()), "creation.state", "unknown variant"),
-            (Box::new(|v| v["selection"]["instances"][0]["usageClass"] = "reserved".into()), "selection.instances[0].usageClass", "unknown variant"),
+            (
+                Box::new(|v| v["selection"]["instances"][0]["usageClass"] = "reserved".into()),
+                "selection.instances[0].usageClass",
+                "unknown variant",
+            ),
         ];
         for (mutate, field, needle) in cases {
             let error = error_for(mutate);

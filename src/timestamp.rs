@@ -10,8 +10,7 @@ use time::format_description::FormatItem;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
-const FORMAT: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+const FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
 
 /// A UTC instant with whole-second precision, written as `YYYY-MM-DDTHH:MM:SSZ`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -64,8 +63,8 @@ impl fmt::Display for Timestamp {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Years outside 0..=9999 cannot occur for clock-derived values; they would also break the
         // fixed-width string comparison, so this is a programmer error, not an operating one.
-        let instant = OffsetDateTime::from_unix_timestamp(self.unix_secs)
-            .expect("timestamp within the representable range");
+        let instant =
+            OffsetDateTime::from_unix_timestamp(self.unix_secs).expect("timestamp within the representable range");
         let text = instant.format(FORMAT).expect("formatting a valid instant");
         formatter.write_str(&text)
     }

@@ -24,10 +24,7 @@ fn s(value: impl Into<String>) -> AttributeValue {
 }
 
 fn key(entity: &str, identifier: &str) -> Item {
-    HashMap::from([
-        ("PK".to_string(), s(format!("TYPE#{entity}"))),
-        ("SK".to_string(), s(format!("ID#{identifier}"))),
-    ])
+    HashMap::from([("PK".to_string(), s(format!("TYPE#{entity}"))), ("SK".to_string(), s(format!("ID#{identifier}")))])
 }
 
 /// JSON to a DynamoDB attribute, natively (maps stay maps), so records read well in the console.
@@ -53,7 +50,9 @@ fn from_attribute(value: &AttributeValue) -> serde_json::Value {
         AttributeValue::M(map) => {
             serde_json::Value::Object(map.iter().map(|(k, v)| (k.clone(), from_attribute(v))).collect())
         }
-        AttributeValue::Ss(items) => serde_json::Value::Array(items.iter().cloned().map(serde_json::Value::String).collect()),
+        AttributeValue::Ss(items) => {
+            serde_json::Value::Array(items.iter().cloned().map(serde_json::Value::String).collect())
+        }
         _ => serde_json::Value::Null,
     }
 }
@@ -93,7 +92,10 @@ fn observed(item: Option<&Item>) -> Option<ObservedRecord> {
 }
 
 /// What the cancellation reasons of a transaction say about each item, in request order.
-fn cancellation_results(reasons: &[aws_sdk_dynamodb::types::CancellationReason], count: usize) -> Result<Vec<WriteResult>, AwsError> {
+fn cancellation_results(
+    reasons: &[aws_sdk_dynamodb::types::CancellationReason],
+    count: usize,
+) -> Result<Vec<WriteResult>, AwsError> {
     if reasons.len() != count {
         return Err(AwsError {
             service: SERVICE,
@@ -188,7 +190,9 @@ impl InstanceStore for AwsPorts {
             let update = Update::builder()
                 .table_name(&self.table)
                 .set_key(Some(key("INSTANCE", &transition.instance_id)))
-                .update_expression("SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now")
+                .update_expression(
+                    "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now",
+                )
                 .condition_expression(format!(
                     "#state IN ({}) AND #runId = :expectedRunId AND #threshold > :unexpiredAt",
                     state_names.join(", ")
@@ -256,7 +260,12 @@ impl RunStore for AwsPorts {
         output.item().map(record_from_item).transpose()
     }
 
-    async fn create_run(&self, record: &RunRecord, spec_chunks: &[String], chunk_ttl: i64) -> Result<CreateOutcome, StoreError> {
+    async fn create_run(
+        &self,
+        record: &RunRecord,
+        spec_chunks: &[String],
+        chunk_ttl: i64,
+    ) -> Result<CreateOutcome, StoreError> {
         // One transaction: the spec chunks and the record appear together or not at all, so a
         // crash can never leave a record whose spec is missing, and it costs one round trip.
         let mut items = Vec::with_capacity(spec_chunks.len() + 1);
@@ -295,8 +304,11 @@ impl RunStore for AwsPorts {
             Ok(_) => return Ok(CreateOutcome::Created),
             Err(error) => error,
         };
-        if let Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(cancelled)) =
-            error.as_service_error()
+        if let Some(
+            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(
+                cancelled,
+            ),
+        ) = error.as_service_error()
         {
             let reason = cancelled.cancellation_reasons().last();
             if let Some(item) = reason.filter(|r| r.code() == Some("ConditionalCheckFailed")).and_then(|r| r.item()) {
@@ -334,8 +346,9 @@ impl RunStore for AwsPorts {
         match result {
             Ok(_) => Ok(()),
             Err(error) => {
-                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(failed)) =
-                    error.as_service_error()
+                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(
+                    failed,
+                )) = error.as_service_error()
                 {
                     let existing = failed.item().map(record_from_item).transpose()?;
                     // A retried write whose first attempt landed (the answer was lost) finds itself.
@@ -376,8 +389,9 @@ impl RunStore for AwsPorts {
         match result {
             Ok(_) => Ok(true),
             Err(error) => {
-                if let Some(aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(_)) =
-                    error.as_service_error()
+                if let Some(
+                    aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(_),
+                ) = error.as_service_error()
                 {
                     return Ok(false);
                 }
@@ -430,7 +444,8 @@ impl RunStore for AwsPorts {
         let mut pages = query.into_paginator().send();
         let mut records: Vec<RunRecord> = Vec::new();
         let mut read = 0usize;
-        let newest_first = |a: &RunRecord, b: &RunRecord| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id));
+        let newest_first =
+            |a: &RunRecord, b: &RunRecord| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id));
         while let Some(page) = pages.next().await {
             let page = page.map_err(|error| from_sdk(SERVICE, "Query", error))?;
             read += page.scanned_count() as usize;
@@ -560,7 +575,11 @@ pub async fn ensure_ttl(client: &Client, table: &str) -> Result<TtlCheck, String
     let status = current.and_then(|d| d.time_to_live_status()).map(|s| s.as_str().to_string()).unwrap_or_default();
     let attribute = current.and_then(|d| d.attribute_name()).unwrap_or_default().to_string();
     if status == "ENABLED" || status == "ENABLING" {
-        return Ok(if attribute == TTL_ATTRIBUTE { TtlCheck::AlreadyEnabled } else { TtlCheck::OtherAttribute(attribute) });
+        return Ok(if attribute == TTL_ATTRIBUTE {
+            TtlCheck::AlreadyEnabled
+        } else {
+            TtlCheck::OtherAttribute(attribute)
+        });
     }
     let specification = aws_sdk_dynamodb::types::TimeToLiveSpecification::builder()
         .enabled(true)

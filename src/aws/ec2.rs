@@ -32,10 +32,8 @@ impl AwsPorts {
                         return Err(error);
                     }
                     // AWS fails the whole call for one unknown id and terminates nothing.
-                    let named: Vec<String> = ids_in_message(&error.message)
-                        .into_iter()
-                        .filter(|id| pending.contains(id))
-                        .collect();
+                    let named: Vec<String> =
+                        ids_in_message(&error.message).into_iter().filter(|id| pending.contains(id)).collect();
                     if named.is_empty() {
                         // The message named no id we sent: try each alone so the rest still go.
                         for id in std::mem::take(&mut pending) {

@@ -82,36 +82,23 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// Converts an SDK error, keeping the code. Transport failures and timeouts are transient; a
 /// service error whose code is unknown is classified by its HTTP status.
-pub(crate) fn from_sdk<E>(
-    service: &'static str,
-    operation: &'static str,
-    error: SdkError<E, HttpResponse>,
-) -> AwsError
+pub(crate) fn from_sdk<E>(service: &'static str, operation: &'static str, error: SdkError<E, HttpResponse>) -> AwsError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let transport = |message: String| AwsError {
-        service,
-        operation,
-        code: None,
-        message,
-        class: ErrorClass::Transient,
-    };
+    let transport =
+        |message: String| AwsError { service, operation, code: None, message, class: ErrorClass::Transient };
     match &error {
         SdkError::TimeoutError(_) => transport("timed out".to_string()),
         // One readable line ("io error: connection closed before message completed"), not the
         // SDK's Debug dump of nested structs.
         SdkError::DispatchFailure(failure) => match failure.as_connector_error() {
-            Some(connector) => transport(format!(
-                "could not send the request: {}",
-                error_chain(connector)
-            )),
+            Some(connector) => transport(format!("could not send the request: {}", error_chain(connector))),
             None => transport("could not send the request".to_string()),
         },
-        SdkError::ResponseError(response) => transport(format!(
-            "could not read the response (HTTP {})",
-            response.raw().status().as_u16()
-        )),
+        SdkError::ResponseError(response) => {
+            transport(format!("could not read the response (HTTP {})", response.raw().status().as_u16()))
+        }
         SdkError::ConstructionFailure(_) => AwsError {
             service,
             operation,
@@ -121,21 +108,10 @@ where
         },
         _ => {
             let code = error.code().map(str::to_string);
-            let message = error
-                .message()
-                .map(str::to_string)
-                .unwrap_or_else(|| error_chain(&error));
-            let status = error
-                .raw_response()
-                .map(|response| response.status().as_u16());
+            let message = error.message().map(str::to_string).unwrap_or_else(|| error_chain(&error));
+            let status = error.raw_response().map(|response| response.status().as_u16());
             let class = classify_code(code.as_deref().unwrap_or(""), status);
-            AwsError {
-                service,
-                operation,
-                code,
-                message,
-                class,
-            }
+            AwsError { service, operation, code, message, class }
         }
     }
 }
@@ -146,93 +122,36 @@ mod tests {
 
     #[test]
     fn codes_decide_the_class() {
-        assert_eq!(
-            classify_code("RequestLimitExceeded", Some(503)),
-            ErrorClass::Throttling
-        );
-        assert_eq!(
-            classify_code("ThrottlingException", Some(400)),
-            ErrorClass::Throttling
-        );
-        assert_eq!(
-            classify_code("ProvisionedThroughputExceededException", None),
-            ErrorClass::Throttling
-        );
-        assert_eq!(
-            classify_code("TransactionConflict", None),
-            ErrorClass::Throttling
-        );
-        assert_eq!(
-            classify_code("InternalServerError", Some(500)),
-            ErrorClass::Transient
-        );
-        assert_eq!(
-            classify_code("ConditionalCheckFailedException", Some(400)),
-            ErrorClass::ConditionFailed
-        );
-        assert_eq!(
-            classify_code("ValidationException", Some(400)),
-            ErrorClass::Invalid
-        );
-        assert_eq!(
-            classify_code("InvalidInstanceID.NotFound", Some(400)),
-            ErrorClass::NotFound
-        );
-        assert_eq!(
-            classify_code("AWS.SimpleQueueService.NonExistentQueue", Some(400)),
-            ErrorClass::NotFound
-        );
-        assert_eq!(
-            classify_code("SomethingNew", Some(502)),
-            ErrorClass::Transient
-        );
+        assert_eq!(classify_code("RequestLimitExceeded", Some(503)), ErrorClass::Throttling);
+        assert_eq!(classify_code("ThrottlingException", Some(400)), ErrorClass::Throttling);
+        assert_eq!(classify_code("ProvisionedThroughputExceededException", None), ErrorClass::Throttling);
+        assert_eq!(classify_code("TransactionConflict", None), ErrorClass::Throttling);
+        assert_eq!(classify_code("InternalServerError", Some(500)), ErrorClass::Transient);
+        assert_eq!(classify_code("ConditionalCheckFailedException", Some(400)), ErrorClass::ConditionFailed);
+        assert_eq!(classify_code("ValidationException", Some(400)), ErrorClass::Invalid);
+        assert_eq!(classify_code("InvalidInstanceID.NotFound", Some(400)), ErrorClass::NotFound);
+        assert_eq!(classify_code("AWS.SimpleQueueService.NonExistentQueue", Some(400)), ErrorClass::NotFound);
+        assert_eq!(classify_code("SomethingNew", Some(502)), ErrorClass::Transient);
         assert_eq!(classify_code("SomethingNew", Some(400)), ErrorClass::Other);
         assert_eq!(classify_code("", Some(503)), ErrorClass::Transient);
         assert_eq!(classify_code("", Some(429)), ErrorClass::Throttling);
-        assert_eq!(
-            classify_code("RequestThrottled", Some(400)),
-            ErrorClass::Throttling
-        );
-        assert_eq!(
-            classify_code("InternalError", Some(500)),
-            ErrorClass::Transient
-        );
-        assert!(
-            ErrorClass::Throttling.is_retryable() && !ErrorClass::ConditionFailed.is_retryable()
-        );
+        assert_eq!(classify_code("RequestThrottled", Some(400)), ErrorClass::Throttling);
+        assert_eq!(classify_code("InternalError", Some(500)), ErrorClass::Transient);
+        assert!(ErrorClass::Throttling.is_retryable() && !ErrorClass::ConditionFailed.is_retryable());
     }
 
     fn response(status: u16) -> HttpResponse {
-        HttpResponse::new(
-            status.try_into().expect("status"),
-            aws_smithy_types::body::SdkBody::empty(),
-        )
+        HttpResponse::new(status.try_into().expect("status"), aws_smithy_types::body::SdkBody::empty())
     }
 
     #[test]
     fn an_unknown_code_is_classified_by_its_http_status() {
         use aws_sdk_dynamodb::operation::get_item::GetItemError;
-        let unknown = || {
-            GetItemError::generic(
-                aws_smithy_types::error::ErrorMetadata::builder()
-                    .code("SomethingNew")
-                    .build(),
-            )
-        };
-        let error = from_sdk(
-            "DynamoDB",
-            "GetItem",
-            SdkError::service_error(unknown(), response(503)),
-        );
-        assert_eq!(
-            (error.code.as_deref(), error.class),
-            (Some("SomethingNew"), ErrorClass::Transient)
-        );
-        let error = from_sdk(
-            "DynamoDB",
-            "GetItem",
-            SdkError::service_error(unknown(), response(400)),
-        );
+        let unknown =
+            || GetItemError::generic(aws_smithy_types::error::ErrorMetadata::builder().code("SomethingNew").build());
+        let error = from_sdk("DynamoDB", "GetItem", SdkError::service_error(unknown(), response(503)));
+        assert_eq!((error.code.as_deref(), error.class), (Some("SomethingNew"), ErrorClass::Transient));
+        let error = from_sdk("DynamoDB", "GetItem", SdkError::service_error(unknown(), response(400)));
         assert_eq!(error.class, ErrorClass::Other);
     }
 
@@ -241,13 +160,9 @@ mod tests {
         use aws_sdk_dynamodb::operation::get_item::GetItemError;
         use aws_smithy_runtime_api::client::result::ConnectorError;
         let failure = ConnectorError::io("connection closed before message completed".into());
-        let error =
-            from_sdk::<GetItemError>("DynamoDB", "GetItem", SdkError::dispatch_failure(failure));
+        let error = from_sdk::<GetItemError>("DynamoDB", "GetItem", SdkError::dispatch_failure(failure));
         assert_eq!(error.class, ErrorClass::Transient);
-        assert_eq!(
-            error.message,
-            "could not send the request: io error: connection closed before message completed"
-        );
+        assert_eq!(error.message, "could not send the request: io error: connection closed before message completed");
     }
 
     #[test]
@@ -270,11 +185,7 @@ mod tests {
             "EC2ThrottledException",
         ];
         for code in sdk_throttling {
-            assert_eq!(
-                classify_code(code, Some(400)),
-                ErrorClass::Throttling,
-                "{code}"
-            );
+            assert_eq!(classify_code(code, Some(400)), ErrorClass::Throttling, "{code}");
         }
     }
 }

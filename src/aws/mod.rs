@@ -44,8 +44,9 @@ fn timeout_config(limits: &Limits) -> TimeoutConfig {
 
 /// Loads the SDK configuration with the crate's retry and timeout limits applied.
 pub async fn load_sdk_config(connection: &Connection, limits: &Limits) -> SdkConfig {
-    let mut loader =
-        aws_config::defaults(BehaviorVersion::latest()).retry_config(retry_config(limits)).timeout_config(timeout_config(limits));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(retry_config(limits))
+        .timeout_config(timeout_config(limits));
     if let Some(region) = &connection.region {
         loader = loader.region(Region::new(region.clone()));
     }
@@ -94,9 +95,27 @@ impl AwsPorts {
     pub fn new(sdk_config: &SdkConfig, table: impl Into<String>, limits: Limits) -> AwsPorts {
         let counter = RequestCounter::default();
         AwsPorts {
-            dynamodb: finish_client!(aws_sdk_dynamodb, aws_sdk_dynamodb::config::Builder::from(sdk_config), "post-provision-dynamodb", counter, &limits),
-            sqs: finish_client!(aws_sdk_sqs, aws_sdk_sqs::config::Builder::from(sdk_config), "post-provision-sqs", counter, &limits),
-            ec2: finish_client!(aws_sdk_ec2, aws_sdk_ec2::config::Builder::from(sdk_config), "post-provision-ec2", counter, &limits),
+            dynamodb: finish_client!(
+                aws_sdk_dynamodb,
+                aws_sdk_dynamodb::config::Builder::from(sdk_config),
+                "post-provision-dynamodb",
+                counter,
+                &limits
+            ),
+            sqs: finish_client!(
+                aws_sdk_sqs,
+                aws_sdk_sqs::config::Builder::from(sdk_config),
+                "post-provision-sqs",
+                counter,
+                &limits
+            ),
+            ec2: finish_client!(
+                aws_sdk_ec2,
+                aws_sdk_ec2::config::Builder::from(sdk_config),
+                "post-provision-ec2",
+                counter,
+                &limits
+            ),
             table: table.into(),
             limits,
             counter,
@@ -114,7 +133,13 @@ impl AwsPorts {
     ) -> AwsPorts {
         let counter = RequestCounter::default();
         AwsPorts {
-            dynamodb: finish_client!(aws_sdk_dynamodb, dynamodb.config().to_builder(), "post-provision-dynamodb", counter, &limits),
+            dynamodb: finish_client!(
+                aws_sdk_dynamodb,
+                dynamodb.config().to_builder(),
+                "post-provision-dynamodb",
+                counter,
+                &limits
+            ),
             sqs: finish_client!(aws_sdk_sqs, sqs.config().to_builder(), "post-provision-sqs", counter, &limits),
             ec2: finish_client!(aws_sdk_ec2, ec2.config().to_builder(), "post-provision-ec2", counter, &limits),
             table: table.into(),

@@ -41,8 +41,7 @@ async fn run_cli(table: &str, spec_file: &Path, extra: &[&str]) -> CliRun {
 fn render(value: &AttributeValue) -> String {
     match value {
         AttributeValue::M(map) => {
-            let sorted: BTreeMap<&String, String> =
-                map.iter().map(|(k, v)| (k, render(v))).collect();
+            let sorted: BTreeMap<&String, String> = map.iter().map(|(k, v)| (k, render(v))).collect();
             format!("{sorted:?}")
         }
         AttributeValue::L(items) => format!("{:?}", items.iter().map(render).collect::<Vec<_>>()),
@@ -54,18 +53,11 @@ fn render(value: &AttributeValue) -> String {
 /// seeded instance's EC2 state. Read without changing anything (no receives).
 async fn world_state(world: &World) -> String {
     let mut lines = Vec::new();
-    let mut pages = world
-        .clients
-        .dynamodb
-        .scan()
-        .table_name(&world.table)
-        .consistent_read(true)
-        .into_paginator()
-        .send();
+    let mut pages =
+        world.clients.dynamodb.scan().table_name(&world.table).consistent_read(true).into_paginator().send();
     while let Some(page) = pages.next().await {
         for item in page.expect("scan").items() {
-            let sorted: BTreeMap<&String, String> =
-                item.iter().map(|(k, v)| (k, render(v))).collect();
+            let sorted: BTreeMap<&String, String> = item.iter().map(|(k, v)| (k, render(v))).collect();
             lines.push(format!("item {sorted:?}"));
         }
     }
@@ -86,13 +78,7 @@ async fn world_state(world: &World) -> String {
             QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
         ]
         .iter()
-        .map(|name| {
-            attributes
-                .attributes()
-                .and_then(|a| a.get(name))
-                .cloned()
-                .unwrap_or_default()
-        })
+        .map(|name| attributes.attributes().and_then(|a| a.get(name)).cloned().unwrap_or_default())
         .collect();
         lines.push(format!("queue {class}: {}", counts.join("/")));
     }
@@ -141,12 +127,7 @@ fn cases() -> Vec<Case> {
             field: "$",
             expected: "malformed JSON",
         },
-        Case {
-            name: "empty file",
-            spoil: |_| Some(String::new()),
-            field: "$",
-            expected: "malformed JSON",
-        },
+        Case { name: "empty file", spoil: |_| Some(String::new()), field: "$", expected: "malformed JSON" },
         Case {
             name: "trailing content",
             spoil: |v| Some(format!("{v} {{}}")),
@@ -170,10 +151,7 @@ fn cases() -> Vec<Case> {
         case!(
             "missing nested field",
             |v| {
-                v["selection"]["instances"][0]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("threshold");
+                v["selection"]["instances"][0].as_object_mut().unwrap().remove("threshold");
             },
             "selection.instances[0].threshold",
             "missing field `threshold`"
@@ -222,42 +200,22 @@ fn cases() -> Vec<Case> {
             "selection.instances[0].usageClass",
             "expected `spot` or `on-demand`"
         ),
-        case!(
-            "empty runId",
-            |v| v["runId"] = json!(""),
-            "runId",
-            "expected a non-empty run id"
-        ),
-        case!(
-            "runId with a slash",
-            |v| v["runId"] = json!("run/1"),
-            "runId",
-            "A-Z a-z 0-9 - _ . :"
-        ),
+        case!("empty runId", |v| v["runId"] = json!(""), "runId", "expected a non-empty run id"),
+        case!("runId with a slash", |v| v["runId"] = json!("run/1"), "runId", "A-Z a-z 0-9 - _ . :"),
         case!(
             "negative maxRuntimeMin",
             |v| v["maxRuntimeMin"] = json!(-5),
             "maxRuntimeMin",
             "expected whole minutes from 1 to 43200, got -5"
         ),
-        case!(
-            "zero maxRuntimeMin",
-            |v| v["maxRuntimeMin"] = json!(0),
-            "maxRuntimeMin",
-            "from 1 to 43200, got 0"
-        ),
+        case!("zero maxRuntimeMin", |v| v["maxRuntimeMin"] = json!(0), "maxRuntimeMin", "from 1 to 43200, got 0"),
         case!(
             "absurd maxRuntimeMin",
             |v| v["maxRuntimeMin"] = json!(100_000_000),
             "maxRuntimeMin",
             "from 1 to 43200, got 100000000"
         ),
-        case!(
-            "fractional maxRuntimeMin",
-            |v| v["maxRuntimeMin"] = json!(1.5),
-            "maxRuntimeMin",
-            "expected i64"
-        ),
+        case!("fractional maxRuntimeMin", |v| v["maxRuntimeMin"] = json!(1.5), "maxRuntimeMin", "expected i64"),
         case!(
             "negative idleTimeSec",
             |v| v["idleTimeSec"] = json!(-1),
@@ -270,12 +228,7 @@ fn cases() -> Vec<Case> {
             "idleTimeSec",
             "from 1 to 604800, got 1000000000000"
         ),
-        case!(
-            "idleTimeSec beyond 64 bits",
-            |v| v["idleTimeSec"] = json!(1e20),
-            "idleTimeSec",
-            "expected i64"
-        ),
+        case!("idleTimeSec beyond 64 bits", |v| v["idleTimeSec"] = json!(1e20), "idleTimeSec", "expected i64"),
         case!(
             "too many selected",
             |v| v["selection"]["numInstancesSelected"] = json!(5),
@@ -363,19 +316,11 @@ fn cases() -> Vec<Case> {
 #[tokio::test]
 async fn every_bad_input_exits_65_names_the_field_and_changes_nothing() {
     let mut world = World::new("badinput").await;
-    world
-        .seed(
-            &[Seed::claimed("small"), Seed::claimed("large")],
-            &[Seed::created("running")],
-        )
-        .await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running")]).await;
     let valid = world.spec_json("success", 1);
     let directory = tempfile::tempdir().expect("temp dir");
     let before = world_state(&world).await;
-    assert!(
-        before.contains("claimed"),
-        "the world has something to lose: {before}"
-    );
+    assert!(before.contains("claimed"), "the world has something to lose: {before}");
 
     for (index, case) in cases().into_iter().enumerate() {
         let mut spec = valid.clone();
@@ -383,10 +328,7 @@ async fn every_bad_input_exits_65_names_the_field_and_changes_nothing() {
         let file = directory.path().join(format!("spec-{index}.json"));
         std::fs::write(&file, &text).expect("write spec");
         let run = run_cli(&world.table, &file, &["--output", "json"]).await;
-        let context = format!(
-            "{}: spec {text}\nstdout: {}\nstderr: {}",
-            case.name, run.stdout, run.stderr
-        );
+        let context = format!("{}: spec {text}\nstdout: {}\nstderr: {}", case.name, run.stdout, run.stderr);
         assert_eq!(run.code, EXIT_INVALID_SPEC, "{context}");
         let error_line = run
             .stderr
@@ -397,28 +339,14 @@ async fn every_bad_input_exits_65_names_the_field_and_changes_nothing() {
             error_line.starts_with(&format!("error: invalid spec: {}: ", case.field)),
             "stderr names the field: {context}"
         );
-        assert!(
-            error_line.contains(case.expected),
-            "stderr says what was expected ({:?}): {context}",
-            case.expected
-        );
+        assert!(error_line.contains(case.expected), "stderr says what was expected ({:?}): {context}", case.expected);
         let report: Value = serde_json::from_str(&run.stdout)
             .unwrap_or_else(|e| panic!("stdout is one JSON error object ({e}): {context}"));
         assert_eq!(report["exitCode"], EXIT_INVALID_SPEC, "{context}");
         assert_eq!(report["error"]["kind"], "invalid-spec", "{context}");
         assert_eq!(report["error"]["field"], case.field, "{context}");
-        assert!(
-            report["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains(case.expected),
-            "{context}"
-        );
-        assert_eq!(
-            world_state(&world).await,
-            before,
-            "nothing changed: {context}"
-        );
+        assert!(report["error"]["message"].as_str().unwrap_or("").contains(case.expected), "{context}");
+        assert_eq!(world_state(&world).await, before, "nothing changed: {context}");
     }
 }
 
@@ -430,60 +358,29 @@ async fn a_missing_table_is_one_clear_line_with_its_own_exit_code() {
     let before = world_state(&world).await;
     let missing = format!("{}-missing", world.table);
     // A commit writes first; a shortfall reads the pool's configuration first: both find no table.
-    for (name, spec) in [
-        ("commit", world.spec_json("success", 0)),
-        ("shortfall", world.spec_json("failed", 1)),
-    ] {
+    for (name, spec) in [("commit", world.spec_json("success", 0)), ("shortfall", world.spec_json("failed", 1))] {
         let file = directory.path().join(format!("{name}.json"));
         std::fs::write(&file, spec.to_string()).expect("write spec");
 
         let run = run_cli(&missing, &file, &[]).await;
         let context = format!("{name}: stdout: {}\nstderr: {}", run.stdout, run.stderr);
         assert_eq!(run.code, EXIT_CONFIG, "{context}");
-        let errors: Vec<&str> = run
-            .stderr
-            .lines()
-            .filter(|line| line.starts_with("error"))
-            .collect();
+        let errors: Vec<&str> = run.stderr.lines().filter(|line| line.starts_with("error")).collect();
         assert_eq!(errors.len(), 1, "one error line: {context}");
         let error = errors[0];
-        assert!(
-            error.contains(&format!("table {missing} does not exist")),
-            "names the table: {context}"
-        );
+        assert!(error.contains(&format!("table {missing} does not exist")), "names the table: {context}");
         assert!(error.contains("init"), "says how to create it: {context}");
-        assert!(
-            error.contains("ResourceNotFoundException"),
-            "keeps the service's code: {context}"
-        );
-        for dump in [
-            "SdkError",
-            "ServiceError",
-            "DispatchFailure",
-            "ConnectorError",
-            "ErrorMetadata",
-            "{",
-        ] {
+        assert!(error.contains("ResourceNotFoundException"), "keeps the service's code: {context}");
+        for dump in ["SdkError", "ServiceError", "DispatchFailure", "ConnectorError", "ErrorMetadata", "{"] {
             assert!(!error.contains(dump), "no SDK dump ({dump}): {context}");
         }
 
         let run = run_cli(&missing, &file, &["--output", "json"]).await;
-        let report: Value =
-            serde_json::from_str(&run.stdout).expect("stdout is one JSON error object");
+        let report: Value = serde_json::from_str(&run.stdout).expect("stdout is one JSON error object");
         assert_eq!(report["exitCode"], EXIT_CONFIG);
         assert_eq!(report["error"]["kind"], "missing-table");
-        assert!(
-            report["error"]["message"]
-                .as_str()
-                .expect("message")
-                .contains(&missing),
-            "{report}"
-        );
+        assert!(report["error"]["message"].as_str().expect("message").contains(&missing), "{report}");
         assert!(report["error"].get("field").is_none(), "{report}");
     }
-    assert_eq!(
-        world_state(&world).await,
-        before,
-        "nothing changed in the real table"
-    );
+    assert_eq!(world_state(&world).await, before, "nothing changed in the real table");
 }

@@ -127,7 +127,11 @@ async fn a_crashed_run_is_listed_refused_while_leased_and_finished_by_resume() {
 
     let busy = cli.output(&["resume", &world.run_id]);
     assert_eq!(code(&busy), 3);
-    assert!(stderr(&busy).contains("is being driven by pid") && stderr(&busy).contains("lease ends"), "{}", stderr(&busy));
+    assert!(
+        stderr(&busy).contains("is being driven by pid") && stderr(&busy).contains("lease ends"),
+        "{}",
+        stderr(&busy)
+    );
 
     // The operator knows the driver is dead (its pod is gone) and forces the take-over.
     let resumed = cli.output(&["resume", "--force", &world.run_id]);
@@ -135,7 +139,12 @@ async fn a_crashed_run_is_listed_refused_while_leased_and_finished_by_resume() {
     let listed = cli.output(&["--output", "json", "list", "--unfinished"]);
     let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json list");
     assert_eq!(rows, serde_json::json!([]));
-    let picture = world.picture(world.run_start(&world.engine(crate::harness::TestClock::at(world.start), Default::default()).await).await, true).await;
+    let picture = world
+        .picture(
+            world.run_start(&world.engine(crate::harness::TestClock::at(world.start), Default::default()).await).await,
+            true,
+        )
+        .await;
     assert_eq!(
         picture,
         "sel0: record idle runId=\"\" threshold=start+300s; ec2 running\n\

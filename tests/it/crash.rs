@@ -23,7 +23,8 @@ const EXPIRED_LARGE: Seed = Seed { class: "large", state: Some("claimed"), owner
 const CLAIMED_SMALL: Seed = Seed { class: "small", state: Some("claimed"), owner: Owner::Own, threshold_secs: 240 };
 const CLAIMED_LARGE: Seed = Seed { class: "large", state: Some("claimed"), owner: Owner::Own, threshold_secs: 240 };
 const CREATED_RUNNING: Seed = Seed { class: "large", state: Some("running"), owner: Owner::Own, threshold_secs: 600 };
-const CREATED_UNVALIDATED: Seed = Seed { class: "large", state: Some("created"), owner: Owner::Own, threshold_secs: 600 };
+const CREATED_UNVALIDATED: Seed =
+    Seed { class: "large", state: Some("created"), owner: Owner::Own, threshold_secs: 600 };
 
 const SCENARIOS: [Scenario; 3] = [
     Scenario {
@@ -74,9 +75,8 @@ async fn crashed_and_resumed(scenario: &Scenario, crash_after: u64) -> String {
     let world = world_for(scenario, &format!("k{crash_after}")).await;
     let clock = TestClock::at(world.start);
     let spec = world.spec(scenario.creation_state, scenario.required);
-    let crashing = world
-        .engine(clock.clone(), Hooks { crash_after_writes: Some(crash_after), ..Hooks::default() })
-        .await;
+    let crashing =
+        world.engine(clock.clone(), Hooks { crash_after_writes: Some(crash_after), ..Hooks::default() }).await;
     let crash = crashing.start(spec.clone()).await;
     assert!(
         matches!(crash, Err(DriveError::Crashed { writes }) if writes == crash_after),
@@ -215,12 +215,11 @@ async fn resume_all_finishes_runs_whose_driver_is_gone() {
     assert!(sweeper.resume_all(100).await.expect("resume all").is_empty());
     clock.advance(test_limits().lease_secs + 1);
     let results = sweeper.resume_all(100).await.expect("resume all");
-    let mut finished: Vec<(String, OutcomeKind)> = results
-        .into_iter()
-        .map(|(run_id, result)| (run_id, result.expect("finished").kind))
-        .collect();
+    let mut finished: Vec<(String, OutcomeKind)> =
+        results.into_iter().map(|(run_id, result)| (run_id, result.expect("finished").kind)).collect();
     finished.sort();
-    let mut expected = vec![(host.run_id.clone(), OutcomeKind::Committed), (guest.run_id.clone(), OutcomeKind::Committed)];
+    let mut expected =
+        vec![(host.run_id.clone(), OutcomeKind::Committed), (guest.run_id.clone(), OutcomeKind::Committed)];
     expected.sort();
     assert_eq!(finished, expected);
     assert!(sweeper.list(false, 100).await.expect("list").iter().all(|r| r.state.is_terminal()));
@@ -235,7 +234,16 @@ async fn the_lease_is_renewed_while_a_long_stage_runs() {
     world.seed(&[CLAIMED_SMALL], &[]).await;
     // Every instance transaction takes 7 s; the lease lasts 5 s and is renewed every 1 s.
     let proxy = crate::faults::FaultProxy::start(&[
-        "--rate", "1.0", "--faults", "slow", "--slow-ms", "7000", "--only", "DynamoDB.TransactWriteItems", "--budget", "2",
+        "--rate",
+        "1.0",
+        "--faults",
+        "slow",
+        "--slow-ms",
+        "7000",
+        "--only",
+        "DynamoDB.TransactWriteItems",
+        "--budget",
+        "2",
     ]);
     let limits = post_provision::config::Limits {
         lease_secs: 5,

@@ -9,7 +9,8 @@ use crate::harness::{Owner, Seed, World};
 
 const CLAIMED_SMALL: Seed = Seed { class: "small", state: Some("claimed"), owner: Owner::Own, threshold_secs: 240 };
 const CLAIMED_LARGE: Seed = Seed { class: "large", state: Some("claimed"), owner: Owner::Own, threshold_secs: 240 };
-const OTHERS: Seed = Seed { class: "large", state: Some("claimed"), owner: Owner::Other("someone-else"), threshold_secs: 240 };
+const OTHERS: Seed =
+    Seed { class: "large", state: Some("claimed"), owner: Owner::Other("someone-else"), threshold_secs: 240 };
 
 fn binary() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_post-provision"));
@@ -90,7 +91,10 @@ async fn github_actions_commit_writes_outputs_and_a_summary() {
         assert!(diagram.contains(state), "{diagram}");
     }
     assert!(!diagram.contains("RollingBack"));
-    assert!(summary.contains(&format!("| `{}` | selected | small | committed: running until", world.selected[0].id)), "{summary}");
+    assert!(
+        summary.contains(&format!("| `{}` | selected | small | committed: running until", world.selected[0].id)),
+        "{summary}"
+    );
     assert!(!stdout(&output).contains("::error"));
 }
 
@@ -122,11 +126,22 @@ async fn github_actions_cleanup_warns_about_what_it_left_alone() {
     let output = github.run(&world, &world.spec_json("success", 0));
     assert_eq!(output.status.code(), Some(2));
     let text = stdout(&output);
-    assert!(text.lines().any(|l| l.starts_with("::warning title=post-provision::instance ") && l.contains("owned by run someone-else")), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("::error title=post-provision::") && l.contains("cleaned up")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("::warning title=post-provision::instance ")
+                && l.contains("owned by run someone-else")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("::error title=post-provision::") && l.contains("cleaned up")),
+        "{text}"
+    );
     let summary = github.summary();
     assert!(mermaid_block(&summary).contains("Committing --> EmergencyCleanup"));
-    assert!(summary.contains("terminated, record deleted") && summary.contains("left alone (owned by run someone-else"), "{summary}");
+    assert!(
+        summary.contains("terminated, record deleted") && summary.contains("left alone (owned by run someone-else"),
+        "{summary}"
+    );
 }
 
 fn validate(schema: &str, json: &[u8]) {
@@ -164,7 +179,10 @@ async fn json_outputs_match_their_schemas() {
     assert_eq!(run.status.code(), Some(1));
     validate("run-report.schema.json", &run.stdout);
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
-    assert_eq!(report["instanceResults"][0]["result"].as_str().map(|r| r.starts_with("returned to pool small")), Some(true));
+    assert_eq!(
+        report["instanceResults"][0]["result"].as_str().map(|r| r.starts_with("returned to pool small")),
+        Some(true)
+    );
     validate("run-report.schema.json", &json(&["status", &world.run_id]).stdout);
     validate("run-report.schema.json", &json(&["resume", &world.run_id]).stdout);
     validate("list.schema.json", &json(&["list"]).stdout);
@@ -242,6 +260,7 @@ async fn the_orchestrator_example_drives_a_run() {
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout(&output).contains(&format!("run {} committed 1 instances", world.run_id)));
     let bad = spec_file(&serde_json::json!({"runId": "x"}));
-    let refused = Command::new(&example).arg(bad.path()).env("POST_PROVISION_TABLE", &world.table).output().expect("example");
+    let refused =
+        Command::new(&example).arg(bad.path()).env("POST_PROVISION_TABLE", &world.table).output().expect("example");
     assert_eq!(refused.status.code(), Some(65));
 }

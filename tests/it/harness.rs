@@ -275,7 +275,13 @@ impl World {
         self.engine_with(clock, hooks, test_limits(), None).await
     }
 
-    pub async fn engine_with(&self, clock: Arc<TestClock>, hooks: Hooks, limits: Limits, endpoint: Option<String>) -> Engine {
+    pub async fn engine_with(
+        &self,
+        clock: Arc<TestClock>,
+        hooks: Hooks,
+        limits: Limits,
+        endpoint: Option<String>,
+    ) -> Engine {
         let mut builder = Engine::builder().table(&self.table).limits(limits).clock(clock).hooks(hooks);
         match endpoint {
             Some(endpoint) => builder = builder.region("us-east-1").endpoint_url(endpoint),
@@ -362,8 +368,13 @@ impl World {
                     .await
                     .expect("receive");
                 for message in received.messages() {
-                    let body: serde_json::Value = serde_json::from_str(message.body().unwrap_or("{}")).expect("json body");
-                    ids.push(self.redact(&format!("{}|{}", body["id"].as_str().unwrap_or(""), body["threshold"].as_str().unwrap_or(""))));
+                    let body: serde_json::Value =
+                        serde_json::from_str(message.body().unwrap_or("{}")).expect("json body");
+                    ids.push(self.redact(&format!(
+                        "{}|{}",
+                        body["id"].as_str().unwrap_or(""),
+                        body["threshold"].as_str().unwrap_or("")
+                    )));
                 }
             }
             ids.sort();
@@ -428,7 +439,9 @@ impl World {
 pub fn trace_text(world: &World, trace: &[post_provision::driver::TraceEvent]) -> String {
     trace
         .iter()
-        .map(|event| relative_times(world.start, &world.redact(&serde_json::to_string(event).expect("trace serializes"))))
+        .map(|event| {
+            relative_times(world.start, &world.redact(&serde_json::to_string(event).expect("trace serializes")))
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

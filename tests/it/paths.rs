@@ -16,7 +16,9 @@ fn snapshot(name: &str, value: String) {
 #[tokio::test]
 async fn commit_moves_everything_to_running_with_the_new_lifetime() {
     let mut world = World::new("commit").await;
-    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running"), Seed::created("created")]).await;
+    world
+        .seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running"), Seed::created("created")])
+        .await;
     let clock = TestClock::at(world.start);
     let engine = world.engine(clock, Hooks::default()).await;
     let outcome = engine.start(world.spec("success", 2)).await.expect("run");
@@ -42,7 +44,9 @@ async fn commit_moves_everything_to_running_with_the_new_lifetime() {
 #[tokio::test]
 async fn rollback_returns_claimed_instances_to_their_pools_and_retires_unvalidated_ones() {
     let mut world = World::new("rollback").await;
-    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running"), Seed::created("created")]).await;
+    world
+        .seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running"), Seed::created("created")])
+        .await;
     let clock = TestClock::at(world.start);
     let engine = world.engine(clock, Hooks::default()).await;
     let outcome = engine.start(world.spec("partial", 3)).await.expect("run");

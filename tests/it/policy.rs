@@ -35,7 +35,9 @@ fn operations_in_source() -> BTreeSet<(String, String)> {
         let path = entry.expect("entry").path();
         let source = std::fs::read_to_string(&path).expect("read source");
         let compact: String = source.chars().filter(|c| !c.is_whitespace()).collect();
-        for (prefix, service) in [("self.dynamodb.", "dynamodb"), ("self.sqs.", "sqs"), ("self.ec2.", "ec2"), ("client.", "dynamodb")] {
+        for (prefix, service) in
+            [("self.dynamodb.", "dynamodb"), ("self.sqs.", "sqs"), ("self.ec2.", "ec2"), ("client.", "dynamodb")]
+        {
             let mut rest = compact.as_str();
             while let Some(at) = rest.find(prefix) {
                 rest = &rest[at + prefix.len()..];
@@ -51,11 +53,13 @@ fn operations_in_source() -> BTreeSet<(String, String)> {
 
 /// Operations only `post-provision init` calls: granted by docs/iam-policy-init.json, so the
 /// role that drives runs never holds CreateTable or UpdateTimeToLive.
-const INIT_ONLY: [&str; 5] = ["describe_table", "create_table", "describe_time_to_live", "update_time_to_live", "wait_until_table_exists"];
+const INIT_ONLY: [&str; 5] =
+    ["describe_table", "create_table", "describe_time_to_live", "update_time_to_live", "wait_until_table_exists"];
 
 fn granted(policy_file: &str) -> BTreeSet<String> {
     let path = format!("{}/docs/{policy_file}", env!("CARGO_MANIFEST_DIR"));
-    let policy: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("policy")).expect("policy is JSON");
+    let policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("policy")).expect("policy is JSON");
     policy["Statement"]
         .as_array()
         .expect("statements")
@@ -71,12 +75,16 @@ fn the_iam_policies_grant_exactly_what_the_code_calls() {
     assert!(operations.contains(&("ec2".to_string(), "terminate_instances".to_string())), "{operations:?}");
     let (mut runtime, mut init) = (BTreeSet::new(), BTreeSet::new());
     for (service, operation) in &operations {
-        let actions = iam_actions(service, operation)
-            .unwrap_or_else(|| panic!("{service}.{operation} is called but has no IAM mapping: add it here and to docs/iam-policy*.json"));
+        let actions = iam_actions(service, operation).unwrap_or_else(|| {
+            panic!("{service}.{operation} is called but has no IAM mapping: add it here and to docs/iam-policy*.json")
+        });
         let target = if INIT_ONLY.contains(&operation.as_str()) { &mut init } else { &mut runtime };
         target.extend(actions.into_iter().map(String::from));
     }
     assert_eq!(granted("iam-policy.json"), runtime, "docs/iam-policy.json must grant exactly what driving runs needs");
     assert_eq!(granted("iam-policy-init.json"), init, "docs/iam-policy-init.json must grant exactly what init needs");
-    assert!(granted("iam-policy.json").iter().chain(granted("iam-policy-init.json").iter()).all(|a| !a.contains('*')), "no wildcard actions");
+    assert!(
+        granted("iam-policy.json").iter().chain(granted("iam-policy-init.json").iter()).all(|a| !a.contains('*')),
+        "no wildcard actions"
+    );
 }
