@@ -319,8 +319,6 @@ impl<P: Ports> Driver<P> {
     async fn start_inner(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
         let canonical = spec.to_canonical_json();
         let spec_digest = record::digest(&canonical);
-        // No read first: creating the record is conditional, and a run id that already has one
-        // gets it back from the refused create (one round trip either way).
         let now = self.clock.now();
         let reconciliation = core::reconcile(&spec);
         info!(outcome = ?reconciliation.input, reason = %reconciliation.reason, "reconciled");
@@ -357,6 +355,8 @@ impl<P: Ports> Driver<P> {
             }
         }
         let (state, _) = machine::next(State::Reconciling, input)?;
+        // An abandoned run's record and spec chunks expire together, long after any resume.
+        let unfinished_ttl = now.plus_secs(2 * self.limits.retention_days * 86_400).unix_secs();
         let mut record = RunRecord {
             schema_version: RUN_RECORD_SCHEMA_VERSION,
             run_id: spec.run_id.clone(),
@@ -379,15 +379,14 @@ impl<P: Ports> Driver<P> {
             messages_sent: Vec::new(),
             error,
             lease: Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) },
-            ttl: None,
+            ttl: Some(unfinished_ttl),
         };
-        // An abandoned run's record and spec chunks expire together, long after any resume.
-        let chunk_ttl = now.plus_secs(2 * self.limits.retention_days * 86_400).unix_secs();
-        record.ttl = Some(chunk_ttl);
         set_entry_thresholds(&mut record, &spec, now);
         let chunks = record::split_spec(&canonical);
         record.spec_chunks = chunks.len() as u32;
-        match self.write(self.ports.create_run(&record, &chunks, chunk_ttl)).await?.map_err(not_started)? {
+        // No read first: creating the record is conditional, and a run id that already has one
+        // gets it back from the refused create (one round trip either way).
+        match self.write(self.ports.create_run(&record, &chunks, unfinished_ttl)).await?.map_err(not_started)? {
             CreateOutcome::Created => {}
             CreateOutcome::Exists(existing) => return self.rejoin(*existing, &spec_digest).await,
         }
