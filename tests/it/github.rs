@@ -264,3 +264,32 @@ async fn the_orchestrator_example_drives_a_run() {
         Command::new(&example).arg(bad.path()).env("POST_PROVISION_TABLE", &world.table).output().expect("example");
     assert_eq!(refused.status.code(), Some(65));
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_run_and_state_spans_and_name_the_instances_touched() {
+    let mut world = World::new("logs").await;
+    world.seed(&[CLAIMED_SMALL], &[]).await;
+    let file = spec_file(&world.spec_json("failed", 1));
+    let output = binary()
+        .env("RUST_LOG", "info")
+        .args(["--log-format", "json", "--table", &world.table, "run", "--spec"])
+        .arg(file.path())
+        .output()
+        .expect("CLI");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).expect("a JSON log line"))
+        .collect();
+    assert!(!events.is_empty(), "{stderr}");
+    let id = &world.selected[0].id;
+    let sent = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "pool messages sent")
+        .unwrap_or_else(|| panic!("no 'pool messages sent' event: {stderr}"));
+    assert_eq!(sent["span"]["state"], "RollingBack");
+    assert_eq!(sent["spans"][0]["run_id"], world.run_id.as_str());
+    assert!(sent["fields"]["ids"].as_str().unwrap_or_default().contains(id.as_str()), "{sent}");
+}

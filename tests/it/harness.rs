@@ -331,52 +331,22 @@ impl World {
             .unwrap_or_default()
     }
 
-    /// The instance ids of every message in each pool queue (waiting for the 3 s delay).
+    /// The instance id and threshold (`id|threshold`) of every message in each pool queue.
     pub async fn queue_contents(&self) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
         for (class, url) in &self.queues {
-            let attributes = self
-                .clients
-                .sqs
-                .get_queue_attributes()
-                .queue_url(url)
-                .attribute_names(QueueAttributeName::All)
-                .send()
+            let mut ids: Vec<String> = drain_queue(&self.clients.sqs, url)
                 .await
-                .expect("queue attributes");
-            let count = |name: QueueAttributeName| -> usize {
-                attributes.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
-            };
-            let total = count(QueueAttributeName::ApproximateNumberOfMessages)
-                + count(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-                + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
-            let mut ids = Vec::new();
-            // Long polls return as soon as a delayed message becomes visible; bounded rounds.
-            for _ in 0..20 {
-                if ids.len() >= total {
-                    break;
-                }
-                let received = self
-                    .clients
-                    .sqs
-                    .receive_message()
-                    .queue_url(url)
-                    .max_number_of_messages(10)
-                    .wait_time_seconds(5)
-                    .visibility_timeout(300)
-                    .send()
-                    .await
-                    .expect("receive");
-                for message in received.messages() {
-                    let body: serde_json::Value =
-                        serde_json::from_str(message.body().unwrap_or("{}")).expect("json body");
-                    ids.push(self.redact(&format!(
+                .iter()
+                .map(|body| {
+                    let body: serde_json::Value = serde_json::from_str(body).expect("json body");
+                    self.redact(&format!(
                         "{}|{}",
                         body["id"].as_str().unwrap_or(""),
                         body["threshold"].as_str().unwrap_or("")
-                    )));
-                }
-            }
+                    ))
+                })
+                .collect();
             ids.sort();
             out.insert(class.clone(), ids);
         }
@@ -465,4 +435,53 @@ pub fn relative_times(base: Timestamp, text: &str) -> String {
         }
     }
     out
+}
+
+/// How many messages a queue holds once none is delayed. Pool messages are sent with a 3 s delay,
+/// and a queue's counts can miss a message at the moment it leaves the delay (each count is
+/// taken on its own), so this waits, bounded, until no message is delayed: the counts are then
+/// stable.
+pub async fn settled_queue_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> usize {
+    for _ in 0..100 {
+        let attributes = sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::All)
+            .send()
+            .await
+            .expect("queue attributes");
+        let depth = |name: QueueAttributeName| -> usize {
+            attributes.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        if depth(QueueAttributeName::ApproximateNumberOfMessagesDelayed) == 0 {
+            return depth(QueueAttributeName::ApproximateNumberOfMessages)
+                + depth(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        }
+        // A poll interval while waiting for the delay to pass (a condition), not a timed expectation.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("messages of {url} still delayed after 10 s");
+}
+
+/// Every message body in a queue, duplicates kept: long polls until the settled depth is read.
+pub async fn drain_queue(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<String> {
+    let expected = settled_queue_depth(sqs, url).await;
+    let mut bodies = Vec::with_capacity(expected);
+    for _ in 0..(expected / 10 + 20) {
+        if bodies.len() >= expected {
+            break;
+        }
+        let received = sqs
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(5)
+            .visibility_timeout(600)
+            .send()
+            .await
+            .expect("receive");
+        bodies.extend(received.messages().iter().map(|m| m.body().unwrap_or("{}").to_string()));
+    }
+    assert_eq!(bodies.len(), expected, "could not receive every message of {url}");
+    bodies
 }

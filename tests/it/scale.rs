@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use aws_config::retry::RetryConfig;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use aws_sdk_sqs::types::QueueAttributeName;
 use futures::stream::{self, StreamExt};
 use post_provision::aws::{load_sdk_config, Connection};
 use post_provision::driver::{Hooks, TraceEvent};
@@ -377,52 +376,16 @@ async fn ec2_states(world: &World, ids: &[String]) -> BTreeMap<String, String> {
     states
 }
 
-/// Messages in a queue (visible, delayed and in flight), from its attributes.
-async fn queue_depth(world: &World, url: &str) -> usize {
-    let attributes = world
-        .clients
-        .sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::All)
-        .send()
-        .await
-        .expect("queue attributes");
-    let count = |name: QueueAttributeName| -> usize {
-        attributes.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    count(QueueAttributeName::ApproximateNumberOfMessages)
-        + count(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-        + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-}
-
-/// The instance id of every message in the queue, duplicates kept. Long polls return as soon
-/// as a delayed message becomes visible; the rounds are bounded.
+/// The instance id of every message in the queue, duplicates kept.
 async fn drain_queue(world: &World, url: &str) -> Vec<String> {
-    let expected = queue_depth(world, url).await;
-    let mut ids = Vec::with_capacity(expected);
-    for _ in 0..(expected / 10 + 20) {
-        if ids.len() >= expected {
-            break;
-        }
-        let received = world
-            .clients
-            .sqs
-            .receive_message()
-            .queue_url(url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(5)
-            .visibility_timeout(600)
-            .send()
-            .await
-            .expect("receive");
-        for message in received.messages() {
-            let body: serde_json::Value = serde_json::from_str(message.body().unwrap_or("{}")).expect("json body");
-            ids.push(body["id"].as_str().expect("message id").to_string());
-        }
-    }
-    assert_eq!(ids.len(), expected, "could not receive every message of {url}");
-    ids
+    crate::harness::drain_queue(&world.clients.sqs, url)
+        .await
+        .iter()
+        .map(|body| {
+            let body: serde_json::Value = serde_json::from_str(body).expect("json body");
+            body["id"].as_str().expect("message id").to_string()
+        })
+        .collect()
 }
 
 async fn engine_for(world: &World, clock: Arc<TestClock>) -> Engine {
@@ -458,7 +421,11 @@ async fn a_thousand_instance_commit() {
         );
     }
     for url in world.queues.values() {
-        assert_eq!(queue_depth(&world, url).await, 0, "a commit sends no pool message");
+        assert_eq!(
+            crate::harness::settled_queue_depth(&world.clients.sqs, url).await,
+            0,
+            "a commit sends no pool message"
+        );
     }
     // Batched: ten transactions of 100 rather than one write per instance.
     assert_eq!(
@@ -493,7 +460,7 @@ async fn a_thousand_instance_rollback() {
     assert_eq!(outcome.record.messages_sent.len(), FLEET);
     let mut depth = 0;
     for (class, url) in &world.queues {
-        let class_depth = queue_depth(&world, url).await;
+        let class_depth = crate::harness::settled_queue_depth(&world.clients.sqs, url).await;
         assert_eq!(class_depth, FLEET / CLASSES.len(), "queue {class}");
         depth += class_depth;
     }
