@@ -437,38 +437,35 @@ pub fn relative_times(base: Timestamp, text: &str) -> String {
     out
 }
 
-/// How many messages a queue holds once none is delayed. Pool messages are sent with a 3 s delay,
-/// and a queue's counts can miss a message at the moment it leaves the delay (each count is
-/// taken on its own), so this waits, bounded, until no message is delayed: the counts are then
-/// stable.
-pub async fn settled_queue_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> usize {
-    for _ in 0..100 {
-        let attributes = sqs
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::All)
-            .send()
-            .await
-            .expect("queue attributes");
-        let depth = |name: QueueAttributeName| -> usize {
-            attributes.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
-        };
-        if depth(QueueAttributeName::ApproximateNumberOfMessagesDelayed) == 0 {
-            return depth(QueueAttributeName::ApproximateNumberOfMessages)
-                + depth(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
-        }
-        // A poll interval while waiting for the delay to pass (a condition), not a timed expectation.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("messages of {url} still delayed after 10 s");
-}
-
-/// Every message body in a queue, duplicates kept: long polls until the settled depth is read.
+/// Every message body in a queue, duplicates kept. Pool messages are sent with a 3 s delay, and
+/// a queue's counts can miss a message at the moment it leaves the delay (each count is taken on
+/// its own). So while any message is delayed, SQS's own long poll waits for it (it returns as
+/// soon as a message becomes visible); once none is delayed the counts are stable, and the rest
+/// is received up to that count. Bounded in rounds.
 pub async fn drain_queue(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<String> {
-    let expected = settled_queue_depth(sqs, url).await;
-    let mut bodies = Vec::with_capacity(expected);
-    for _ in 0..(expected / 10 + 20) {
-        if bodies.len() >= expected {
+    let mut bodies = Vec::new();
+    let mut expected = None;
+    for _ in 0..1_000 {
+        if expected.is_none() {
+            let attributes = sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::All)
+                .send()
+                .await
+                .expect("queue attributes");
+            let depth = |name: QueueAttributeName| -> usize {
+                attributes.attributes().and_then(|a| a.get(&name)).and_then(|v| v.parse().ok()).unwrap_or(0)
+            };
+            if depth(QueueAttributeName::ApproximateNumberOfMessagesDelayed) == 0 {
+                // Messages received here are in flight (NotVisible) and counted.
+                expected = Some(
+                    depth(QueueAttributeName::ApproximateNumberOfMessages)
+                        + depth(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+                );
+            }
+        }
+        if expected.is_some_and(|expected| bodies.len() >= expected) {
             break;
         }
         let received = sqs
@@ -482,6 +479,11 @@ pub async fn drain_queue(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<String> {
             .expect("receive");
         bodies.extend(received.messages().iter().map(|m| m.body().unwrap_or("{}").to_string()));
     }
-    assert_eq!(bodies.len(), expected, "could not receive every message of {url}");
+    assert_eq!(Some(bodies.len()), expected, "could not receive every message of {url}");
     bodies
+}
+
+/// How many messages a queue holds (every one received and counted; they stay in flight).
+pub async fn settled_queue_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> usize {
+    drain_queue(sqs, url).await.len()
 }
