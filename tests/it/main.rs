@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod faults;
 mod github;
+mod interplay;
 mod paths;
 mod policy;
 mod scale;
