@@ -201,7 +201,7 @@ fn cases() -> Vec<Case> {
             "expected `spot` or `on-demand`"
         ),
         case!("empty runId", |v| v["runId"] = json!(""), "runId", "expected a non-empty run id"),
-        case!("runId with a slash", |v| v["runId"] = json!("run/1"), "runId", "A-Z a-z 0-9 - _ . :"),
+        case!("runId with a slash", |v| v["runId"] = json!("run/1"), "runId", "A-Z a-z 0-9 . _ -"),
         case!(
             "negative maxRuntimeMin",
             |v| v["maxRuntimeMin"] = json!(-5),
