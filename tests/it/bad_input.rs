@@ -51,7 +51,7 @@ fn render(value: &AttributeValue) -> String {
 
 /// Everything a run could change: every item of the table, each queue's message counts, and each
 /// seeded instance's EC2 state. Read without changing anything (no receives).
-async fn world_state(world: &World) -> String {
+pub(crate) async fn world_state(world: &World) -> String {
     let mut lines = Vec::new();
     let mut pages =
         world.clients.dynamodb.scan().table_name(&world.table).consistent_read(true).into_paginator().send();

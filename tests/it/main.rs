@@ -12,3 +12,4 @@ mod paths;
 mod policy;
 mod scale;
 mod snapshots;
+mod trust;
