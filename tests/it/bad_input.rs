@@ -305,6 +305,65 @@ fn cases() -> Vec<Case> {
             "YYYY-MM-DDTHH:MM:SSZ"
         ),
         case!(
+            "unknown top-level field (a typo)",
+            |v| v["resourceClassConfg"] = json!({}),
+            "resourceClassConfg",
+            "did you mean `resourceClassConfig`?"
+        ),
+        case!(
+            "unknown instance field",
+            |v| v["creation"]["instances"][0]["usage_class"] = json!("spot"),
+            "creation.instances[0].usage_class",
+            "did you mean `usageClass`?"
+        ),
+        case!("runId with a key separator", |v| v["runId"] = json!("run#1"), "runId", "A-Z a-z 0-9 . _ -"),
+        case!(
+            "runAttempt out of range",
+            |v| v["runAttempt"] = json!(0),
+            "runAttempt",
+            "expected a run attempt from 1 to 10000, got 0"
+        ),
+        case!(
+            "1 MB instanceType",
+            |v| v["selection"]["instances"][0]["instanceType"] = json!("c".repeat(1_000_000)),
+            "selection.instances[0].instanceType",
+            "(1000000 bytes)"
+        ),
+        case!(
+            "5 MB instanceType (over the file limit)",
+            |v| v["selection"]["instances"][0]["instanceType"] = json!("c".repeat(5_000_000)),
+            "$",
+            "larger than the spec size limit of 2097152 bytes"
+        ),
+        case!(
+            "resource class over 64 bytes",
+            |v| v["selection"]["instances"][1]["resourceClass"] = json!("l".repeat(65)),
+            "selection.instances[1].resourceClass",
+            "at most 64 bytes"
+        ),
+        case!(
+            "class with cpu 0",
+            |v| v["resourceClassConfig"] = json!({"large": {"cpu": 0, "mmem": 4096, "queueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/pool-large"}}),
+            "resourceClassConfig.large.cpu",
+            "above 0"
+        ),
+        case!(
+            "instance contradicting its class",
+            |v| {
+                v["resourceClassConfig"] = json!({"large": {"cpu": 2, "mmem": 4096, "queueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/pool-large"}});
+                v["creation"]["instances"][0]["cpu"] = json!(4096);
+            },
+            "creation.instances[0].cpu",
+            "has cpu 2 in resourceClassConfig, but this instance of it has cpu 4096"
+        ),
+        case!(
+            "queue URL that is not SQS",
+            |v| v["resourceClassConfig"] =
+                json!({"large": {"cpu": 2, "mmem": 4096, "queueUrl": "https://evil.example/123456789012/pool-large"}}),
+            "resourceClassConfig.large.queueUrl",
+            "expected an SQS queue URL"
+        ),
+        case!(
             "threshold as epoch seconds",
             |v| v["selection"]["instances"][0]["threshold"] = json!(1795757867),
             "selection.instances[0].threshold",

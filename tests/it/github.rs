@@ -293,6 +293,21 @@ async fn the_orchestrator_example_drives_a_run() {
     let refused =
         Command::new(&example).arg(bad.path()).env("POST_PROVISION_TABLE", &world.table).output().expect("example");
     assert_eq!(refused.status.code(), Some(65));
+    // Its exit codes are the CLI's: a missing table is 78, not a generic failure.
+    let missing = Command::new(&example)
+        .arg(file.path())
+        .env("POST_PROVISION_TABLE", format!("{}-missing", world.table))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("example");
+    assert_eq!(
+        missing.status.code(),
+        Some(post_provision::cli::EXIT_CONFIG),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    let usage = Command::new(&example).env("POST_PROVISION_TABLE", &world.table).output().expect("example");
+    assert_eq!(usage.status.code(), Some(post_provision::cli::EXIT_USAGE));
 }
 
 #[tokio::test]

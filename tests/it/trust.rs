@@ -14,6 +14,9 @@ use crate::bad_input::world_state;
 use crate::github::{parse_github_file, validate};
 use crate::harness::{Owner, Seed, World};
 
+/// A change that spoils a valid spec.
+type Spoil = Box<dyn Fn(&mut Value)>;
+
 /// What an attacker puts into a text field.
 const INJECTION: &str = "x\n::warning title=pwn::INJECTED";
 
@@ -87,7 +90,7 @@ async fn spec_text_cannot_inject_workflow_commands() {
     world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
     let before = world_state(&world).await;
     let valid = world.spec_json("success", 1);
-    let spoilers: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let spoilers: Vec<(&str, Spoil)> = vec![
         ("usageClass", Box::new(|v| v["selection"]["instances"][0]["usageClass"] = json!(INJECTION))),
         ("resourceClass", Box::new(|v| v["creation"]["instances"][0]["resourceClass"] = json!(INJECTION))),
         ("instanceType", Box::new(|v| v["creation"]["instances"][0]["instanceType"] = json!(INJECTION))),
@@ -523,7 +526,7 @@ async fn the_spec_schema_matches_the_specs() {
         assert!(post_provision::Spec::from_json(&spec.to_string()).is_err(), "the engine accepts {spec}");
     };
     let valid = world.spec_json("success", 1);
-    let spoilers: Vec<Box<dyn Fn(&mut Value)>> = vec![
+    let spoilers: Vec<Spoil> = vec![
         Box::new(|v| v["resourceClassConfg"] = json!({})),
         Box::new(|v| v["selection"]["instances"][0]["extra"] = json!(1)),
         Box::new(|v| v["runId"] = json!("run#1")),
