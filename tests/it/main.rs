@@ -13,3 +13,4 @@ mod paths;
 mod policy;
 mod scale;
 mod snapshots;
+mod trust;
