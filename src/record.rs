@@ -79,6 +79,11 @@ pub struct RunRecord {
     /// Instance ids whose pool message this run knows it sent.
     #[serde(default)]
     pub messages_sent: Vec<String>,
+    /// Instances that refused the one-transaction create of this run (at most
+    /// [`crate::core::MAX_TRANSACTION_ITEMS`]), before this record was written: this run never
+    /// held them after that, so a resume never reads them as "committed earlier, handed on since".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_at_create: Vec<String>,
     /// Why the run failed: the shortfall, or the original unexpected error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<RunError>,

@@ -21,8 +21,11 @@ use crate::timestamp::Timestamp;
 /// What retiring a set of instances did.
 #[derive(Debug, Default)]
 pub(super) struct Retired {
-    /// Instances terminated (or already gone).
+    /// Instances terminated.
     pub terminated: usize,
+    /// Instances whose mark found them in the pool exactly as this run released them (idle,
+    /// runId `""`, the run's idle threshold): announced or not, this run cannot tell.
+    pub released: Vec<String>,
 }
 
 impl<P: Ports> Driver<P> {
@@ -32,18 +35,7 @@ impl<P: Ports> Driver<P> {
         &self,
         transitions: Vec<InstanceTransition>,
     ) -> Result<Vec<(InstanceTransition, Finding)>, StepError> {
-        let results = self
-            .run_batched(
-                transitions,
-                "transition",
-                |t| &t.instance_id,
-                |batch| TraceEvent::TransitionInstances {
-                    to: batch[0].new_state,
-                    ids: batch.iter().map(|t| t.instance_id.clone()).collect(),
-                },
-                move |batch| async move { self.write(self.ports.transition(&batch, self.clock.now())).await },
-            )
-            .await?;
+        let results = self.run_transition_results(transitions).await?;
         Ok(results
             .into_iter()
             .map(|(transition, result)| {
@@ -51,6 +43,24 @@ impl<P: Ports> Driver<P> {
                 (transition, finding)
             })
             .collect())
+    }
+
+    /// As [`Driver::run_transitions`], with each raw result (the record found, on a refusal).
+    async fn run_transition_results(
+        &self,
+        transitions: Vec<InstanceTransition>,
+    ) -> Result<Vec<(InstanceTransition, WriteResult)>, StepError> {
+        self.run_batched(
+            transitions,
+            "transition",
+            |t| &t.instance_id,
+            |batch| TraceEvent::TransitionInstances {
+                to: batch[0].new_state,
+                ids: batch.iter().map(|t| t.instance_id.clone()).collect(),
+            },
+            move |batch| async move { self.write(self.ports.transition(&batch, self.clock.now())).await },
+        )
+        .await
     }
 
     /// Deletes marked instance records in atomic batches, concurrently, re-sending cancelled items.
@@ -156,15 +166,23 @@ impl<P: Ports> Driver<P> {
                                 class: ErrorClass::Throttling,
                             }));
                         }
-                    } else if conflicted {
+                    } else if contended {
+                        // Transaction conflicts are contention with other writers of the same
+                        // records: load, like throttling, never a reason for emergency cleanup.
                         conflict_rounds += 1;
                         if conflict_rounds >= self.limits.batch_rounds {
-                            return Err(StepError::Unexpected(format!(
-                                "{} instance {what}s still conflicting after {} rounds: {}",
-                                pending.len(),
-                                self.limits.batch_rounds,
-                                pending.iter().map(|item| id(item).as_str()).collect::<Vec<_>>().join(", ")
-                            )));
+                            return Err(StepError::Throttled(AwsError {
+                                service: "DynamoDB",
+                                operation: "TransactWriteItems",
+                                code: Some("TransactionConflict".into()),
+                                message: format!(
+                                    "{} instance {what}s still conflicting after {} rounds: {}",
+                                    pending.len(),
+                                    self.limits.batch_rounds,
+                                    pending.iter().map(|item| id(item).as_str()).collect::<Vec<_>>().join(", ")
+                                ),
+                                class: ErrorClass::Throttling,
+                            }));
                         }
                     }
                 }
@@ -272,28 +290,45 @@ impl<P: Ports> Driver<P> {
     }
 
     /// Retires instances of this run: marks each record this run holds `terminated` (a
-    /// conditional write no other actor's write can pass, and `released_unsent` as in
-    /// [`core::retire_marks`]), checks which instances carry the pool tag, terminates those, and
-    /// only then deletes the marked records. A record therefore never disappears while its
-    /// instance may live on: if EC2 refuses or fails, the record stays, marked, for a resume or
-    /// `audit` to find. Instances that somebody else holds are left alone; an instance without
-    /// the pool tag is never terminated.
+    /// conditional write no other actor's write can pass; with `released_unsent`, also a record
+    /// this run released at that threshold, as in [`core::retire_marks`]), checks which instances
+    /// carry the pool tag, terminates those, and only then deletes the marked records of the
+    /// instances EC2 terminated. A record therefore never disappears while its instance may live
+    /// on: if EC2 refuses, fails, or does not know the instance yet (a fresh one can be unknown
+    /// for seconds), the record stays, marked `terminated` with a past threshold (so the boot
+    /// agent of an instance that does exist terminates itself), for a resume or `audit` to find.
+    /// Instances that somebody else holds are left alone; an instance without the pool tag is
+    /// never terminated. A record found exactly as this run released it at `released` is
+    /// reported in [`Retired::released`], not marked (unless `released_unsent` says to).
     pub(super) async fn retire(
         &self,
         record: &mut RunRecord,
         instances: &[(Role, &PoolInstance)],
         released_unsent: Option<Timestamp>,
+        released: Option<Timestamp>,
         marked_at: Timestamp,
     ) -> Result<Retired, StepError> {
         if instances.is_empty() {
             return Ok(Retired::default());
         }
         let marks = core::retire_marks(&record.run_id, instances, released_unsent, marked_at);
-        let findings = self.run_transitions(marks).await?;
+        let results = self.run_transition_results(marks).await?;
         let mut marked = Vec::new();
         let mut unrecorded = Vec::new();
-        for (mark, finding) in &findings {
+        let mut released_ids = Vec::new();
+        for (mark, result) in &results {
             let id = mark.instance_id.clone();
+            if let (Some(threshold), WriteResult::Rejected(Some(found))) = (released, result) {
+                if found.state == core::InstanceState::Idle.as_str()
+                    && found.run_id.is_empty()
+                    && found.threshold == threshold.to_string()
+                {
+                    released_ids.push(id);
+                    continue;
+                }
+            }
+            let finding = classify_transition(mark, result).expect("cancelled writes were re-sent");
+            let finding = &finding;
             match retire_disposition(finding) {
                 RetireDisposition::TerminateThenDelete => marked.push(id),
                 RetireDisposition::TerminateOnly => {
@@ -318,10 +353,17 @@ impl<P: Ports> Driver<P> {
             warn!(instance = %id, error = %error, "termination refused: the record stays, marked terminated");
             self.record_event(TraceEvent::Found { id: id.clone(), finding: format!("termination refused: {error}") });
         }
-        // Gone: terminated now, or unknown to EC2 (long gone). A foreign instance or a refused
-        // termination keeps its marked record.
-        let gone: HashSet<&String> =
-            termination.terminated.iter().chain(&termination.not_found).chain(&membership.unknown).collect();
+        // Only an instance EC2 terminated loses its record. One EC2 does not know (yet: eventual
+        // consistency hides fresh instances for seconds), a foreign one, or a refused termination
+        // keeps its marked record.
+        for id in termination.not_found.iter().chain(&membership.unknown).filter(|id| marked.contains(id)) {
+            warn!(instance = %id, "EC2 does not know this instance (yet): its record stays, marked terminated");
+            self.record_event(TraceEvent::Found {
+                id: id.clone(),
+                finding: "unknown to EC2: record kept, marked terminated".into(),
+            });
+        }
+        let gone: HashSet<&String> = termination.terminated.iter().collect();
         let deletions: Vec<InstanceDeletion> = marked
             .iter()
             .filter(|id| gone.contains(id))
@@ -335,9 +377,7 @@ impl<P: Ports> Driver<P> {
                 }
             }
         }
-        Ok(Retired {
-            terminated: termination.terminated.len() + termination.not_found.len() + membership.unknown.len(),
-        })
+        Ok(Retired { terminated: termination.terminated.len(), released: released_ids })
     }
 
     /// Which of `ids` carry the pool tag, one DescribeInstances per

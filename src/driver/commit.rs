@@ -18,7 +18,11 @@ impl<P: Ports> Driver<P> {
     /// only marks it `terminated`), so only release after the committed job can have handed it
     /// on. It is left alone and the commit counts as done for it. On a first attempt the same
     /// finding means the spec named an instance this run never held: the commit is refused, and
-    /// emergency cleanup (isolation-checked) follows.
+    /// emergency cleanup (isolation-checked) follows. So does it on a resume for an instance that
+    /// already refused the run's one-transaction create (`refused_at_create`): this run never
+    /// held it. (A run created on the staged path without that attempt has no such evidence: a
+    /// spec naming another run's instance, with a crash between the record and the commit, would
+    /// end `Done` without it, and that instance untouched. See ARCHITECTURE's known limitations.)
     pub(super) async fn commit(&self, spec: &Spec, record: &mut RunRecord, resumed: bool) -> Result<String, StepError> {
         let threshold = record.commit_threshold.expect("commit threshold is set on entering Committing");
         let findings = self.run_transitions(core::commit_transitions(spec, threshold)).await?;
@@ -28,7 +32,9 @@ impl<P: Ports> Driver<P> {
         for (transition, finding) in &findings {
             match finding {
                 Finding::Done => committed += 1,
-                Finding::OwnedByOther { .. } if resumed => {
+                Finding::OwnedByOther { .. }
+                    if resumed && !record.refused_at_create.contains(&transition.instance_id) =>
+                {
                     warn!(instance = %transition.instance_id, found = %finding, "committed earlier and handed on since: left alone");
                     self.record_event(TraceEvent::Found {
                         id: transition.instance_id.clone(),

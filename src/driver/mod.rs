@@ -444,6 +444,7 @@ impl<P: Ports> Driver<P> {
             idle_threshold: None,
             queue_urls,
             messages_sent: Vec::new(),
+            refused_at_create: Vec::new(),
             error,
             lease: Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) },
             ttl: Some(unfinished_ttl),
@@ -476,13 +477,16 @@ impl<P: Ports> Driver<P> {
                     return self.drive_preapplied(landed, spec).await;
                 }
                 Created::Other(outcome) => return outcome,
-                Created::Refused => info!("an instance refused the one-transaction path; taking the staged path"),
+                Created::Refused(refused) => {
+                    info!(refused = ?refused, "the one-transaction path was refused; taking the staged path");
+                    record.refused_at_create = refused;
+                }
             }
         }
         match Box::pin(self.create(&record, &chunks, unfinished_ttl, &[], now, &spec_digest)).await? {
             Created::Landed(landed) => record = landed,
             Created::Other(outcome) => return outcome,
-            Created::Refused => unreachable!("no transition rode along"),
+            Created::Refused(_) => unreachable!("no transition rode along"),
         }
         self.hold_lease(&record);
         self.record_event(TraceEvent::Persisted { state: record.state });
@@ -549,7 +553,14 @@ impl<P: Ports> Driver<P> {
             Ok(CreateOutcome::Exists(existing)) => {
                 Ok(Created::Other(Box::pin(self.rejoin(*existing, spec_digest)).await))
             }
-            Ok(CreateOutcome::EffectsRefused(_)) => Ok(Created::Refused),
+            Ok(CreateOutcome::EffectsRefused(results)) => Ok(Created::Refused(
+                transitions
+                    .iter()
+                    .zip(results)
+                    .filter(|(_, result)| matches!(result, crate::core::WriteResult::Rejected(_)))
+                    .map(|(transition, _)| transition.instance_id.clone())
+                    .collect(),
+            )),
             Err(StoreError::Aws(aws)) if aws.class.is_retryable() => {
                 // The create may have landed with its answer lost: look before saying that
                 // nothing was written.
@@ -559,7 +570,7 @@ impl<P: Ports> Driver<P> {
                         Ok(Created::Landed(existing))
                     }
                     Ok(Some(existing)) => Ok(Created::Other(Box::pin(self.rejoin(existing, spec_digest)).await)),
-                    Ok(None) if !transitions.is_empty() => Ok(Created::Refused),
+                    Ok(None) if !transitions.is_empty() => Ok(Created::Refused(Vec::new())),
                     Ok(None) => Err(DriveError::NotStarted(aws)),
                     Err(check) => Err(DriveError::Uncertain { run_id: record.display_name(), error: aws, check }),
                 }
@@ -1011,8 +1022,9 @@ enum Created {
     Landed(RunRecord),
     /// The run id and attempt already had a record: that run's outcome (continued or reported).
     Other(Result<RunOutcome, DriveError>),
-    /// A transition that rode along was refused: nothing was written.
-    Refused,
+    /// A transition that rode along was refused (or the transaction failed): nothing was
+    /// written. The instances whose conditions failed.
+    Refused(Vec<String>),
 }
 
 enum TakeOver {

@@ -57,7 +57,7 @@ impl<P: Ports> Driver<P> {
         let marked_at = entered_at(record, State::RollingBack);
         let mut retiring = record.clone();
         let sending = Box::pin(self.send_messages(record, &to_send, threshold, &sent));
-        let retiring_future = Box::pin(self.retire(&mut retiring, &to_retire, None, marked_at));
+        let retiring_future = Box::pin(self.retire(&mut retiring, &to_retire, None, None, marked_at));
         // The two are independent and go out together; with a concurrency of 1, one after the
         // other, so that the order of writes is deterministic (as every batch's is then).
         let (sending, retired) = if self.limits.concurrency > 1 {
