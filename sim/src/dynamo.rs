@@ -1,0 +1,339 @@
+//! In-memory DynamoDB: the pool's one table, with exactly the conditions `src/aws/dynamodb.rs`
+//! sends, and DynamoDB's transaction semantics (all or nothing, one cancellation reason per item
+//! in request order, the old item with `ConditionalCheckFailed` because the adapter asks for
+//! `ALL_OLD`, at most 100 actions, no two actions on one item).
+//!
+//! Timestamps are compared as strings, as DynamoDB compares them.
+
+use std::collections::BTreeMap;
+
+use post_provision::core::{InstanceDeletion, InstanceState, InstanceTransition, MAX_TRANSACTION_ITEMS};
+use post_provision::record::{self, RunRecord};
+use post_provision::spec::ResourceClassConfig;
+use post_provision::timestamp::Timestamp;
+
+/// An instance record (`PK = TYPE#INSTANCE`), the attributes conditions read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceItem {
+    /// `state`.
+    pub state: String,
+    /// `runId` (`""` for the pool).
+    pub run_id: String,
+    /// `threshold`, as stored.
+    pub threshold: String,
+    /// `resourceClass`.
+    pub resource_class: String,
+    /// `updatedAt`.
+    pub updated_at: String,
+}
+
+/// One action of an instance-record transaction.
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// The adapter's conditional `Update` (`transition`), with its `:now`.
+    Transition(&'a InstanceTransition, Timestamp),
+    /// The adapter's `Delete` (`delete`): conditional on the owner, or unconditional.
+    Delete(&'a InstanceDeletion),
+}
+
+impl Action<'_> {
+    /// The instance the action writes.
+    pub fn instance_id(&self) -> &str {
+        match self {
+            Action::Transition(transition, _) => &transition.instance_id,
+            Action::Delete(deletion) => &deletion.instance_id,
+        }
+    }
+}
+
+/// A cancellation reason of one transaction item, as DynamoDB reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// `None`: this item was fine, the transaction was cancelled for another.
+    None,
+    /// `ConditionalCheckFailed`, with the old item (ALL_OLD) if there was one.
+    ConditionalCheckFailed(Option<InstanceItem>),
+    /// Any other code: `TransactionConflict`, `ThrottlingError`, `ProvisionedThroughputExceeded`.
+    Code(&'static str),
+}
+
+/// The `#state IN (...) AND #runId = :expectedRunId AND #threshold > :unexpiredAt` condition. A
+/// missing item fails it (its attributes do not exist).
+pub fn transition_condition(item: Option<&InstanceItem>, transition: &InstanceTransition) -> bool {
+    let Some(item) = item else { return false };
+    transition.expected_states.iter().any(|state| state.as_str() == item.state)
+        && item.run_id == transition.expected_run_id
+        && item.threshold.as_str() > transition.unexpired_at.to_string().as_str()
+}
+
+/// The delete's condition: none, or `#runId = :owner`, optionally `OR (#runId = :pool AND #state =
+/// :idle AND #threshold = :released)`. A missing item fails a condition.
+pub fn delete_condition(item: Option<&InstanceItem>, deletion: &InstanceDeletion) -> bool {
+    let Some(owner) = &deletion.owner_run_id else { return true };
+    let Some(item) = item else { return false };
+    if &item.run_id == owner {
+        return true;
+    }
+    match deletion.released_unsent_threshold {
+        Some(threshold) => {
+            item.run_id.is_empty()
+                && item.state == InstanceState::Idle.as_str()
+                && item.threshold == threshold.to_string()
+        }
+        None => false,
+    }
+}
+
+/// What a refused run-record create found.
+#[derive(Debug, Clone)]
+pub enum Create {
+    /// Written.
+    Created,
+    /// A record with this key exists; nothing was written.
+    Exists(Box<RunRecord>),
+}
+
+/// The table.
+#[derive(Debug, Default, Clone)]
+pub struct Table {
+    /// Instance records by instance id.
+    pub instances: BTreeMap<String, InstanceItem>,
+    /// Run records by run id, as stored: the JSON the adapter writes as attributes.
+    pub runs: BTreeMap<String, serde_json::Value>,
+    /// Spec chunk items by identifier.
+    pub spec_chunks: BTreeMap<String, String>,
+    /// The `TYPE#METADATA` / `ID#resource_class_config` item's value.
+    pub resource_class_config: Option<ResourceClassConfig>,
+}
+
+impl Table {
+    /// `TransactWriteItems` of instance actions, with `injected` cancellation codes the simulation
+    /// adds for some items (load or conflicts, by item index). All or nothing.
+    pub fn transact(
+        &mut self,
+        actions: &[Action<'_>],
+        injected: &BTreeMap<usize, &'static str>,
+    ) -> Result<(), Vec<Reason>> {
+        assert!(actions.len() <= MAX_TRANSACTION_ITEMS, "a transaction carries at most 100 actions");
+        assert!(!actions.is_empty(), "an empty transaction is a ValidationException");
+        let mut ids: Vec<&str> = actions.iter().map(Action::instance_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), actions.len(), "two actions of one transaction on the same item");
+        let reasons: Vec<Reason> = actions
+            .iter()
+            .enumerate()
+            .map(|(index, action)| {
+                if let Some(code) = injected.get(&index) {
+                    return Reason::Code(code);
+                }
+                let item = self.instances.get(action.instance_id());
+                let holds = match action {
+                    Action::Transition(transition, _) => transition_condition(item, transition),
+                    Action::Delete(deletion) => delete_condition(item, deletion),
+                };
+                if holds {
+                    Reason::None
+                } else {
+                    Reason::ConditionalCheckFailed(item.cloned())
+                }
+            })
+            .collect();
+        if reasons.iter().any(|reason| *reason != Reason::None) {
+            return Err(reasons);
+        }
+        for action in actions {
+            match action {
+                Action::Transition(transition, now) => {
+                    let item = self.instances.get_mut(&transition.instance_id).expect("the condition needs the item");
+                    item.state = transition.new_state.as_str().to_string();
+                    item.run_id = transition.new_run_id.clone();
+                    item.threshold = transition.new_threshold.to_string();
+                    item.updated_at = now.to_string();
+                }
+                Action::Delete(deletion) => {
+                    self.instances.remove(&deletion.instance_id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A single conditional `UpdateItem` of the pool's other actors: `state = :expected AND runId =
+    /// :expectedRunId AND threshold = :expectedThreshold` (what they read), setting the rest.
+    pub fn update_if(
+        &mut self,
+        instance_id: &str,
+        expected: &InstanceItem,
+        state: &str,
+        run_id: &str,
+        threshold: &str,
+        now: Timestamp,
+    ) -> bool {
+        match self.instances.get_mut(instance_id) {
+            Some(item)
+                if item.state == expected.state
+                    && item.run_id == expected.run_id
+                    && item.threshold == expected.threshold =>
+            {
+                item.state = state.to_string();
+                item.run_id = run_id.to_string();
+                item.threshold = threshold.to_string();
+                item.updated_at = now.to_string();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads a run record as the adapter does (the schema version is checked).
+    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, String> {
+        self.runs.get(run_id).map(|value| record::from_json_value(value.clone())).transpose()
+    }
+
+    /// The create transaction: the spec chunks, and the record only if no record has its key.
+    pub fn create_run(&mut self, record: &RunRecord, chunks: &[String]) -> Result<Create, String> {
+        if self.runs.contains_key(&record.run_id) {
+            let existing = self.run(&record.run_id)?.expect("present");
+            return Ok(Create::Exists(Box::new(existing)));
+        }
+        for (index, chunk) in chunks.iter().enumerate() {
+            self.spec_chunks.insert(chunk_identifier(&record.run_id, &record.spec_digest, index), chunk.clone());
+        }
+        self.runs.insert(record.run_id.clone(), serde_json::to_value(record).expect("a record serializes"));
+        Ok(Create::Created)
+    }
+
+    /// The versioned `PutItem`: `Err` carries the record found (ALL_OLD) when the version differs.
+    pub fn replace_run(&mut self, record: &RunRecord, expected_version: u64) -> Result<(), Option<RunRecord>> {
+        let stored_version = self.runs.get(&record.run_id).and_then(|value| value.get("version")?.as_u64());
+        if stored_version != Some(expected_version) {
+            return Err(self.run(&record.run_id).ok().flatten());
+        }
+        self.runs.insert(record.run_id.clone(), serde_json::to_value(record).expect("a record serializes"));
+        Ok(())
+    }
+
+    /// The lease renewal `UpdateItem`: `#lease.#owner = :owner AND NOT (#state IN (:done,
+    /// :failed))`; the version is left alone.
+    pub fn renew_lease(&mut self, run_id: &str, owner: &str, expires_at: Timestamp) -> bool {
+        let Some(value) = self.runs.get_mut(run_id) else { return false };
+        let holds = value.pointer("/lease/owner").and_then(|v| v.as_str()) == Some(owner)
+            && !matches!(value.get("state").and_then(|v| v.as_str()), Some("Done" | "Failed"));
+        if holds {
+            value["lease"]["expiresAt"] = serde_json::Value::String(expires_at.to_string());
+        }
+        holds
+    }
+
+    /// The spec chunks joined, checked against the digest as the adapter does.
+    pub fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> Result<String, String> {
+        let mut text = String::new();
+        for index in 0..chunks as usize {
+            let identifier = chunk_identifier(run_id, digest, index);
+            let chunk = self.spec_chunks.get(&identifier).ok_or(format!("spec chunk {identifier} is missing"))?;
+            text.push_str(chunk);
+        }
+        if record::digest(&text) != digest {
+            return Err(format!("the stored spec of run {run_id} does not match its digest"));
+        }
+        Ok(text)
+    }
+
+    /// Run records newest first, as `list_runs` returns them.
+    pub fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, String> {
+        let mut records = Vec::new();
+        for run_id in self.runs.keys() {
+            let record = self.run(run_id)?.expect("present");
+            if unfinished_only && record.state.is_terminal() {
+                continue;
+            }
+            records.push(record);
+        }
+        records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id)));
+        records.truncate(limit);
+        Ok(records)
+    }
+}
+
+/// The spec chunk identifier the adapter uses.
+fn chunk_identifier(run_id: &str, digest: &str, index: usize) -> String {
+    format!("{run_id}#{}#{index}", &digest[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use post_provision::spec::Role;
+
+    fn item(state: &str, run_id: &str, threshold: &str) -> InstanceItem {
+        InstanceItem {
+            state: state.into(),
+            run_id: run_id.into(),
+            threshold: threshold.into(),
+            resource_class: "large".into(),
+            updated_at: String::new(),
+        }
+    }
+
+    fn transition(id: &str) -> InstanceTransition {
+        InstanceTransition {
+            instance_id: id.into(),
+            role: Role::Selected,
+            expected_states: vec![InstanceState::Claimed],
+            expected_run_id: "r".into(),
+            unexpired_at: Timestamp::parse("2026-01-01T00:00:00Z").unwrap(),
+            new_state: InstanceState::Running,
+            new_run_id: "r".into(),
+            new_threshold: Timestamp::parse("2026-01-01T01:00:00Z").unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_failed_condition_cancels_everything_and_reports_each_item() {
+        let mut table = Table::default();
+        table.instances.insert("a".into(), item("claimed", "r", "2026-01-01T00:05:00Z"));
+        table.instances.insert("b".into(), item("claimed", "other", "2026-01-01T00:05:00Z"));
+        let (ta, tb, tc) = (transition("a"), transition("b"), transition("c"));
+        let now = Timestamp::parse("2026-01-01T00:00:00Z").unwrap();
+        let actions = [Action::Transition(&ta, now), Action::Transition(&tb, now), Action::Transition(&tc, now)];
+        let reasons = table.transact(&actions, &BTreeMap::new()).unwrap_err();
+        assert_eq!(reasons[0], Reason::None);
+        assert_eq!(reasons[1], Reason::ConditionalCheckFailed(Some(item("claimed", "other", "2026-01-01T00:05:00Z"))));
+        assert_eq!(reasons[2], Reason::ConditionalCheckFailed(None));
+        assert_eq!(table.instances["a"].state, "claimed", "nothing written");
+        let reasons = table.transact(&actions[..1], &BTreeMap::from([(0, "ThrottlingError")])).unwrap_err();
+        assert_eq!(reasons, vec![Reason::Code("ThrottlingError")]);
+        table.transact(&actions[..1], &BTreeMap::new()).unwrap();
+        assert_eq!(
+            table.instances["a"],
+            InstanceItem { updated_at: now.to_string(), ..item("running", "r", "2026-01-01T01:00:00Z") }
+        );
+    }
+
+    #[test]
+    fn thresholds_compare_as_strings_and_the_boundary_is_strict() {
+        let mut t = transition("a");
+        t.unexpired_at = Timestamp::parse("2026-01-01T00:05:00Z").unwrap();
+        assert!(!transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:00Z")), &t));
+        assert!(transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:01Z")), &t));
+    }
+
+    #[test]
+    fn deletions_check_the_owner_or_the_unannounced_release() {
+        let released = Timestamp::parse("2026-01-01T00:10:00Z").unwrap();
+        let deletion = InstanceDeletion {
+            instance_id: "a".into(),
+            role: Role::Selected,
+            owner_run_id: Some("r".into()),
+            released_unsent_threshold: Some(released),
+        };
+        assert!(delete_condition(Some(&item("claimed", "r", "x")), &deletion));
+        assert!(delete_condition(Some(&item("idle", "", "2026-01-01T00:10:00Z")), &deletion));
+        assert!(!delete_condition(Some(&item("idle", "", "2026-01-01T00:10:01Z")), &deletion));
+        assert!(!delete_condition(Some(&item("claimed", "other", "x")), &deletion));
+        assert!(!delete_condition(None, &deletion));
+        let unconditional = InstanceDeletion { owner_run_id: None, ..deletion };
+        assert!(delete_condition(None, &unconditional));
+    }
+}

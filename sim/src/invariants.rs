@@ -1,0 +1,190 @@
+//! The invariants of issue 10, each with a name, checked as the run goes (isolation at every
+//! write, the terminal picture at the write that finishes the run) and at the end.
+//!
+//! - `a-isolation`: the run never deletes, overwrites or terminates an instance whose record
+//!   another run or the pool holds;
+//! - `b-terminal-picture`: once the run is `Done` or `Failed`, each of its instances is exactly one
+//!   of: running for it with the commit threshold; idle with runId "" and announced in its pool
+//!   queue; terminated with no live record; held by another actor;
+//! - `c-no-leak`: no EC2 instance of the run is alive without a record;
+//! - `d-no-dangling-record`: no live record points to an instance the run terminated;
+//! - `e-outcome`: where no other actor touched the run's instances, the outcome is the one the
+//!   fault-free run reaches.
+
+use post_provision::driver::OutcomeKind;
+use post_provision::machine::State;
+
+use crate::dynamo::InstanceItem;
+use crate::swarm::Path;
+use crate::world::World;
+
+/// Known defects the allowlist may name (issue 9, until main fixes them).
+pub const KNOWN_CLEANUP_PURGES_CREATED: &str = "issue9-1";
+/// Throttling that sends a healthy run to emergency cleanup.
+pub const KNOWN_THROTTLING_CLEANS_UP: &str = "issue9-2";
+
+/// Checks, before the run's driver deletes or terminates `id`, that the record `item` it found
+/// is not another run's or the pool's. `unconditional` says the write had no ownership condition.
+pub fn check_isolation(world: &mut World, id: &str, item: &InstanceItem, what: &str, unconditional: bool) {
+    let run_id = world.spec.run_id.clone();
+    if item.run_id == run_id || item.state == "terminated" {
+        return;
+    }
+    if item.run_id.is_empty() && item.state == "idle" {
+        // The run's own release whose pool message was never sent is still the run's to purge.
+        let idle_threshold = world.table.run(&run_id).ok().flatten().and_then(|r| r.idle_threshold);
+        let announced = world.sqs.was_announced_anywhere(id, &item.threshold);
+        if idle_threshold.is_some_and(|t| t.to_string() == item.threshold) && !announced {
+            return;
+        }
+    }
+    let holder = if item.run_id.is_empty() { "the pool".to_string() } else { format!("run {}", item.run_id) };
+    let known = unconditional.then_some(KNOWN_CLEANUP_PURGES_CREATED);
+    world.violate(
+        "a-isolation",
+        known,
+        format!(
+            "{what} {id}, whose record {holder} holds ({} until {}){}",
+            item.state,
+            item.threshold,
+            if unconditional { " (unconditional delete of a created instance)" } else { "" }
+        ),
+    );
+}
+
+/// After every port call: the invariants that hold at every instant. Isolation is checked at the
+/// writes themselves; here, the run record must never go back from a finished state.
+pub fn after_step(world: &mut World) {
+    if world.terminal_checked {
+        let state = world
+            .table
+            .runs
+            .get(&world.spec.run_id)
+            .and_then(|v| v.get("state"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        if !matches!(state.as_deref(), Some("Done" | "Failed")) {
+            world.violate("b-terminal-picture", None, format!("the finished run's record is now in state {state:?}"));
+        }
+    }
+}
+
+/// When the run's record is first written in `Done` or `Failed`.
+pub fn on_terminal(world: &mut World) {
+    if world.terminal_checked {
+        return;
+    }
+    world.terminal_checked = true;
+    world.terminal_at_secs = Some(world.elapsed_secs());
+    check_terminal_picture(world);
+    check_no_leak(world);
+    check_no_dangling_record(world);
+}
+
+fn check_terminal_picture(world: &mut World) {
+    let run_id = world.spec.run_id.clone();
+    let Some(record) = world.table.run(&run_id).ok().flatten() else { return };
+    let commit_threshold = record.commit_threshold.map(|t| t.to_string());
+    let instances: Vec<(String, String)> =
+        world.run_instances.iter().map(|(id, class)| (id.clone(), class.clone())).collect();
+    for (id, class) in instances {
+        let item = world.table.instances.get(&id);
+        let alive = world.ec2.alive(&id);
+        let fine = match item {
+            Some(item) if item.state == "running" && item.run_id == run_id => {
+                record.state == State::Done && commit_threshold.as_deref() == Some(item.threshold.as_str())
+            }
+            Some(item) if item.state == "idle" && item.run_id.is_empty() => {
+                world.queue_urls.get(&class).is_some_and(|url| world.sqs.was_announced(url, &id, &item.threshold))
+            }
+            Some(item) if item.state == "terminated" => !alive,
+            Some(item) if item.run_id != run_id && !item.run_id.is_empty() => true,
+            Some(_) => false,
+            None => !alive,
+        };
+        if !fine {
+            let found = item.map_or("no record".to_string(), |i| {
+                format!("record {} runId {:?} threshold {}", i.state, i.run_id, i.threshold)
+            });
+            world.violate(
+                "b-terminal-picture",
+                None,
+                format!(
+                    "run {} {}: instance {id} is left with {found}, EC2 {}",
+                    run_id,
+                    record.state,
+                    if alive { "alive" } else { "terminated" }
+                ),
+            );
+        }
+    }
+}
+
+/// `c-no-leak`.
+pub fn check_no_leak(world: &mut World) {
+    let leaked: Vec<String> = world
+        .run_instances
+        .keys()
+        .filter(|id| world.ec2.alive(id) && !world.table.instances.contains_key(*id))
+        .cloned()
+        .collect();
+    for id in leaked {
+        world.violate("c-no-leak", None, format!("instance {id} of the run is alive without a record"));
+    }
+}
+
+/// `d-no-dangling-record`.
+pub fn check_no_dangling_record(world: &mut World) {
+    let dangling: Vec<String> = world
+        .terminated_by_run
+        .iter()
+        .filter(|id| world.table.instances.get(*id).is_some_and(|item| item.state != "terminated"))
+        .cloned()
+        .collect();
+    for id in dangling {
+        let item = &world.table.instances[&id];
+        let text = format!("the run terminated {id}, but its record is {} runId {:?}", item.state, item.run_id);
+        world.violate("d-no-dangling-record", None, text);
+    }
+}
+
+/// At the end of the seed, with the run's final outcome (`None`: never finished).
+pub fn at_end(world: &mut World, outcome: Option<OutcomeKind>) {
+    if !world.terminal_checked {
+        world.violate("liveness", None, "the run did not finish, even after calm resumes".to_string());
+        return;
+    }
+    check_no_leak(world);
+    check_no_dangling_record(world);
+    let Some(outcome) = outcome else { return };
+    if !world.touched.is_empty() {
+        return;
+    }
+    let expected = match world.swarm.path {
+        Path::Commit => OutcomeKind::Committed,
+        Path::Rollback => OutcomeKind::RolledBack,
+        Path::Cleanup => OutcomeKind::CleanedUp,
+    };
+    // A commit is only the fault-free outcome while every instance was still unexpired: a run
+    // slowed past its claims' thresholds (pauses, long faults) fails its commit by design.
+    if world.swarm.path == Path::Commit && world.terminal_at_secs.unwrap_or(i64::MAX) >= world.earliest_threshold_secs {
+        return;
+    }
+    if outcome == expected {
+        return;
+    }
+    // By design (`--on-retries-exhausted clean-up`, the default), a 5xx, timeout, lost answer or
+    // persistent conflict that outlasts the retries sends commit and rollback to emergency cleanup.
+    if outcome == OutcomeKind::CleanedUp && world.outcome_may_change && !world.swarm.stall_on_exhausted {
+        return;
+    }
+    let known = (outcome == OutcomeKind::CleanedUp && world.throttled).then_some(KNOWN_THROTTLING_CLEANS_UP);
+    world.violate(
+        "e-outcome",
+        known,
+        format!(
+            "no other actor touched the run, yet it ended {outcome:?} instead of {expected:?}{}",
+            if world.throttled { " (throttling reached the driver)" } else { "" }
+        ),
+    );
+}

@@ -1,0 +1,415 @@
+//! One seed: the world it sets up, the drivers it runs (crashing, pausing, resuming, a sweeper
+//! taking over), the actors' ticker, and the invariants at the end. Everything runs on a
+//! current-thread tokio runtime with paused time, so sleeps are virtual and the seed alone
+//! decides the history.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use post_provision::config::{Limits, OnRetriesExhausted};
+use post_provision::driver::{Clock, DriveError, Driver, Hooks, OutcomeKind};
+use post_provision::spec::{Creation, CreationState, PoolInstance, ResourceClass, Selection, Spec, UsageClass};
+use post_provision::timestamp::Timestamp;
+use tokio::sync::Notify;
+
+use crate::dynamo::{InstanceItem, Table};
+use crate::ec2::Ec2;
+use crate::ports::SimPorts;
+use crate::rng::Rng;
+use crate::sqs::Queues;
+use crate::swarm::{Path, Swarm};
+use crate::world::{Client, Stats, Violation, World};
+use crate::{actors, invariants};
+
+/// Virtual time starts here (2026-09-21T...Z); any fixed instant would do.
+const BASE_UNIX: i64 = 1_790_000_000;
+/// Drivers a seed may start before the calm ones, and calm ones before giving up (liveness).
+const STORMY_ATTEMPTS: u32 = 8;
+const CALM_ATTEMPTS: u32 = 4;
+/// A seed that has not finished after this much virtual time is stuck.
+const WATCHDOG: Duration = Duration::from_secs(6 * 3600);
+/// Every driver's lease.
+const LEASE_SECS: i64 = 30;
+const CLASSES: [(&str, &str, u32, u64); 2] = [("small", "t3.small", 1, 2048), ("large", "c6i.large", 2, 4096)];
+
+/// What one seed did.
+#[derive(Debug, Clone)]
+pub struct SeedReport {
+    /// The seed.
+    pub seed: u64,
+    /// The spec's path.
+    pub path: Path,
+    /// How the run ended (`None`: it did not).
+    pub outcome: Option<OutcomeKind>,
+    /// Counters.
+    pub stats: Stats,
+    /// Violations.
+    pub violations: Vec<Violation>,
+    /// The history, when asked for.
+    pub history: Option<Vec<String>>,
+    /// The fleet size.
+    pub fleet: usize,
+}
+
+/// The driver's clock: virtual time.
+struct SimClock {
+    base_unix: i64,
+    start: tokio::time::Instant,
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_unix_secs(self.base_unix + (tokio::time::Instant::now() - self.start).as_secs() as i64)
+    }
+}
+
+/// Runs one seed on its own current-thread runtime with paused (virtual) time.
+pub fn run_seed(seed: u64, verbose: bool) -> SeedReport {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime");
+    runtime.block_on(simulate(seed, verbose))
+}
+
+fn instance_id(n: u64) -> String {
+    format!("i-{:017x}", 0x0a00_0000_0000u64 + n)
+}
+
+fn setup(seed: u64, verbose: bool) -> World {
+    let mut rng = Rng::new(seed);
+    let swarm = Swarm::pick(&mut rng);
+    let world_rng = rng.fork();
+    let start = tokio::time::Instant::now();
+    let now = Timestamp::from_unix_secs(BASE_UNIX);
+    let run_id = format!("run-{seed}");
+    let mut table = Table::default();
+    let mut ec2 = Ec2::default();
+    let mut sqs = Queues::default();
+    let mut queue_urls = BTreeMap::new();
+    let mut config = BTreeMap::new();
+    for (class, _, cpu, mmem) in CLASSES {
+        let url = format!("https://sqs.us-east-1.amazonaws.com/000000000000/pool-{class}");
+        sqs.create(&url);
+        queue_urls.insert(class.to_string(), url.clone());
+        config.insert(class.to_string(), ResourceClass { cpu, mmem, queue_url: url });
+    }
+    table.resource_class_config = Some(config.clone());
+    let mut next_id = 0u64;
+    let mut fresh = || {
+        next_id += 1;
+        instance_id(next_id)
+    };
+    let put = |table: &mut Table, id: &str, state: &str, run: &str, threshold: Timestamp, class: &str| {
+        table.instances.insert(
+            id.to_string(),
+            InstanceItem {
+                state: state.into(),
+                run_id: run.into(),
+                threshold: threshold.to_string(),
+                resource_class: class.into(),
+                updated_at: now.to_string(),
+            },
+        );
+    };
+    let pool_instance = |id: &str, class_index: usize, threshold: Timestamp| {
+        let (class, instance_type, cpu, mmem) = CLASSES[class_index];
+        PoolInstance {
+            id: id.to_string(),
+            resource_class: class.to_string(),
+            instance_type: instance_type.to_string(),
+            cpu,
+            mmem,
+            usage_class: if class_index == 0 { UsageClass::Spot } else { UsageClass::OnDemand },
+            threshold,
+        }
+    };
+    let mut class_rng = rng.fork();
+    let mut selected = Vec::new();
+    for index in 0..swarm.selected {
+        let id = fresh();
+        let class = class_rng.below(2) as usize;
+        let threshold = now.plus_secs(swarm.claim_secs);
+        // The cleanup path: selection handed over an instance that another run holds now.
+        let owner = if swarm.path == Path::Cleanup && index == 0 { "other-9" } else { run_id.as_str() };
+        put(&mut table, &id, "claimed", owner, threshold, CLASSES[class].0);
+        ec2.launch(&id, "an-older-run", 0);
+        selected.push(pool_instance(&id, class, threshold));
+    }
+    let mut created = Vec::new();
+    for _ in 0..swarm.created {
+        let id = fresh();
+        let class = class_rng.below(2) as usize;
+        let threshold = now.plus_secs(600);
+        let state = if class_rng.chance(swarm.created_still_created) { "created" } else { "running" };
+        put(&mut table, &id, state, &run_id, threshold, CLASSES[class].0);
+        ec2.launch(&id, &run_id, BASE_UNIX + swarm.ec2_unknown_secs);
+        created.push(pool_instance(&id, class, threshold));
+    }
+    for _ in 0..swarm.pool_idle {
+        let id = fresh();
+        let class = class_rng.below(2) as usize;
+        let threshold = now.plus_secs(class_rng.range(60, 3600) as i64);
+        put(&mut table, &id, "idle", "", threshold, CLASSES[class].0);
+        ec2.launch(&id, "an-older-run", 0);
+        let body = serde_json::json!({"id": id, "resourceClass": CLASSES[class].0, "threshold": threshold.to_string()})
+            .to_string();
+        sqs.send(&queue_urls[CLASSES[class].0], &body, BASE_UNIX, 0, false, crate::world::Who::Setup);
+    }
+    for index in 0..swarm.others_running {
+        let id = fresh();
+        let class = class_rng.below(2) as usize;
+        put(&mut table, &id, "running", &format!("other-{}", index % 3), now.plus_secs(1800), CLASSES[class].0);
+        ec2.launch(&id, "an-older-run", 0);
+    }
+    let required = match swarm.path {
+        Path::Commit | Path::Cleanup => created.len() as u32,
+        Path::Rollback => created.len() as u32 + 1,
+    };
+    let spec = Spec {
+        run_id: run_id.clone(),
+        max_runtime_min: swarm.max_runtime_min,
+        idle_time_sec: swarm.idle_time_sec,
+        selection: Selection {
+            num_instances_selected: selected.len() as u32,
+            num_instances_required: required,
+            instances: selected,
+        },
+        creation: Creation {
+            state: if swarm.path == Path::Rollback { CreationState::Partial } else { CreationState::Success },
+            num_instances_created: created.len() as u32,
+            instances: created,
+        },
+        resource_class_config: swarm.config_in_spec.then_some(config),
+    };
+    let spec = Spec::from_json(&spec.to_canonical_json()).expect("the simulation builds valid specs");
+    let run_instances = spec.instances().map(|(_, i)| (i.id.clone(), i.resource_class.clone())).collect();
+    let earliest_threshold_secs = swarm.claim_secs.min(600);
+    World {
+        seed,
+        rng: world_rng,
+        swarm,
+        table,
+        sqs,
+        ec2,
+        base_unix: BASE_UNIX,
+        start,
+        spec,
+        run_instances,
+        queue_urls,
+        clients: BTreeMap::new(),
+        stats: Stats::default(),
+        history: verbose.then(Vec::new),
+        violations: Vec::new(),
+        touched: Default::default(),
+        terminated_by_run: Default::default(),
+        terminal_checked: false,
+        outcome_may_change: false,
+        throttled: false,
+        terminal_at_secs: None,
+        earliest_threshold_secs,
+    }
+}
+
+struct Sim {
+    world: Arc<Mutex<World>>,
+    clock: Arc<SimClock>,
+    limits: Limits,
+    next_client: Cell<u32>,
+}
+
+impl Sim {
+    fn lock(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().expect("world lock")
+    }
+
+    /// A new driver (client) of the ports, with its crash and pause points.
+    fn driver(
+        &self,
+        crash_at: Option<(u64, bool)>,
+        pause_at: Option<(u64, i64)>,
+        calm: bool,
+    ) -> (Driver<SimPorts>, Arc<Notify>, Arc<Notify>, u32) {
+        let client = self.next_client.get();
+        self.next_client.set(client + 1);
+        self.lock().clients.insert(client, Client { crash_at, pause_at, calm, ..Client::default() });
+        let crashed = Arc::new(Notify::new());
+        let paused = Arc::new(Notify::new());
+        let ports = Arc::new(SimPorts {
+            world: self.world.clone(),
+            client,
+            crashed: crashed.clone(),
+            paused: paused.clone(),
+            operation_timeout: self.limits.operation_timeout,
+            not_found_retries: self.limits.not_found_retries,
+            not_found_delay: self.limits.not_found_delay,
+        });
+        (Driver::new(ports, self.limits.clone(), self.clock.clone(), Hooks::default()), crashed, paused, client)
+    }
+
+    fn finished(&self) -> Option<OutcomeKind> {
+        let world = self.lock();
+        world.table.run(&world.spec.run_id).ok().flatten().and_then(|record| OutcomeKind::of(&record))
+    }
+
+    /// Drives the run until it is finished: crashes, pauses with a sweeper, resumes; the last
+    /// drivers are calm (no faults), so a run that still does not finish is a liveness failure.
+    async fn drive(&self) -> Option<OutcomeKind> {
+        let (spec, run_id, swarm) = {
+            let world = self.lock();
+            (world.spec.clone(), world.spec.run_id.clone(), world.swarm.clone())
+        };
+        for attempt in 0..STORMY_ATTEMPTS + CALM_ATTEMPTS {
+            let calm = attempt >= STORMY_ATTEMPTS;
+            let (crash_at, pause_at) = if attempt == 0 {
+                (swarm.crash_at, swarm.pause_at)
+            } else if !calm {
+                let mut world = self.lock();
+                let again = world.rng.chance(swarm.p_crash_again);
+                let point = (world.rng.range(1, 14), world.rng.chance(0.5));
+                (again.then_some(point), None)
+            } else {
+                (None, None)
+            };
+            let exists = self.lock().table.runs.contains_key(&run_id);
+            let force = attempt > 0 && swarm.force_resume;
+            let (driver, crashed, paused, client) = self.driver(crash_at, pause_at, calm);
+            {
+                let mut world = self.lock();
+                if attempt > 0 {
+                    world.event("resumes");
+                }
+                world.log(|| {
+                    format!(
+                        "driver {client} {} (force {force}, calm {calm})",
+                        if exists { "resumes" } else { "starts" }
+                    )
+                });
+            }
+            let finished = Notify::new();
+            let driving = async {
+                let result = tokio::select! {
+                    result = async {
+                        if exists { driver.resume_with(&run_id, force).await } else { driver.start(spec.clone()).await }
+                    } => Some(result),
+                    () = crashed.notified() => None,
+                };
+                finished.notify_one();
+                result
+            };
+            let sweeping = async {
+                tokio::select! {
+                    () = paused.notified() => {}
+                    () = finished.notified() => return None,
+                }
+                // The paused driver's lease lapses; `resume --all` takes the run over.
+                tokio::time::sleep(Duration::from_secs(LEASE_SECS as u64 + 1)).await;
+                let (sweeper, _, _, sweeper_client) = self.driver(None, None, calm);
+                {
+                    let mut world = self.lock();
+                    world.event("sweeper-resumes");
+                    world.log(|| format!("sweeper (driver {sweeper_client}) resumes the paused run"));
+                }
+                Some(sweeper.resume_with(&run_id, false).await)
+            };
+            let (result, swept) = tokio::join!(driving, sweeping);
+            if let Some(result) = &swept {
+                self.note_result(result, true);
+            }
+            match &result {
+                Some(result) => self.note_result(result, false),
+                None => {}
+            }
+            if let Some(outcome) = self.finished() {
+                return Some(outcome);
+            }
+            // Not finished: wait as an operator or `resume --all` would, then resume.
+            let wait = match &result {
+                Some(Err(DriveError::Busy { until, .. })) => {
+                    (until.unix_secs() - self.clock.now().unix_secs()).max(0) + 1
+                }
+                _ if force => 1,
+                _ => LEASE_SECS + 1,
+            };
+            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+        }
+        None
+    }
+
+    fn note_result(&self, result: &Result<post_provision::RunOutcome, DriveError>, sweeper: bool) {
+        let mut world = self.lock();
+        let kind = match result {
+            Ok(_) => "finished",
+            Err(DriveError::Busy { .. }) => "busy",
+            Err(DriveError::Stalled { .. }) => "stalled",
+            Err(DriveError::LeaseLost { .. }) => "lease-lost",
+            Err(DriveError::NotStarted(_)) => "not-started",
+            // Reading the record to resume it failed: AWS is unavailable for now.
+            Err(DriveError::Store(post_provision::ports::StoreError::Aws(_))) => "aws-failed",
+            Err(error) => {
+                let text = error.to_string();
+                world.violate("driver-error", None, format!("the driver failed in a way no fault explains: {text}"));
+                "error"
+            }
+        };
+        if sweeper && kind == "finished" {
+            world.event("sweeper-take-overs");
+        }
+        world.event(match kind {
+            "finished" => "driver-finished",
+            "busy" => "driver-busy",
+            "stalled" => "driver-stalled",
+            "lease-lost" => "driver-lease-lost",
+            "not-started" => "driver-not-started",
+            "aws-failed" => "driver-aws-failed",
+            _ => "driver-error",
+        });
+        let text = match result {
+            Ok(outcome) => format!("{:?}", outcome.kind),
+            Err(error) => error.to_string(),
+        };
+        world.log(|| format!("{} returned: {text}", if sweeper { "sweeper" } else { "driver" }));
+    }
+}
+
+async fn simulate(seed: u64, verbose: bool) -> SeedReport {
+    let world = setup(seed, verbose);
+    let (path, fleet) = (world.swarm.path, world.spec.instance_count());
+    let clock = Arc::new(SimClock { base_unix: world.base_unix, start: world.start });
+    let limits = Limits {
+        concurrency: world.swarm.concurrency,
+        lease_secs: LEASE_SECS,
+        on_retries_exhausted: if world.swarm.stall_on_exhausted {
+            OnRetriesExhausted::Stall
+        } else {
+            OnRetriesExhausted::CleanUp
+        },
+        ..Limits::default()
+    };
+    let sim = Sim { world: Arc::new(Mutex::new(world)), clock, limits, next_client: Cell::new(0) };
+    let ticker = async {
+        loop {
+            let pause = sim.lock().rng.range(500, 5000);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            actors::step(&mut sim.lock());
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(WATCHDOG, sim.drive()) => outcome.ok().flatten(),
+        () = ticker => unreachable!("the ticker never ends"),
+    };
+    let mut world = sim.lock();
+    invariants::at_end(&mut world, outcome);
+    SeedReport {
+        seed,
+        path,
+        outcome,
+        stats: world.stats.clone(),
+        violations: world.violations.clone(),
+        history: world.history.take(),
+        fleet,
+    }
+}
