@@ -22,6 +22,13 @@ use crate::world::World;
 pub const KNOWN_CLEANUP_PURGES_CREATED: &str = "issue9-1";
 /// Throttling that sends a healthy run to emergency cleanup.
 pub const KNOWN_THROTTLING_CLEANS_UP: &str = "issue9-2";
+/// Found by the simulation: emergency cleanup purges instances whose pool message was delivered
+/// but not recorded in `messagesSent` (a sibling batch dropped when another failed, or a lost
+/// answer), so an instance announced to the pool is terminated.
+pub const FOUND_ANNOUNCED_PURGED: &str = "sim-announced-purged";
+/// Found by the simulation: an id EC2 does not know yet (eventual consistency) is treated as
+/// gone after the adapter's few retries; its record is deleted and the instance lives on.
+pub const FOUND_NOT_FOUND_LEAK: &str = "sim-notfound-leak";
 
 /// Checks, before the run's driver deletes or terminates `id`, that the record `item` it found
 /// is not another run's or the pool's. `unconditional` says the write had no ownership condition.
@@ -39,7 +46,14 @@ pub fn check_isolation(world: &mut World, id: &str, item: &InstanceItem, what: &
         }
     }
     let holder = if item.run_id.is_empty() { "the pool".to_string() } else { format!("run {}", item.run_id) };
-    let known = unconditional.then_some(KNOWN_CLEANUP_PURGES_CREATED);
+    let announced = item.run_id.is_empty() && world.sqs.was_announced_anywhere(id, &item.threshold);
+    let known = if unconditional {
+        Some(KNOWN_CLEANUP_PURGES_CREATED)
+    } else if announced {
+        Some(FOUND_ANNOUNCED_PURGED)
+    } else {
+        None
+    };
     world.violate(
         "a-isolation",
         known,
@@ -129,7 +143,8 @@ pub fn check_no_leak(world: &mut World) {
         .cloned()
         .collect();
     for id in leaked {
-        world.violate("c-no-leak", None, format!("instance {id} of the run is alive without a record"));
+        let known = world.reported_not_found.contains(&id).then_some(FOUND_NOT_FOUND_LEAK);
+        world.violate("c-no-leak", known, format!("instance {id} of the run is alive without a record"));
     }
 }
 

@@ -169,12 +169,17 @@ fn main() {
             if seeds.len() > 5 { ", …" } else { "" }
         );
     }
-    let mut shown_seeds = BTreeSet::new();
+    // At most 20 seeds and 3 violations per seed: the replay shows the rest.
+    let mut shown_seeds: BTreeMap<u64, usize> = BTreeMap::new();
     for (seed, violation) in &failing {
-        if shown_seeds.len() >= 20 && !shown_seeds.contains(seed) {
+        if shown_seeds.len() >= 20 && !shown_seeds.contains_key(seed) {
             continue;
         }
-        shown_seeds.insert(*seed);
+        let shown = shown_seeds.entry(*seed).or_default();
+        *shown += 1;
+        if *shown > 3 {
+            continue;
+        }
         println!(
             "VIOLATION seed {seed} at {} s: {}{}: {}",
             violation.at_secs,
@@ -183,8 +188,8 @@ fn main() {
             violation.message
         );
     }
-    for seed in &shown_seeds {
-        println!("  replay: scripts/sim --seed {seed} -v");
+    for (seed, count) in &shown_seeds {
+        println!("  replay: scripts/sim --seed {seed} -v   ({count} violations)");
     }
     if !failing.is_empty() {
         std::process::exit(1);

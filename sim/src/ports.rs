@@ -544,6 +544,7 @@ impl SimPorts {
                     }
                     Err(unknown) => {
                         world.fault("ec2-not-found");
+                        world.reported_not_found.extend(unknown.iter().cloned());
                         pending.retain(|id| !unknown.contains(id));
                         result.not_found.extend(unknown);
                     }

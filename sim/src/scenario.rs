@@ -206,6 +206,7 @@ fn setup(seed: u64, verbose: bool) -> World {
         violations: Vec::new(),
         touched: Default::default(),
         terminated_by_run: Default::default(),
+        reported_not_found: Default::default(),
         terminal_checked: false,
         outcome_may_change: false,
         throttled: false,
@@ -305,8 +306,12 @@ impl Sim {
                     () = paused.notified() => {}
                     () = finished.notified() => return None,
                 }
-                // The paused driver's lease lapses; `resume --all` takes the run over.
+                // The paused driver's lease lapses; `resume --all` takes the run over, if it lists
+                // it (a run whose record was never created is not listed).
                 tokio::time::sleep(Duration::from_secs(LEASE_SECS as u64 + 1)).await;
+                if !self.lock().table.runs.contains_key(&run_id) {
+                    return None;
+                }
                 let (sweeper, _, _, sweeper_client) = self.driver(None, None, calm);
                 {
                     let mut world = self.lock();

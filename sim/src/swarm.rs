@@ -161,7 +161,12 @@ impl Swarm {
             p_item_capacity,
             p_entry_failure,
             p_duplicate,
-            ec2_unknown_secs: if rng.chance(0.3) { rng.range(1, 3) as i64 } else { 0 },
+            // Mostly within the adapter's NotFound retries (2 × 1 s); rarely longer.
+            ec2_unknown_secs: match rng.below(20) {
+                0 => rng.range(3, 8) as i64,
+                1..=5 => rng.range(1, 2) as i64,
+                _ => 0,
+            },
             p_selection,
             p_release,
             p_refresh,

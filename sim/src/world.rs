@@ -139,6 +139,8 @@ pub struct World {
     pub touched: BTreeSet<String>,
     /// Instances the run's drivers terminated (EC2 accepted the id).
     pub terminated_by_run: BTreeSet<String>,
+    /// Instances EC2 reported unknown to a driver (`InvalidInstanceID.NotFound`).
+    pub reported_not_found: BTreeSet<String>,
     /// Whether the terminal-state invariants were checked (once, when the run finished).
     pub terminal_checked: bool,
     /// Faults that the design lets change the outcome (5xx, timeouts, lost answers, conflicts)
