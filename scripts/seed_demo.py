@@ -116,6 +116,7 @@ class World:
             TagSpecifications=[{
                 "ResourceType": "instance",
                 "Tags": [{"Key": "post-provision-demo", "Value": run_id},
+                         {"Key": "InitialRunId", "Value": run_id},
                          {"Key": "resourceClass", "Value": resource_class}],
             }],
         )

@@ -92,6 +92,13 @@ pub struct Cli {
     /// Seconds a driver's lease on a run lasts without renewal.
     #[arg(long, env = "POST_PROVISION_LEASE_SECS", default_value_t = Limits::default().lease_secs, global = true)]
     lease_secs: i64,
+    /// Seconds throttled writes are re-sent with backoff, in all, before the run stops resumable
+    /// (exit 3). Throttling never starts emergency cleanup.
+    #[arg(long, env = "POST_PROVISION_THROTTLE_BUDGET_SECS", default_value_t = Limits::default().throttle_budget.as_secs(), global = true)]
+    throttle_budget_secs: u64,
+    /// The EC2 tag that marks the pool's instances; no instance without it is ever terminated.
+    #[arg(long, env = "POST_PROVISION_POOL_TAG_KEY", default_value_t = Limits::default().pool_tag_key, global = true)]
+    pool_tag_key: String,
     /// Days a finished run record is kept (DynamoDB TTL attribute `ttl`).
     #[arg(long, env = "POST_PROVISION_RETENTION_DAYS", default_value_t = Limits::default().retention_days, global = true)]
     retention_days: i64,
@@ -143,11 +150,17 @@ enum Command {
         /// to be dead (killed); a live one is fenced off at its next write.
         #[arg(long, conflicts_with = "all")]
         force: bool,
+        /// Which attempt of the run (GITHUB_RUN_ATTEMPT); default: its latest.
+        #[arg(long, conflicts_with = "all", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        attempt: Option<u32>,
     },
     /// A run's state, path, transitions with times, and error.
     Status {
         /// The run id.
         run_id: String,
+        /// Which attempt of the run (GITHUB_RUN_ATTEMPT); default: its latest.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        attempt: Option<u32>,
     },
     /// Runs, newest first, with state and age.
     List {
@@ -298,6 +311,7 @@ pub fn classify_drive_error(error: &DriveError) -> (i32, &'static str) {
         DriveError::Crashed { .. } => (EXIT_RESUMABLE, "crashed"),
         DriveError::NotStarted(aws) if aws.class == ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
         DriveError::NotStarted(_) => (EXIT_UNAVAILABLE, "unavailable"),
+        DriveError::Uncertain { .. } => (EXIT_RESUMABLE, "uncertain"),
         DriveError::Store(StoreError::Aws(aws)) if aws.class == ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
         DriveError::Store(StoreError::Aws(_)) => (EXIT_UNAVAILABLE, "unavailable"),
         DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, "internal"),
@@ -412,6 +426,31 @@ fn read_spec(path: &str) -> Result<String, String> {
     }
 }
 
+/// In a GitHub Actions job, a spec without `runAttempt` is the attempt `GITHUB_RUN_ATTEMPT` names:
+/// a re-run keeps the run id and increments it.
+fn with_github_run_attempt(mut spec: Spec) -> Result<Spec, crate::spec::SpecError> {
+    if spec.run_attempt.is_some() || std::env::var("GITHUB_ACTIONS").map(|v| v != "true").unwrap_or(true) {
+        return Ok(spec);
+    }
+    let Ok(value) = std::env::var("GITHUB_RUN_ATTEMPT") else { return Ok(spec) };
+    let attempt = value.trim().parse::<u32>().ok().filter(|a| (1..=crate::spec::MAX_RUN_ATTEMPT).contains(a));
+    let Some(attempt) = attempt else {
+        return Err(crate::spec::SpecError {
+            field: "runAttempt".into(),
+            problem: format!(
+                "absent, and GITHUB_RUN_ATTEMPT is not a run attempt from 1 to {}: {value:?}",
+                crate::spec::MAX_RUN_ATTEMPT
+            ),
+        });
+    };
+    // The first attempt keeps the form every earlier version wrote, so a repeated `run` of a
+    // run started before attempts existed still finds its own record.
+    if attempt > 1 {
+        spec.run_attempt = Some(attempt);
+    }
+    Ok(spec)
+}
+
 /// Test hooks for subprocess tests, from `POST_PROVISION_TEST_HOOK`: `crash-after=N` stops after
 /// the N-th AWS write as if the process died; `pause-after=N` stops after the N-th write until the
 /// process receives SIGUSR1 (a slow or stopped driver).
@@ -486,12 +525,14 @@ pub async fn run(args: Vec<String>) -> i32 {
             RetriesExhausted::CleanUp => crate::config::OnRetriesExhausted::CleanUp,
             RetriesExhausted::Stall => crate::config::OnRetriesExhausted::Stall,
         },
+        throttle_budget: Duration::from_secs(cli.throttle_budget_secs),
+        pool_tag_key: cli.pool_tag_key.clone(),
     };
     // The spec is read and validated before any AWS client exists: bad input writes nothing.
     let spec = match &cli.command {
         Command::Run { spec } => match read_spec(spec) {
             Err(message) => return printer.error(EXIT_USAGE, "usage", message, None),
-            Ok(text) => match Spec::from_json(&text) {
+            Ok(text) => match Spec::from_json(&text).and_then(with_github_run_attempt) {
                 Ok(spec) => Some(spec),
                 Err(error) => return printer.drive_error_for(None, &DriveError::InvalidSpec(error)),
             },
@@ -524,8 +565,8 @@ pub async fn run(args: Vec<String>) -> i32 {
                 Err(error) => printer.drive_error_for(Some(&run_id), &error),
             }
         }
-        Command::Resume { run_id: Some(run_id), force, .. } => {
-            match engine.driver().resume_with(&run_id, force).await {
+        Command::Resume { run_id: Some(run_id), force, attempt, .. } => {
+            match engine.resume_attempt(&run_id, attempt, force).await {
                 Ok(outcome) => printer.outcome(&outcome),
                 Err(error) => printer.drive_error_for(Some(&run_id), &error),
             }
@@ -540,10 +581,14 @@ pub async fn run(args: Vec<String>) -> i32 {
                         Ok(outcome) => (outcome.kind.exit_code(), format!("{run_id}: {}", outcome.record.state)),
                         Err(error) => (classify_drive_error(error).0, format!("{run_id}: {error}")),
                     };
-                    // Any run left unfinished makes the whole call "resumable"; finished runs'
-                    // own failures are reported per run, not as the call's failure.
-                    if code >= EXIT_RESUMABLE {
+                    // A run left unfinished makes the whole call "resumable" (3), unless some run
+                    // can never be resumed as it is (no such run, corrupt record, invalid spec):
+                    // that needs a person (70). Finished runs' own failures are reported per
+                    // run, not as the call's failure.
+                    if code == EXIT_RESUMABLE || code == EXIT_UNAVAILABLE {
                         worst = worst.max(EXIT_RESUMABLE);
+                    } else if code > EXIT_RESUMABLE {
+                        worst = EXIT_INTERNAL;
                     }
                     reports.push(serde_json::json!({"runId": run_id, "exitCode": code, "summary": line}));
                 }
@@ -557,7 +602,7 @@ pub async fn run(args: Vec<String>) -> i32 {
                 worst
             }
         },
-        Command::Status { run_id } => match engine.status(&run_id).await {
+        Command::Status { run_id, attempt } => match engine.status_attempt(&run_id, attempt).await {
             Ok(Some(record)) => {
                 let report = RunReport::of(&record);
                 printer.value(&report, || report.text());

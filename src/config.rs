@@ -16,6 +16,9 @@ pub enum OnRetriesExhausted {
     Stall,
 }
 
+/// The tag creation puts on every instance it launches (`InitialRunId = <run id>`).
+pub const DEFAULT_POOL_TAG_KEY: &str = "InitialRunId";
+
 /// Limits on retries, time, concurrency and retention.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -45,8 +48,17 @@ pub struct Limits {
     pub not_found_retries: u32,
     /// Wait before such an extra attempt.
     pub not_found_delay: Duration,
-    /// What a step does once its retries are spent.
+    /// What a step does once its retries are spent (5xx, timeouts, lost connections; never
+    /// throttling, which only ever stalls the run: see `throttle_budget`).
     pub on_retries_exhausted: OnRetriesExhausted,
+    /// How long throttled writes (DynamoDB's per-item `ThrottlingError` and
+    /// `ProvisionedThroughputExceeded`, or a request still throttled after the SDK's retries) are
+    /// re-sent with backoff, in all, before the run stops resumable (exit 3). Load is not an
+    /// unexpected error: throttling never starts emergency cleanup.
+    pub throttle_budget: Duration,
+    /// The EC2 tag that marks the pool's instances (creation tags every instance it launches
+    /// with it). The engine terminates no instance without it.
+    pub pool_tag_key: String,
 }
 
 impl Default for Limits {
@@ -65,6 +77,8 @@ impl Default for Limits {
             not_found_retries: 2,
             not_found_delay: Duration::from_millis(1_000),
             on_retries_exhausted: OnRetriesExhausted::CleanUp,
+            throttle_budget: Duration::from_secs(20),
+            pool_tag_key: DEFAULT_POOL_TAG_KEY.to_string(),
         }
     }
 }
@@ -80,6 +94,13 @@ impl Limits {
             (self.retention_days >= 1 && self.retention_days <= 3_650, "retention must be 1..=3650 days"),
             (self.not_found_retries <= 10, "not-found retries must be at most 10"),
             (self.initial_backoff <= self.max_backoff, "initial backoff must not exceed max backoff"),
+            (self.throttle_budget <= Duration::from_secs(3_600), "throttle budget must be at most 3600 seconds"),
+            (
+                !self.pool_tag_key.is_empty()
+                    && self.pool_tag_key.len() <= 128
+                    && !self.pool_tag_key.chars().any(char::is_control),
+                "pool tag key must be 1..=128 characters with no control characters",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err((*message).to_string()),

@@ -80,20 +80,41 @@ impl InstanceState {
     }
 }
 
-/// One conditional instance-record update: `state IN expected AND runId = expected AND threshold >
-/// now` (when `unexpired_at` is set), setting state, runId, threshold and updatedAt.
+/// How a conditional instance write constrains the record's `threshold`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThresholdCondition {
+    /// `threshold > :now`, where `:now` is read from the clock when the call is made (never a
+    /// value planned earlier: a stage can outlast its first batch by minutes when AWS is slow).
+    Unexpired,
+    /// `threshold = value`: the record carries exactly what this run wrote.
+    Exactly(Timestamp),
+    /// No condition on the threshold.
+    Any,
+}
+
+/// One acceptable current shape of an instance record: `state IN states AND runId = run_id AND`
+/// the threshold condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation {
+    /// Accepted current states.
+    pub states: Vec<InstanceState>,
+    /// The runId the record must carry (`""` for the pool).
+    pub run_id: String,
+    /// The condition on the threshold.
+    pub threshold: ThresholdCondition,
+}
+
+/// One conditional instance-record update: applied when the record matches any of `expected`,
+/// setting state, runId, threshold and updatedAt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceTransition {
     /// The EC2 instance id.
     pub instance_id: String,
     /// Which list of the spec the instance came from.
     pub role: Role,
-    /// Accepted current states.
-    pub expected_states: Vec<InstanceState>,
-    /// The run that must own the record now.
-    pub expected_run_id: String,
-    /// The record must be unexpired at this instant (`threshold > now`).
-    pub unexpired_at: Timestamp,
+    /// The record shapes the write accepts (OR-ed). The first is this run's own hold on the
+    /// record and decides how a refusal is read ([`classify_transition`]).
+    pub expected: Vec<Expectation>,
     /// The state to set.
     pub new_state: InstanceState,
     /// The runId to set (`""` releases the instance).
@@ -102,19 +123,15 @@ pub struct InstanceTransition {
     pub new_threshold: Timestamp,
 }
 
-/// One conditional instance-record deletion, for emergency cleanup.
+/// One conditional instance-record deletion: only a record this run marked `terminated`
+/// (`state = terminated AND runId = owner`). A record is always marked, then its instance
+/// terminated, then the record deleted, so a record never disappears before its instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceDeletion {
     /// The EC2 instance id.
     pub instance_id: String,
-    /// Which list of the spec the instance came from.
-    pub role: Role,
-    /// Delete only when the record is owned by this run (the isolation check); `None` deletes
-    /// whatever the record says.
-    pub owner_run_id: Option<String>,
-    /// Also delete when this run released the record to the pool at this threshold (idle, runId
-    /// `""`) but never sent its pool message: otherwise it would sit idle in no queue.
-    pub released_unsent_threshold: Option<Timestamp>,
+    /// The run that marked the record.
+    pub owner_run_id: String,
 }
 
 /// What a rejected conditional write found in the record (`ALL_OLD`).
@@ -138,6 +155,10 @@ pub enum WriteResult {
     /// Not written because the atomic batch was cancelled for another item, or for a transient
     /// conflict: try again.
     Cancelled,
+    /// Not written because DynamoDB throttled the item (`ThrottlingError`,
+    /// `ProvisionedThroughputExceeded`): load, not an error. Re-sent with backoff within the
+    /// throttle budget, and never a reason for emergency cleanup.
+    Throttled,
 }
 
 /// The meaning of a conditional write's result, relative to what this run wanted.
@@ -194,7 +215,7 @@ pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult
         WriteResult::Applied => return Some(Finding::Done),
         WriteResult::Rejected(None) => return Some(Finding::Missing),
         WriteResult::Rejected(Some(observed)) => observed,
-        WriteResult::Cancelled => return None,
+        WriteResult::Cancelled | WriteResult::Throttled => return None,
     };
     // Thresholds are computed once at state entry and reused on resume, so an earlier attempt of
     // this very transition left exactly these three values behind.
@@ -204,10 +225,11 @@ pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult
     {
         return Some(Finding::Done);
     }
-    if observed.run_id != transition.expected_run_id {
+    let own = transition.expected.first().expect("a transition expects at least one record shape");
+    if observed.run_id != own.run_id {
         return Some(Finding::OwnedByOther { run_id: observed.run_id.clone(), state: observed.state.clone() });
     }
-    if !transition.expected_states.iter().any(|state| state.as_str() == observed.state) {
+    if !own.states.iter().any(|state| state.as_str() == observed.state) {
         return Some(Finding::WrongState { state: observed.state.clone() });
     }
     Some(Finding::Expired { state: observed.state.clone(), threshold: observed.threshold.clone() })
@@ -215,17 +237,19 @@ pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult
 
 /// The commit transitions: selected `claimed → running`, created `running|created → running`,
 /// all keeping the runId and taking the commit threshold.
-pub fn commit_transitions(spec: &Spec, now: Timestamp, commit_threshold: Timestamp) -> Vec<InstanceTransition> {
+pub fn commit_transitions(spec: &Spec, commit_threshold: Timestamp) -> Vec<InstanceTransition> {
     spec.instances()
         .map(|(role, instance)| InstanceTransition {
             instance_id: instance.id.clone(),
             role,
-            expected_states: match role {
-                Role::Selected => vec![InstanceState::Claimed],
-                Role::Created => vec![InstanceState::Running, InstanceState::Created],
-            },
-            expected_run_id: spec.run_id.clone(),
-            unexpired_at: now,
+            expected: vec![Expectation {
+                states: match role {
+                    Role::Selected => vec![InstanceState::Claimed],
+                    Role::Created => vec![InstanceState::Running, InstanceState::Created],
+                },
+                run_id: spec.run_id.clone(),
+                threshold: ThresholdCondition::Unexpired,
+            }],
             new_state: InstanceState::Running,
             new_run_id: spec.run_id.clone(),
             new_threshold: commit_threshold,
@@ -236,17 +260,28 @@ pub fn commit_transitions(spec: &Spec, now: Timestamp, commit_threshold: Timesta
 /// The rollback transitions: selected `claimed → idle` and created `running → idle`, runId `""`,
 /// the idle threshold. Created instances still in `created` are not returnable; their transition
 /// is rejected as `WrongState` and [`rollback_disposition`] retires them.
-pub fn release_transitions(spec: &Spec, now: Timestamp, idle_threshold: Timestamp) -> Vec<InstanceTransition> {
+///
+/// Instances whose pool message this run already sent (`already_sent`) are left out: they were
+/// released and announced, and the pool may have handed them to somebody since, possibly a
+/// later attempt of the same run id, whose claim carries the same runId.
+pub fn release_transitions(
+    spec: &Spec,
+    idle_threshold: Timestamp,
+    already_sent: &std::collections::HashSet<String>,
+) -> Vec<InstanceTransition> {
     spec.instances()
+        .filter(|(_, instance)| !already_sent.contains(&instance.id))
         .map(|(role, instance)| InstanceTransition {
             instance_id: instance.id.clone(),
             role,
-            expected_states: match role {
-                Role::Selected => vec![InstanceState::Claimed],
-                Role::Created => vec![InstanceState::Running],
-            },
-            expected_run_id: spec.run_id.clone(),
-            unexpired_at: now,
+            expected: vec![Expectation {
+                states: match role {
+                    Role::Selected => vec![InstanceState::Claimed],
+                    Role::Created => vec![InstanceState::Running],
+                },
+                run_id: spec.run_id.clone(),
+                threshold: ThresholdCondition::Unexpired,
+            }],
             new_state: InstanceState::Idle,
             new_run_id: String::new(),
             new_threshold: idle_threshold,
@@ -275,38 +310,85 @@ pub fn rollback_disposition(finding: &Finding) -> RollbackDisposition {
     }
 }
 
-/// The deletions of emergency cleanup, as the design says:
-/// - selected instances: only where this run still owns the record (the isolation check), or
-///   where this run released it to the pool without sending its message;
-/// - created instances (this run launched them): whatever the record says;
-/// - except any instance this run already returned to the pool (message sent): it stays there.
-pub fn cleanup_deletions(
-    spec: &Spec,
-    released_unsent_threshold: Option<Timestamp>,
-    messages_sent: &std::collections::HashSet<String>,
-) -> Vec<InstanceDeletion> {
-    spec.instances()
-        .filter(|(_, instance)| !messages_sent.contains(&instance.id))
-        .map(|(role, instance)| InstanceDeletion {
-            instance_id: instance.id.clone(),
-            role,
-            owner_run_id: match role {
-                Role::Selected => Some(spec.run_id.clone()),
-                Role::Created => None,
-            },
-            released_unsent_threshold: match role {
-                Role::Selected => released_unsent_threshold,
-                Role::Created => None,
-            },
+/// The marks that take instances out of the pool before they are terminated: each record this
+/// run holds, in any state, becomes `terminated` (runId kept, threshold `marked_at`). Once
+/// marked, no other actor moves the record (selection takes `idle`, release `running`, refresh
+/// `idle`/`claimed`/`running`), so terminating the instance next cannot hit an instance that
+/// somebody else holds. Refresh's own mark (`terminated`, same runId) is accepted too.
+///
+/// With `released_unsent`, a record this run released to the pool at that threshold (idle,
+/// runId `""`) is marked as well: its pool message was never sent, so nothing would ever claim it.
+pub fn retire_marks(
+    run_id: &str,
+    instances: &[(Role, &PoolInstance)],
+    released_unsent: Option<Timestamp>,
+    marked_at: Timestamp,
+) -> Vec<InstanceTransition> {
+    instances
+        .iter()
+        .map(|(role, instance)| {
+            let mut expected = vec![Expectation {
+                states: vec![
+                    InstanceState::Claimed,
+                    InstanceState::Running,
+                    InstanceState::Created,
+                    InstanceState::Terminated,
+                ],
+                run_id: run_id.to_string(),
+                threshold: ThresholdCondition::Any,
+            }];
+            if let Some(threshold) = released_unsent {
+                expected.push(Expectation {
+                    states: vec![InstanceState::Idle],
+                    run_id: String::new(),
+                    threshold: ThresholdCondition::Exactly(threshold),
+                });
+            }
+            InstanceTransition {
+                instance_id: instance.id.clone(),
+                role: *role,
+                expected,
+                new_state: InstanceState::Terminated,
+                new_run_id: run_id.to_string(),
+                new_threshold: marked_at,
+            }
         })
         .collect()
 }
 
-/// Cleanup terminates an instance whose record it deleted now, or whose record is gone: an
-/// instance with no record can never be claimed again, so leaving it alive would leak it. An
-/// instance whose record another run (or the pool) holds is left alone.
-pub fn cleanup_terminates(result: &WriteResult) -> bool {
-    matches!(result, WriteResult::Applied | WriteResult::Rejected(None))
+/// The instances emergency cleanup retires, as the design says, made safe for a pool that moves:
+/// every instance of the spec except those this run returned to the pool (message sent), which
+/// stay there. Whether each one is really this run's is decided by [`retire_marks`]' conditions,
+/// for selected and created instances alike: a created instance this run released may since
+/// belong to another run.
+pub fn cleanup_instances<'a>(
+    spec: &'a Spec,
+    messages_sent: &std::collections::HashSet<String>,
+) -> Vec<(Role, &'a PoolInstance)> {
+    spec.instances().filter(|(_, instance)| !messages_sent.contains(&instance.id)).collect()
+}
+
+/// What retiring does with one instance after its mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireDisposition {
+    /// Marked by this run (now or earlier): terminate the instance, then delete the record.
+    TerminateThenDelete,
+    /// No record: nothing can ever claim it again, so it is terminated (if it is a pool
+    /// instance), or it would leak.
+    TerminateOnly,
+    /// Somebody else holds it, or it is in a state this run does not retire: leave it alone.
+    LeaveAlone,
+}
+
+/// The rule for each mark's finding.
+pub fn retire_disposition(finding: &Finding) -> RetireDisposition {
+    match finding {
+        Finding::Done => RetireDisposition::TerminateThenDelete,
+        Finding::Missing => RetireDisposition::TerminateOnly,
+        Finding::OwnedByOther { .. } | Finding::Expired { .. } | Finding::WrongState { .. } => {
+            RetireDisposition::LeaveAlone
+        }
+    }
 }
 
 /// A pool message: its body exactly as the pool's consumers read it.
@@ -407,10 +489,11 @@ mod tests {
         let spec = spec_with(|_| {});
         let now = Timestamp::parse("2026-11-27T10:00:00Z").unwrap();
         let threshold = now.plus_secs(1800);
-        let transitions = commit_transitions(&spec, now, threshold);
+        let transitions = commit_transitions(&spec, threshold);
         let selected = &transitions[0];
         assert_eq!(classify_transition(selected, &WriteResult::Applied), Some(Finding::Done));
         assert_eq!(classify_transition(selected, &WriteResult::Cancelled), None);
+        assert_eq!(classify_transition(selected, &WriteResult::Throttled), None);
         assert_eq!(
             classify_transition(selected, &observed("running", "9876543210", "2026-11-27T10:30:00Z")),
             Some(Finding::Done)
@@ -451,27 +534,60 @@ mod tests {
     fn release_plans_idle_with_empty_run_id() {
         let spec = spec_with(|_| {});
         let now = Timestamp::parse("2026-11-27T10:00:00Z").unwrap();
-        let transitions = release_transitions(&spec, now, now.plus_secs(300));
+        let none_sent = std::collections::HashSet::new();
+        let transitions = release_transitions(&spec, now.plus_secs(300), &none_sent);
         assert!(transitions.iter().all(|t| t.new_state == InstanceState::Idle && t.new_run_id.is_empty()));
-        assert_eq!(transitions[1].expected_states, vec![InstanceState::Running]);
+        assert_eq!(transitions[1].expected[0].states, vec![InstanceState::Running]);
+        assert_eq!(transitions[1].expected[0].threshold, ThresholdCondition::Unexpired);
+        // An instance already released and announced is not released again: the pool may have
+        // handed it to a later attempt of the same run id since.
+        let sent: std::collections::HashSet<String> = ["i-0aaaaaaaaaaaaaaaa".to_string()].into();
+        let transitions = release_transitions(&spec, now.plus_secs(300), &sent);
+        assert_eq!(transitions.len(), 1);
+        assert_eq!(transitions[0].instance_id, "i-0bbbbbbbbbbbbbbbb");
     }
 
     #[test]
-    fn cleanup_keeps_what_was_returned_and_checks_ownership_of_selected_only() {
+    fn cleanup_keeps_what_was_returned_and_marks_only_what_this_run_holds() {
         let spec = spec_with(|_| {});
-        let threshold = Timestamp::parse("2026-11-27T10:05:00Z").unwrap();
+        let released = Timestamp::parse("2026-11-27T10:05:00Z").unwrap();
+        let marked_at = Timestamp::parse("2026-11-27T10:06:00Z").unwrap();
         let none_sent = std::collections::HashSet::new();
-        let deletions = cleanup_deletions(&spec, Some(threshold), &none_sent);
-        assert_eq!(deletions[0].owner_run_id.as_deref(), Some("9876543210"));
-        assert_eq!(deletions[0].released_unsent_threshold, Some(threshold));
-        assert_eq!(deletions[1].owner_run_id, None, "created instances are purged whatever the record says");
+        let instances = cleanup_instances(&spec, &none_sent);
+        assert_eq!(instances.len(), 2);
+        let marks = retire_marks(&spec.run_id, &instances, Some(released), marked_at);
+        for mark in &marks {
+            // Selected and created alike: only a record this run holds, or one it released
+            // without announcing it. A created instance released earlier may be another run's now.
+            assert_eq!(mark.expected[0].run_id, "9876543210");
+            assert_eq!(mark.expected[0].threshold, ThresholdCondition::Any);
+            assert!(mark.expected[0].states.contains(&InstanceState::Terminated));
+            assert!(!mark.expected[0].states.contains(&InstanceState::Idle));
+            assert_eq!(
+                mark.expected[1],
+                Expectation {
+                    states: vec![InstanceState::Idle],
+                    run_id: String::new(),
+                    threshold: ThresholdCondition::Exactly(released)
+                }
+            );
+            assert_eq!((mark.new_state, mark.new_run_id.as_str()), (InstanceState::Terminated, "9876543210"));
+        }
         let sent: std::collections::HashSet<String> = ["i-0aaaaaaaaaaaaaaaa".to_string()].into();
-        let deletions = cleanup_deletions(&spec, Some(threshold), &sent);
-        assert_eq!(deletions.len(), 1, "an instance returned to the pool stays there");
-        assert_eq!(deletions[0].instance_id, "i-0bbbbbbbbbbbbbbbb");
-        assert!(cleanup_terminates(&WriteResult::Applied));
-        assert!(cleanup_terminates(&WriteResult::Rejected(None)));
-        assert!(!cleanup_terminates(&observed("idle", "", "x")));
+        let instances = cleanup_instances(&spec, &sent);
+        assert_eq!(instances.len(), 1, "an instance returned to the pool stays there");
+        assert_eq!(instances[0].1.id, "i-0bbbbbbbbbbbbbbbb");
+        assert_eq!(retire_disposition(&Finding::Done), RetireDisposition::TerminateThenDelete);
+        assert_eq!(retire_disposition(&Finding::Missing), RetireDisposition::TerminateOnly);
+        let pool = Finding::OwnedByOther { run_id: String::new(), state: "idle".into() };
+        assert_eq!(retire_disposition(&pool), RetireDisposition::LeaveAlone);
+        let mark = &retire_marks(&spec.run_id, &instances, None, marked_at)[0];
+        assert_eq!(mark.expected.len(), 1);
+        assert_eq!(classify_transition(mark, &observed("idle", "", "2026-11-27T10:05:00Z")), Some(pool));
+        assert_eq!(
+            classify_transition(mark, &observed("terminated", "9876543210", "2026-11-27T10:06:00Z")),
+            Some(Finding::Done)
+        );
     }
 
     #[test]

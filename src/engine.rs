@@ -141,9 +141,20 @@ impl Engine {
         self.driver().start(spec).await
     }
 
-    /// Continues an unfinished run; reports a finished one.
+    /// Continues the latest attempt of an unfinished run; reports a finished one.
     pub async fn resume(&self, run_id: &str) -> Result<RunOutcome, DriveError> {
         self.driver().resume(run_id).await
+    }
+
+    /// Continues one attempt of a run (`None`: the latest); with `force`, as
+    /// [`Engine::resume_forced`].
+    pub async fn resume_attempt(
+        &self,
+        run_id: &str,
+        attempt: Option<u32>,
+        force: bool,
+    ) -> Result<RunOutcome, DriveError> {
+        self.driver().resume_attempt(run_id, attempt, force).await
     }
 
     /// Continues an unfinished run, taking its lease even though it has not ended: only for a
@@ -152,9 +163,17 @@ impl Engine {
         self.driver().resume_with(run_id, true).await
     }
 
-    /// The run's record, if it exists.
+    /// The record of the run's latest attempt, if it exists.
     pub async fn status(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
-        self.ports.load_run(run_id).await
+        self.status_attempt(run_id, None).await
+    }
+
+    /// The record of one attempt of the run (`None`: the latest), if it exists.
+    pub async fn status_attempt(&self, run_id: &str, attempt: Option<u32>) -> Result<Option<RunRecord>, StoreError> {
+        match attempt {
+            Some(attempt) => self.ports.load_run(run_id, attempt).await,
+            None => Ok(self.ports.load_attempts(run_id).await?.pop()),
+        }
     }
 
     /// Run records, newest first; only unfinished ones with `unfinished_only`.
@@ -170,8 +189,8 @@ impl Engine {
             if record.state.is_terminal() || record.lease_active(now) {
                 continue;
             }
-            let outcome = self.resume(&record.run_id).await;
-            results.push((record.run_id, outcome));
+            let outcome = self.resume_attempt(&record.run_id, Some(record.run_attempt), false).await;
+            results.push((record.display_name(), outcome));
         }
         Ok(results)
     }

@@ -95,12 +95,35 @@ pub struct Termination {
     pub terminated: Vec<String>,
     /// Ids AWS does not know, even after the retries of [`crate::config::Limits`].
     pub not_found: Vec<String>,
+    /// Ids AWS refused with a final error of their own (for example `UnauthorizedOperation` under
+    /// a tag condition, or `OperationNotPermitted` for termination protection). EC2 authorizes a
+    /// batch all or nothing, so a refused batch is split until the refusal names single ids.
+    pub refused: Vec<(String, AwsError)>,
+}
+
+/// Which of a set of instance ids are the pool's: EC2 instances carrying the pool tag
+/// (`InitialRunId`, which creation puts on every instance it launches).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolMembership {
+    /// Instances that carry the pool tag (in any state, terminated included).
+    pub members: Vec<String>,
+    /// Instances EC2 knows that do not carry the pool tag: never terminated by this engine.
+    pub foreign: Vec<String>,
+    /// Ids EC2 does not know (gone long ago, or too new for eventual consistency).
+    pub unknown: Vec<String>,
 }
 
 /// The run records and the pool's configuration, in the pool's table.
 pub trait RunStore: Send + Sync {
-    /// Reads a run record.
-    fn load_run(&self, run_id: &str) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send;
+    /// Reads the run record of one attempt of a run.
+    fn load_run(
+        &self,
+        run_id: &str,
+        attempt: u32,
+    ) -> impl Future<Output = Result<Option<RunRecord>, StoreError>> + Send;
+    /// Every attempt's run record of a run id, by attempt ascending (at most
+    /// [`crate::record::MAX_ATTEMPTS_READ`]).
+    fn load_attempts(&self, run_id: &str) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
     /// Creates a run record together with its spec chunk items, atomically, only if no record
     /// exists; otherwise returns the existing record and writes nothing.
     fn create_run(
@@ -122,6 +145,7 @@ pub trait RunStore: Send + Sync {
     fn renew_lease(
         &self,
         run_id: &str,
+        attempt: u32,
         owner: &str,
         expires_at: Timestamp,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
@@ -150,7 +174,9 @@ pub trait RunStore: Send + Sync {
 pub trait InstanceStore: Send + Sync {
     /// Applies up to [`crate::core::MAX_TRANSACTION_ITEMS`] transitions atomically, one result
     /// per transition in order. When any condition fails nothing is written: the rejected ones
-    /// come back as `Rejected` with the record found, the others as `Cancelled`.
+    /// come back as `Rejected` with the record found, throttled ones as `Throttled`, the others
+    /// as `Cancelled`. `now` is both the `updatedAt` written and the `:now` of
+    /// [`crate::core::ThresholdCondition::Unexpired`].
     fn transition(
         &self,
         batch: &[InstanceTransition],
@@ -182,8 +208,12 @@ pub trait PoolQueues: Send + Sync {
 
 /// EC2.
 pub trait Compute: Send + Sync {
+    /// Tells the pool's instances from the rest of the account, for up to
+    /// [`crate::core::MAX_TERMINATE_BATCH`] ids (one `DescribeInstances`).
+    fn pool_membership(&self, instance_ids: &[String]) -> impl Future<Output = Result<PoolMembership, AwsError>> + Send;
     /// Terminates up to [`crate::core::MAX_TERMINATE_BATCH`] instances. Unknown ids do not stop
-    /// the others from being terminated; they come back in `not_found`.
+    /// the others from being terminated; they come back in `not_found`, and ids refused on
+    /// their own come back in `refused`.
     fn terminate(&self, instance_ids: &[String]) -> impl Future<Output = Result<Termination, AwsError>> + Send;
 }
 

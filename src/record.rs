@@ -1,6 +1,7 @@
 //! The run record: the persisted form of a run, a versioned format (see `docs/schema.md`).
 //!
-//! The record lives at `PK = "TYPE#RUN"`, `SK = "ID#<runId>"` in the pool's table. Its spec is
+//! The record lives at `PK = "TYPE#RUN"`, `SK = "ID#<runId>"` for a run's first attempt and
+//! `SK = "ID#<runId>#<attempt>"` for a re-run's later attempts ([`record_identifier`]). Its spec is
 //! stored beside it in chunk items (`PK = "TYPE#RUNSPEC"`), so the record itself stays small
 //! whatever the fleet size. Every write of the record is conditional on `version`.
 
@@ -12,7 +13,21 @@ use crate::timestamp::Timestamp;
 
 /// The schema version this build writes. Older versions it can still read are listed in
 /// `docs/schema.md`; a newer one is refused rather than misread.
-pub const RUN_RECORD_SCHEMA_VERSION: u32 = 1;
+pub const RUN_RECORD_SCHEMA_VERSION: u32 = 2;
+
+/// The most attempts of one run id read by [`crate::ports::RunStore::load_attempts`].
+pub const MAX_ATTEMPTS_READ: usize = 1_000;
+
+/// The identifier of one attempt's run record: the run id alone for the first attempt (as
+/// version 1 wrote every record, so those still resolve), `<runId>#<attempt>` for later ones.
+/// Run ids cannot contain `#` ([`crate::spec`]), so the two forms never collide.
+pub fn record_identifier(run_id: &str, attempt: u32) -> String {
+    if attempt <= 1 {
+        run_id.to_string()
+    } else {
+        format!("{run_id}#{attempt}")
+    }
+}
 
 /// Largest spec chunk, in bytes. Four chunks hold the largest spec a run may carry
 /// ([`crate::spec::MAX_INSTANCES_PER_RUN`] instances at ~200 bytes each) with room to spare,
@@ -29,8 +44,12 @@ pub const MAX_LISTED_RUNS: usize = 100_000;
 pub struct RunRecord {
     /// Format version of this record.
     pub schema_version: u32,
-    /// The run id (also the record's key).
+    /// The run id (with the attempt, the record's key).
     pub run_id: String,
+    /// Which attempt of the run (GitHub's `GITHUB_RUN_ATTEMPT`): 1 for the first. Version 1
+    /// records have no attempt and read as 1.
+    #[serde(default = "first_attempt")]
+    pub run_attempt: u32,
     /// Incremented by every write; every write is conditional on the previous value.
     pub version: u64,
     /// The state the run is in. Written before that state's side effects run.
@@ -72,6 +91,10 @@ pub struct RunRecord {
     pub ttl: Option<i64>,
 }
 
+fn first_attempt() -> u32 {
+    1
+}
+
 /// One state entered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -110,6 +133,20 @@ impl RunRecord {
     /// When the current state was entered.
     pub fn state_entered_at(&self) -> Timestamp {
         self.history.last().map(|entry| entry.at).unwrap_or(self.created_at)
+    }
+
+    /// The identifier of this record in the table.
+    pub fn identifier(&self) -> String {
+        record_identifier(&self.run_id, self.run_attempt)
+    }
+
+    /// The run id and attempt as people read them: `123` or `123 (attempt 2)`.
+    pub fn display_name(&self) -> String {
+        if self.run_attempt <= 1 {
+            self.run_id.clone()
+        } else {
+            format!("{} (attempt {})", self.run_id, self.run_attempt)
+        }
     }
 
     /// Whether the lease is held by someone at `now`.
@@ -192,6 +229,15 @@ mod tests {
         assert_eq!(record.state, State::Failed);
         assert_eq!(record.messages_sent, vec!["i-0aaaaaaaaaaaaaaaa".to_string()]);
         assert_eq!(record.history.len(), 3);
+        assert_eq!(record.run_attempt, 1, "a version 1 record is its run's first attempt");
+        assert_eq!(record.identifier(), record.run_id);
+    }
+
+    #[test]
+    fn attempts_have_their_own_identifiers() {
+        assert_eq!(record_identifier("123", 1), "123");
+        assert_eq!(record_identifier("123", 2), "123#2");
+        assert_ne!(record_identifier("12", 31), record_identifier("123", 1));
     }
 
     #[test]

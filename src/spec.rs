@@ -18,6 +18,8 @@ pub const MAX_RUNTIME_MIN: i64 = 43_200;
 pub const MAX_IDLE_TIME_SEC: i64 = 604_800;
 /// The longest run id accepted.
 pub const MAX_RUN_ID_LEN: usize = 128;
+/// The highest run attempt accepted.
+pub const MAX_RUN_ATTEMPT: u32 = 10_000;
 
 /// A run's input, exactly as the earlier phases hand it over (camelCase JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +27,10 @@ pub const MAX_RUN_ID_LEN: usize = 128;
 pub struct Spec {
     /// The workflow run that owns the instances.
     pub run_id: String,
+    /// Which attempt of the workflow run this is (GitHub's `GITHUB_RUN_ATTEMPT`; "Re-run jobs"
+    /// keeps the run id and increments it). 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_attempt: Option<u32>,
     /// Lifetime of committed instances, in minutes.
     pub max_runtime_min: i64,
     /// Lifetime of instances returned to the pool, in seconds.
@@ -195,6 +201,11 @@ impl Spec {
             .chain(self.creation.instances.iter().map(|instance| (Role::Created, instance)))
     }
 
+    /// The attempt of the run: `runAttempt`, 1 when absent.
+    pub fn attempt(&self) -> u32 {
+        self.run_attempt.unwrap_or(1)
+    }
+
     /// The number of instances the run acts on.
     pub fn instance_count(&self) -> usize {
         self.selection.instances.len() + self.creation.instances.len()
@@ -203,6 +214,14 @@ impl Spec {
     /// Checks everything that can be checked without AWS.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_run_id(&self.run_id)?;
+        if let Some(attempt) = self.run_attempt {
+            if !(1..=MAX_RUN_ATTEMPT).contains(&attempt) {
+                return Err(SpecError::new(
+                    "runAttempt",
+                    format!("expected a run attempt from 1 to {MAX_RUN_ATTEMPT}, got {attempt}"),
+                ));
+            }
+        }
         if !(1..=MAX_RUNTIME_MIN).contains(&self.max_runtime_min) {
             return Err(SpecError::new(
                 "maxRuntimeMin",

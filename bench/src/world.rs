@@ -106,6 +106,12 @@ pub async fn seed(path: PathKind, count: usize) -> anyhow::Result<World> {
             .instance_type(aws_sdk_ec2::types::InstanceType::from("c6i.large"))
             .min_count(batch)
             .max_count(batch)
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                    .tags(aws_sdk_ec2::types::Tag::builder().key("InitialRunId").value("100000000").build())
+                    .build(),
+            )
             .send()
             .await?;
         ids.extend(output.instances().iter().filter_map(|i| i.instance_id()).map(str::to_string));

@@ -10,7 +10,9 @@ use aws_sdk_dynamodb::Client;
 
 use super::errors::from_sdk;
 use super::AwsPorts;
-use crate::core::{InstanceDeletion, InstanceState, InstanceTransition, ObservedRecord, WriteResult};
+use crate::core::{
+    InstanceDeletion, InstanceState, InstanceTransition, ObservedRecord, ThresholdCondition, WriteResult,
+};
 use crate::ports::{AwsError, CreateOutcome, ErrorClass, InstanceStore, RunStore, StoreError};
 use crate::record::{self, RunRecord};
 use crate::spec::ResourceClassConfig;
@@ -70,9 +72,10 @@ fn record_item(record: &RunRecord) -> Result<Item, StoreError> {
         AttributeValue::M(map) => map,
         _ => unreachable!("a run record serializes to an object"),
     };
-    item.extend(key("RUN", &record.run_id));
+    let identifier = record.identifier();
+    item.extend(key("RUN", &identifier));
     item.insert("entityType".into(), s("RUN"));
-    item.insert("identifier".into(), s(record.run_id.clone()));
+    item.insert("identifier".into(), s(identifier));
     Ok(item)
 }
 
@@ -110,6 +113,8 @@ fn cancellation_results(
         .map(|reason| match reason.code() {
             None | Some("None") => Ok(WriteResult::Cancelled),
             Some("ConditionalCheckFailed") => Ok(WriteResult::Rejected(observed(reason.item()))),
+            // Load on the item's partition: every instance record shares one partition key.
+            Some("ThrottlingError" | "ProvisionedThroughputExceeded") => Ok(WriteResult::Throttled),
             Some(code) => match super::classify_code(code, None) {
                 class if class.is_retryable() => Ok(WriteResult::Cancelled),
                 class => Err(AwsError {
@@ -166,38 +171,19 @@ impl InstanceStore for AwsPorts {
         assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
         let mut items = Vec::with_capacity(batch.len());
         for transition in batch {
-            let mut names = HashMap::from([
-                ("#state".to_string(), "state".to_string()),
-                ("#runId".to_string(), "runId".to_string()),
-                ("#threshold".to_string(), "threshold".to_string()),
-                ("#updatedAt".to_string(), "updatedAt".to_string()),
-            ]);
-            let mut values = HashMap::from([
-                (":newState".to_string(), s(transition.new_state.as_str())),
-                (":newRunId".to_string(), s(transition.new_run_id.clone())),
-                (":newThreshold".to_string(), s(transition.new_threshold.to_string())),
-                (":now".to_string(), s(now.to_string())),
-                (":expectedRunId".to_string(), s(transition.expected_run_id.clone())),
-                (":unexpiredAt".to_string(), s(transition.unexpired_at.to_string())),
-            ]);
-            let mut state_names = Vec::new();
-            for (index, state) in transition.expected_states.iter().enumerate() {
-                let name = format!(":expectedState{index}");
-                values.insert(name.clone(), s(state.as_str()));
-                state_names.push(name);
-            }
-            names.shrink_to_fit();
+            let (condition, mut values) = transition_condition(transition, now);
+            values.insert(":newState".to_string(), s(transition.new_state.as_str()));
+            values.insert(":newRunId".to_string(), s(transition.new_run_id.clone()));
+            values.insert(":newThreshold".to_string(), s(transition.new_threshold.to_string()));
+            values.insert(":now".to_string(), s(now.to_string()));
             let update = Update::builder()
                 .table_name(&self.table)
                 .set_key(Some(key("INSTANCE", &transition.instance_id)))
                 .update_expression(
                     "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now",
                 )
-                .condition_expression(format!(
-                    "#state IN ({}) AND #runId = :expectedRunId AND #threshold > :unexpiredAt",
-                    state_names.join(", ")
-                ))
-                .set_expression_attribute_names(Some(names))
+                .condition_expression(condition)
+                .set_expression_attribute_names(Some(instance_attribute_names()))
                 .set_expression_attribute_values(Some(values))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .build()
@@ -211,31 +197,17 @@ impl InstanceStore for AwsPorts {
         assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
         let mut items = Vec::with_capacity(batch.len());
         for deletion in batch {
-            let Some(owner) = &deletion.owner_run_id else {
-                let delete = Delete::builder()
-                    .table_name(&self.table)
-                    .set_key(Some(key("INSTANCE", &deletion.instance_id)))
-                    .build()
-                    .map_err(|error| build_error("TransactWriteItems", error))?;
-                items.push(TransactWriteItem::builder().delete(delete).build());
-                continue;
-            };
-            let mut names = HashMap::from([("#runId".to_string(), "runId".to_string())]);
-            let mut values = HashMap::from([(":owner".to_string(), s(owner.clone()))]);
-            let mut condition = "#runId = :owner".to_string();
-            if let Some(threshold) = deletion.released_unsent_threshold {
-                names.insert("#state".into(), "state".into());
-                names.insert("#threshold".into(), "threshold".into());
-                values.insert(":pool".into(), s(""));
-                values.insert(":idle".into(), s(InstanceState::Idle.as_str()));
-                values.insert(":released".into(), s(threshold.to_string()));
-                condition.push_str(" OR (#runId = :pool AND #state = :idle AND #threshold = :released)");
-            }
+            // Only a record this run marked: see `core::InstanceDeletion`.
+            let values = HashMap::from([
+                (":owner".to_string(), s(deletion.owner_run_id.clone())),
+                (":terminated".to_string(), s(InstanceState::Terminated.as_str())),
+            ]);
             let delete = Delete::builder()
                 .table_name(&self.table)
                 .set_key(Some(key("INSTANCE", &deletion.instance_id)))
-                .condition_expression(condition)
-                .set_expression_attribute_names(Some(names))
+                .condition_expression("#state = :terminated AND #runId = :owner")
+                .expression_attribute_names("#state", "state")
+                .expression_attribute_names("#runId", "runId")
                 .set_expression_attribute_values(Some(values))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .build()
@@ -246,18 +218,89 @@ impl InstanceStore for AwsPorts {
     }
 }
 
+fn instance_attribute_names() -> HashMap<String, String> {
+    HashMap::from([
+        ("#state".to_string(), "state".to_string()),
+        ("#runId".to_string(), "runId".to_string()),
+        ("#threshold".to_string(), "threshold".to_string()),
+        ("#updatedAt".to_string(), "updatedAt".to_string()),
+    ])
+}
+
+/// The condition of one transition, exactly as the pool's writers phrase theirs (`state = … AND
+/// runId = … AND threshold > :now`), one parenthesised alternative per expected record shape.
+fn transition_condition(transition: &InstanceTransition, now: Timestamp) -> (String, HashMap<String, AttributeValue>) {
+    let mut values = HashMap::new();
+    let mut alternatives = Vec::with_capacity(transition.expected.len());
+    for (index, expectation) in transition.expected.iter().enumerate() {
+        let mut state_names = Vec::with_capacity(expectation.states.len());
+        for (state_index, state) in expectation.states.iter().enumerate() {
+            let name = format!(":e{index}s{state_index}");
+            values.insert(name.clone(), s(state.as_str()));
+            state_names.push(name);
+        }
+        values.insert(format!(":e{index}runId"), s(expectation.run_id.clone()));
+        let mut condition = format!("#state IN ({}) AND #runId = :e{index}runId", state_names.join(", "));
+        match expectation.threshold {
+            ThresholdCondition::Unexpired => {
+                values.insert(format!(":e{index}now"), s(now.to_string()));
+                condition.push_str(&format!(" AND #threshold > :e{index}now"));
+            }
+            ThresholdCondition::Exactly(threshold) => {
+                values.insert(format!(":e{index}threshold"), s(threshold.to_string()));
+                condition.push_str(&format!(" AND #threshold = :e{index}threshold"));
+            }
+            ThresholdCondition::Any => {}
+        }
+        alternatives.push(format!("({condition})"));
+    }
+    (alternatives.join(" OR "), values)
+}
+
 impl RunStore for AwsPorts {
-    async fn load_run(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
+    async fn load_run(&self, run_id: &str, attempt: u32) -> Result<Option<RunRecord>, StoreError> {
         let output = self
             .dynamodb
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(key("RUN", run_id)))
+            .set_key(Some(key("RUN", &crate::record::record_identifier(run_id, attempt))))
             .consistent_read(true)
             .send()
             .await
             .map_err(|error| from_sdk(SERVICE, "GetItem", error))?;
         output.item().map(record_from_item).transpose()
+    }
+
+    async fn load_attempts(&self, run_id: &str) -> Result<Vec<RunRecord>, StoreError> {
+        // `ID#<runId>` and `ID#<runId>#<attempt>` share the prefix `ID#<runId>`; so does another
+        // run id that merely starts with this one, which the filter below drops.
+        let mut pages = self
+            .dynamodb
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+            .expression_attribute_values(":pk", s("TYPE#RUN"))
+            .expression_attribute_values(":prefix", s(format!("ID#{run_id}")))
+            .consistent_read(true)
+            .into_paginator()
+            .send();
+        let mut records = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|error| from_sdk(SERVICE, "Query", error))?;
+            for item in page.items() {
+                let sk = item.get("SK").and_then(|v| v.as_s().ok()).map(String::as_str).unwrap_or("");
+                let rest = &sk[sk.len().min(3 + run_id.len())..];
+                if rest.is_empty() || rest.starts_with('#') {
+                    records.push(record_from_item(item)?);
+                }
+            }
+            if records.len() >= crate::record::MAX_ATTEMPTS_READ {
+                break;
+            }
+        }
+        records.sort_by_key(|record: &RunRecord| record.run_attempt);
+        records.truncate(crate::record::MAX_ATTEMPTS_READ);
+        Ok(records)
     }
 
     async fn create_run(
@@ -367,12 +410,18 @@ impl RunStore for AwsPorts {
         }
     }
 
-    async fn renew_lease(&self, run_id: &str, owner: &str, expires_at: Timestamp) -> Result<bool, StoreError> {
+    async fn renew_lease(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        owner: &str,
+        expires_at: Timestamp,
+    ) -> Result<bool, StoreError> {
         let result = self
             .dynamodb
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key("RUN", run_id)))
+            .set_key(Some(key("RUN", &crate::record::record_identifier(run_id, attempt))))
             .update_expression("SET #lease.#expiresAt = :expiresAt")
             // A finished run's lease stays released, even when a renewal races the last write.
             .condition_expression("#lease.#owner = :owner AND NOT (#state IN (:done, :failed))")

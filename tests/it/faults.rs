@@ -587,7 +587,7 @@ async fn injected_faults_are_classified_by_code_and_retried_by_the_sdk() {
         proxy.configure(serde_json::json!({"faults": fault})).await;
         proxy.reset().await;
         let errors: [AwsError; 3] = [
-            match ports.load_run("no-such-run").await {
+            match ports.load_run("no-such-run", 1).await {
                 Err(StoreError::Aws(error)) => error,
                 other => panic!("{fault}: expected an AWS error from GetItem, got {other:?}"),
             },
@@ -623,7 +623,7 @@ async fn one_engines_spent_retry_quota_leaves_another_engines_retries_alone() {
     let storm = FaultProxy::start(&["--rate", "1", "--faults", "throttle"]);
     let stormy = world.engine_with(clock.clone(), Hooks::default(), fault_limits(), Some(storm.url())).await;
     for _ in 0..40 {
-        assert!(stormy.ports().load_run("no-such-run").await.is_err());
+        assert!(stormy.ports().load_run("no-such-run", 1).await.is_err());
     }
     let stats = storm.stats().await;
     assert!(
@@ -632,7 +632,7 @@ async fn one_engines_spent_retry_quota_leaves_another_engines_retries_alone() {
     );
     let blip = FaultProxy::start(&["--rate", "1", "--faults", "throttle", "--budget", "1"]);
     let calm = world.engine_with(clock, Hooks::default(), fault_limits(), Some(blip.url())).await;
-    let loaded = calm.ports().load_run("no-such-run").await;
+    let loaded = calm.ports().load_run("no-such-run", 1).await;
     assert!(matches!(loaded, Ok(None)), "one throttle is retried: {loaded:?}; {}", blip.stats().await);
     assert_eq!(count(&blip.stats().await, "requests", "DynamoDB.GetItem"), 2);
 }

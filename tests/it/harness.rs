@@ -186,19 +186,31 @@ impl World {
             .expect("put config");
     }
 
-    async fn launch(&self, class: &str) -> String {
+    /// Launches a pool instance: tagged `InitialRunId` as creation tags every instance it launches.
+    pub async fn launch(&self, class: &str) -> String {
+        self.launch_tagged(class, Some(("InitialRunId", "100000000"))).await
+    }
+
+    /// Launches an instance with the given tag, or none (an instance that is not the pool's).
+    pub async fn launch_tagged(&self, class: &str, tag: Option<(&str, &str)>) -> String {
         let instance_type = CLASSES.iter().find(|c| c.0 == class).map(|c| c.1).unwrap_or("c6i.large");
-        let output = self
+        let mut request = self
             .clients
             .ec2
             .run_instances()
             .image_id("ami-12c6146b")
             .instance_type(aws_sdk_ec2::types::InstanceType::from(instance_type))
             .min_count(1)
-            .max_count(1)
-            .send()
-            .await
-            .expect("run instances");
+            .max_count(1);
+        if let Some((key, value)) = tag {
+            request = request.tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                    .tags(aws_sdk_ec2::types::Tag::builder().key(key).value(value).build())
+                    .build(),
+            );
+        }
+        let output = request.send().await.expect("run instances");
         output.instances()[0].instance_id().expect("instance id").to_string()
     }
 

@@ -158,6 +158,12 @@ async fn launch_many(world: &World, count: usize) -> Vec<String> {
             .instance_type(aws_sdk_ec2::types::InstanceType::from("c6i.large"))
             .min_count(batch)
             .max_count(batch)
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                    .tags(aws_sdk_ec2::types::Tag::builder().key("InitialRunId").value("100000000").build())
+                    .build(),
+            )
             // A retried launch would launch another batch.
             .customize()
             .config_override(aws_sdk_ec2::config::Builder::default().retry_config(RetryConfig::disabled()))

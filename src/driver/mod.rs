@@ -11,29 +11,37 @@
 //! A run whose process dies is resumed from the persisted state; thresholds fixed at state entry
 //! are reused, so a repeated step writes exactly what the first attempt wrote.
 
+mod batching;
+mod cleanup;
+mod commit;
+mod lease;
+mod rollback;
+
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::{Limits, OnRetriesExhausted};
-use crate::core::{
-    self, classify_transition, cleanup_terminates, rollback_disposition, Finding, InstanceDeletion, InstanceState,
-    InstanceTransition, PoolMessage, RollbackDisposition, WriteResult,
-};
+use crate::core::{self, InstanceState};
 use crate::machine::{self, Input, InvalidTransition, State};
-use crate::ports::{AwsError, CreateOutcome, ErrorClass, OutgoingMessage, Ports, StoreError};
+use crate::ports::{AwsError, CreateOutcome, ErrorClass, Ports, StoreError};
 use crate::record::{self, HistoryEntry, Lease, RunError, RunRecord, RUN_RECORD_SCHEMA_VERSION};
-use crate::spec::{PoolInstance, Role, Spec, SpecError};
+use crate::spec::{Spec, SpecError};
 use crate::timestamp::Timestamp;
 
 /// Where the driver reads the time. Tests and simulations supply their own.
+/// It is also where the driver draws its randomness (backoff jitter, lease owner ids), so a
+/// simulation that owns the clock replays one exact history from one seed.
 pub trait Clock: Send + Sync {
     /// The current instant.
     fn now(&self) -> Timestamp;
+    /// A random number, uniformly distributed.
+    fn random_u64(&self) -> u64 {
+        rand::random()
+    }
 }
 
 /// The system clock.
@@ -85,6 +93,11 @@ pub enum TraceEvent {
         /// The instances.
         ids: Vec<String>,
     },
+    /// A DescribeInstances call that tells the pool's instances from the rest of the account.
+    CheckPool {
+        /// The instances.
+        ids: Vec<String>,
+    },
     /// A TerminateInstances call.
     Terminate {
         /// The instances.
@@ -117,7 +130,7 @@ pub enum DriveError {
         /// The run id.
         run_id: String,
     },
-    /// Another driver holds the run's lease.
+    /// Another driver holds the run's lease (for a re-run, possibly an earlier attempt's).
     #[error("run {run_id} is being driven by {owner} (lease ends {until})")]
     Busy {
         /// The run id.
@@ -127,8 +140,9 @@ pub enum DriveError {
         /// When its lease ends.
         until: Timestamp,
     },
-    /// This driver's lease was taken over; it stopped at its next write.
-    #[error("run {run_id}: this driver lost its lease and stopped (another driver took over)")]
+    /// This driver's lease was taken over, or ran out before it could renew it; it stopped
+    /// before its next write.
+    #[error("run {run_id}: this driver lost its lease and stopped (its lease ran out or another driver took over)")]
     LeaseLost {
         /// The run id.
         run_id: String,
@@ -146,6 +160,17 @@ pub enum DriveError {
     /// AWS failed before anything was written.
     #[error("nothing was written: {0}")]
     NotStarted(AwsError),
+    /// Creating the run record failed in a way that may have written it (the answer was lost),
+    /// and reading it back failed too: the run may have started.
+    #[error("run {run_id} may have started (creating its record failed: {error}; reading it back failed: {check}); repeating the same `run` is safe")]
+    Uncertain {
+        /// The run id.
+        run_id: String,
+        /// The create's error.
+        error: AwsError,
+        /// The read-back's error.
+        check: StoreError,
+    },
     /// The stored run could not be read.
     #[error(transparent)]
     Store(StoreError),
@@ -212,20 +237,22 @@ pub struct RunOutcome {
 /// driving now.
 enum StepError {
     Unexpected(String),
-    /// AWS still failed with a retryable error (throttling, 5xx, timeout, dropped connection)
-    /// once the SDK's retries were spent. Nothing is wrong with the run, so it must not fall into
-    /// emergency cleanup (which would terminate a healthy fleet): it stops where it is, resumable.
+    /// AWS still failed with a retryable error (5xx, timeout, dropped connection) once the SDK's
+    /// retries were spent. `OnRetriesExhausted` decides what the run does.
     Unavailable(AwsError),
+    /// Throttling outlasted the throttle budget. Load is not an unexpected error: the run always
+    /// stops where it is, resumable, whatever `OnRetriesExhausted` says.
+    Throttled(AwsError),
     Stop(DriveError),
 }
 
-/// A side effect's AWS error, decided by its class: retryable ones stall the run, others are
-/// unexpected.
+/// A side effect's AWS error, decided by its class: throttling and other retryable errors stall
+/// the run (or, for the latter, follow `OnRetriesExhausted`), others are unexpected.
 fn aws_step_error(error: AwsError) -> StepError {
-    if error.class.is_retryable() {
-        StepError::Unavailable(error)
-    } else {
-        StepError::Unexpected(error.to_string())
+    match error.class {
+        ErrorClass::Throttling => StepError::Throttled(error),
+        class if class.is_retryable() => StepError::Unavailable(error),
+        _ => StepError::Unexpected(error.to_string()),
     }
 }
 
@@ -248,13 +275,17 @@ pub struct Driver<P: Ports> {
     paused: AtomicBool,
     /// Set when the lease renewer found another driver holding the run.
     lease_lost: AtomicBool,
+    /// Until when (epoch seconds) this driver knows its lease holds: the expiry of its last
+    /// successful record write or renewal. Past it, the driver fences itself: another driver may
+    /// already have taken the run over, whether or not a renewal said so.
+    lease_valid_until: AtomicI64,
     trace: Mutex<Vec<TraceEvent>>,
 }
 
 impl<P: Ports> Driver<P> {
     /// A driver with a fresh, unique lease owner id.
     pub fn new(ports: Arc<P>, limits: Limits, clock: Arc<dyn Clock>, hooks: Hooks) -> Driver<P> {
-        let owner = format!("pid{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let owner = format!("pid{}-{:012x}", std::process::id(), clock.random_u64() & 0xffff_ffff_ffff);
         Driver {
             ports,
             limits,
@@ -265,6 +296,7 @@ impl<P: Ports> Driver<P> {
             crashed: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             lease_lost: AtomicBool::new(false),
+            lease_valid_until: AtomicI64::new(i64::MAX),
             trace: Mutex::new(Vec::new()),
         }
     }
@@ -278,10 +310,16 @@ impl<P: Ports> Driver<P> {
         self.trace.lock().expect("trace lock").push(event);
     }
 
-    /// Runs one AWS write, counting it for the test hooks.
+    /// Runs one AWS write, counting it for the test hooks. Refuses to start it once this
+    /// driver's lease may have passed to another driver.
     async fn write<T>(&self, call: impl std::future::Future<Output = T>) -> Result<T, DriveError> {
         if self.crashed.load(Ordering::SeqCst) {
             return Err(DriveError::Crashed { writes: self.writes.load(Ordering::SeqCst) });
+        }
+        if self.lease_lost.load(Ordering::SeqCst)
+            || self.clock.now().unix_secs() >= self.lease_valid_until.load(Ordering::SeqCst)
+        {
+            return Err(DriveError::LeaseLost { run_id: String::new() });
         }
         let value = call.await;
         if self.lease_lost.load(Ordering::SeqCst) {
@@ -309,10 +347,10 @@ impl<P: Ports> Driver<P> {
         Ok(value)
     }
 
-    /// Starts a run from its spec; for a run id that already has a record, continues that run
-    /// (same spec) or refuses (different spec).
+    /// Starts a run from its spec; for a run id and attempt that already have a record, continues
+    /// that run (same spec) or refuses (different spec).
     pub async fn start(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
-        let span = info_span!("run", run_id = %spec.run_id);
+        let span = info_span!("run", run_id = %spec.run_id, attempt = spec.attempt());
         self.start_inner(spec).instrument(span).await
     }
 
@@ -331,15 +369,18 @@ impl<P: Ports> Driver<P> {
                 Err(ResolveError::Spec(error)) => {
                     // A repeated `run` of an existing run reports that run, even if the pool's
                     // configuration changed since.
-                    if let Some(existing) = self.ports.load_run(&spec.run_id).await.map_err(not_started)? {
+                    if let Some(existing) =
+                        self.ports.load_run(&spec.run_id, spec.attempt()).await.map_err(not_started)?
+                    {
                         return self.rejoin(existing, &spec_digest).await;
                     }
                     return Err(DriveError::InvalidSpec(error));
                 }
-                // Nothing is written yet: a missing table, or AWS unavailable for now, is reported
-                // as such, and the same `run` can simply be repeated.
+                // Nothing is written yet: a missing table, AWS under load, or AWS unavailable for
+                // now under `Stall`, is reported as such, and the same `run` can be repeated.
                 Err(ResolveError::Aws(aws))
                     if aws.class == ErrorClass::NotFound
+                        || aws.class == ErrorClass::Throttling
                         || (aws.class.is_retryable()
                             && self.limits.on_retries_exhausted == OnRetriesExhausted::Stall) =>
                 {
@@ -360,6 +401,7 @@ impl<P: Ports> Driver<P> {
         let mut record = RunRecord {
             schema_version: RUN_RECORD_SCHEMA_VERSION,
             run_id: spec.run_id.clone(),
+            run_attempt: spec.attempt(),
             version: 1,
             state,
             spec_digest: spec_digest.clone(),
@@ -386,43 +428,94 @@ impl<P: Ports> Driver<P> {
         record.spec_chunks = chunks.len() as u32;
         // No read first: creating the record is conditional, and a run id that already has one
         // gets it back from the refused create (one round trip either way).
-        match self.write(self.ports.create_run(&record, &chunks, unfinished_ttl)).await?.map_err(not_started)? {
-            CreateOutcome::Created => {}
-            CreateOutcome::Exists(existing) => return self.rejoin(*existing, &spec_digest).await,
+        let created = self.write(self.ports.create_run(&record, &chunks, unfinished_ttl)).await?;
+        match created {
+            Ok(CreateOutcome::Created) => {}
+            Ok(CreateOutcome::Exists(existing)) => return self.rejoin(*existing, &spec_digest).await,
+            Err(StoreError::Aws(aws)) if aws.class.is_retryable() => {
+                // The create may have landed with its answer lost: look before saying that
+                // nothing was written.
+                match self.ports.load_run(&record.run_id, record.run_attempt).await {
+                    Ok(Some(existing)) if existing.lease.owner == self.owner && existing.version == 1 => {
+                        info!("the create landed although its answer was lost");
+                    }
+                    Ok(Some(existing)) => return self.rejoin(existing, &spec_digest).await,
+                    Ok(None) => return Err(DriveError::NotStarted(aws)),
+                    Err(check) => {
+                        return Err(DriveError::Uncertain { run_id: record.display_name(), error: aws, check })
+                    }
+                }
+            }
+            Err(other) => return Err(not_started(other)),
         }
+        self.lease_valid_until.store(record.lease.expires_at.unix_secs(), Ordering::SeqCst);
         self.record_event(TraceEvent::Persisted { state: record.state });
         info!(state = %record.state, "run persisted");
-        self.drive(record, spec).await
+        self.drive(record, spec, false).await
     }
 
-    /// A `run` for an existing run id: same spec continues or reports it; another spec is refused.
+    /// A `run` for an existing run id and attempt: same spec continues or reports it; another
+    /// spec is refused.
     async fn rejoin(&self, existing: RunRecord, spec_digest: &str) -> Result<RunOutcome, DriveError> {
         if existing.spec_digest != spec_digest {
-            return Err(DriveError::SpecMismatch { run_id: existing.run_id });
+            return Err(DriveError::SpecMismatch { run_id: existing.display_name() });
         }
         self.resume_record(existing, false).await
     }
 
-    /// Continues an unfinished run from its persisted state; a finished one reports its outcome.
+    /// Continues the latest attempt of an unfinished run from its persisted state; a finished
+    /// one reports its outcome.
     pub async fn resume(&self, run_id: &str) -> Result<RunOutcome, DriveError> {
-        self.resume_with(run_id, false).await
+        self.resume_attempt(run_id, None, false).await
     }
 
     /// Like [`Driver::resume`]; with `force`, takes the lease even though it has not ended. Only
     /// for a driver known to be dead (its process was killed): if it is alive after all, its
     /// next write is refused (the version fence), so it stops instead of acting on.
     pub async fn resume_with(&self, run_id: &str, force: bool) -> Result<RunOutcome, DriveError> {
-        let span = info_span!("run", run_id = %run_id);
+        self.resume_attempt(run_id, None, force).await
+    }
+
+    /// Like [`Driver::resume_with`], for one attempt of the run (`None`: the latest).
+    pub async fn resume_attempt(
+        &self,
+        run_id: &str,
+        attempt: Option<u32>,
+        force: bool,
+    ) -> Result<RunOutcome, DriveError> {
+        let span = info_span!("run", run_id = %run_id, attempt = attempt.unwrap_or(0));
         async {
-            let record = self.ports.load_run(run_id).await.map_err(DriveError::Store)?;
-            let record = record.ok_or_else(|| DriveError::NoSuchRun { run_id: run_id.to_string() })?;
+            let record = self.load_attempt(run_id, attempt).await.map_err(DriveError::Store)?;
+            let record = record.ok_or_else(|| DriveError::NoSuchRun {
+                run_id: attempt.map_or(run_id.to_string(), |a| record::record_identifier(run_id, a)),
+            })?;
             self.resume_record(record, force).await
         }
         .instrument(span)
         .await
     }
 
-    async fn resume_record(&self, mut record: RunRecord, force: bool) -> Result<RunOutcome, DriveError> {
+    /// One attempt's record, or the latest attempt's.
+    pub async fn load_attempt(&self, run_id: &str, attempt: Option<u32>) -> Result<Option<RunRecord>, StoreError> {
+        match attempt {
+            Some(attempt) => self.ports.load_run(run_id, attempt).await,
+            None => Ok(self.ports.load_attempts(run_id).await?.pop()),
+        }
+    }
+
+    async fn resume_record(&self, record: RunRecord, force: bool) -> Result<RunOutcome, DriveError> {
+        match self.take_over(record, force).await? {
+            TakeOver::Finished(outcome) => Ok(*outcome),
+            TakeOver::Taken(record, spec) => {
+                info!(state = %record.state, "resuming");
+                self.drive(record, spec, true).await
+            }
+        }
+    }
+
+    /// Takes the lease of an unfinished run (conditional on the version read, so two resumers
+    /// cannot both win); reports a finished one.
+    async fn take_over(&self, mut record: RunRecord, force: bool) -> Result<TakeOver, DriveError> {
         let spec_text = self
             .ports
             .load_spec(&record.run_id, &record.spec_digest, record.spec_chunks)
@@ -431,33 +524,32 @@ impl<P: Ports> Driver<P> {
         let spec =
             Spec::from_json(&spec_text).map_err(|error| DriveError::Store(StoreError::Corrupt(error.to_string())))?;
         if record.state.is_terminal() {
-            return Ok(self.outcome(record, spec));
+            return Ok(TakeOver::Finished(Box::new(self.outcome(record, spec))));
         }
         let now = self.clock.now();
         if record.lease_active(now) && record.lease.owner != self.owner && !force {
             return Err(DriveError::Busy {
-                run_id: record.run_id.clone(),
+                run_id: record.display_name(),
                 owner: record.lease.owner.clone(),
                 until: record.lease.expires_at,
             });
         }
-        // Take the lease over: conditional on the version read, so two resumers cannot both win.
         let mut taken = record.clone();
         taken.version += 1;
         taken.updated_at = now;
         taken.lease = Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) };
+        self.lease_valid_until.store(taken.lease.expires_at.unix_secs(), Ordering::SeqCst);
         match self.write(self.ports.replace_run(&taken, record.version)).await? {
             Ok(()) => record = taken,
             Err(StoreError::VersionConflict { .. }) => {
-                let current = self.ports.load_run(&record.run_id).await.map_err(DriveError::Store)?;
+                let current = self.ports.load_run(&record.run_id, record.run_attempt).await.map_err(DriveError::Store)?;
                 let (owner, until) =
                     current.map(|r| (r.lease.owner, r.lease.expires_at)).unwrap_or_else(|| ("unknown".into(), now));
-                return Err(DriveError::Busy { run_id: record.run_id.clone(), owner, until });
+                return Err(DriveError::Busy { run_id: record.display_name(), owner, until });
             }
             Err(error) => return Err(DriveError::Store(error)),
         }
-        info!(state = %record.state, "resuming");
-        self.drive(record, spec).await
+        Ok(TakeOver::Taken(record, spec))
     }
 
     fn outcome(&self, record: RunRecord, spec: Spec) -> RunOutcome {
@@ -471,10 +563,33 @@ impl<P: Ports> Driver<P> {
         }
     }
 
-    async fn drive(&self, record: RunRecord, spec: Spec) -> Result<RunOutcome, DriveError> {
-        let run_id = record.run_id.clone();
-        let driving = self.drive_states(record, spec);
-        let renewing = self.renew_lease_periodically(&run_id);
+    /// Drives a run this driver holds to a terminal state, renewing its lease meanwhile, after
+    /// putting it in order with the other attempts of its run ([`Driver::attempts_in_order`]).
+    async fn drive(&self, record: RunRecord, spec: Spec, resumed: bool) -> Result<RunOutcome, DriveError> {
+        let effects = match self.attempts_in_order(&record, &spec, resumed).await {
+            Ok(effects) => effects,
+            Err(error) => {
+                if matches!(error, DriveError::Stalled { .. } | DriveError::Busy { .. }) {
+                    self.release_lease(&record.run_id, record.run_attempt).await;
+                }
+                return Err(error);
+            }
+        };
+        self.drive_with(record, spec, effects, resumed).await
+    }
+
+    /// The state loop with the lease renewed beside it. A run that stops on its own (stalled)
+    /// gives its lease back, so the `resume` its exit code asks for is not refused.
+    async fn drive_with(
+        &self,
+        record: RunRecord,
+        spec: Spec,
+        effects: Spec,
+        resumed: bool,
+    ) -> Result<RunOutcome, DriveError> {
+        let (run_id, attempt, name) = (record.run_id.clone(), record.run_attempt, record.display_name());
+        let driving = self.drive_states(record, spec, effects, resumed);
+        let renewing = self.renew_lease_periodically(&run_id, attempt);
         tokio::pin!(driving);
         // The renewer never finishes by itself; when driving ends, so does renewal.
         let result = tokio::select! {
@@ -482,36 +597,105 @@ impl<P: Ports> Driver<P> {
             () = renewing => driving.await,
         };
         match result {
-            Err(DriveError::LeaseLost { .. }) => Err(DriveError::LeaseLost { run_id }),
+            Err(DriveError::LeaseLost { .. }) => Err(DriveError::LeaseLost { run_id: name }),
+            Err(error @ DriveError::Stalled { .. }) => {
+                self.release_lease(&run_id, attempt).await;
+                Err(error)
+            }
             other => other,
         }
     }
 
-    /// Extends the lease every third of its length while the run is driven, so a long stage
-    /// (large fleets, slow AWS) does not let it lapse. A renewal that finds another owner marks
-    /// the lease lost; the driver stops at its next write.
-    async fn renew_lease_periodically(&self, run_id: &str) {
-        let period = std::time::Duration::from_secs((self.limits.lease_secs / 3).max(1) as u64);
-        loop {
-            tokio::time::sleep(period).await;
-            if self.paused.load(Ordering::SeqCst) || self.crashed.load(Ordering::SeqCst) {
+    /// Re-runs share the run id in every instance record, so two attempts' writes cannot be told
+    /// apart by their conditions. Attempts therefore act one after the other: before a later
+    /// attempt acts, every earlier unfinished one is driven to its end (or, when its driver
+    /// still holds it, this one stops, `Busy`, naming it). And an earlier attempt resumed after a
+    /// later one exists leaves the later one's instances alone. Returns the spec whose instances
+    /// this run may act on.
+    async fn attempts_in_order(&self, record: &RunRecord, spec: &Spec, resumed: bool) -> Result<Spec, DriveError> {
+        // A first attempt started now has no earlier attempt, and a later one would only start
+        // after it: only resumes and re-runs need to look.
+        if record.run_attempt <= 1 && !resumed {
+            return Ok(spec.clone());
+        }
+        let attempts = self.ports.load_attempts(&record.run_id).await.map_err(|error| self.store_stall(record, error))?;
+        for earlier in attempts.iter().filter(|other| other.run_attempt < record.run_attempt) {
+            if earlier.state.is_terminal() {
                 continue;
             }
-            let expires_at = self.clock.now().plus_secs(self.limits.lease_secs);
-            match self.ports.renew_lease(run_id, &self.owner, expires_at).await {
-                Ok(true) => info!(until = %expires_at, "lease renewed"),
-                Ok(false) => {
-                    warn!("lease taken over by another driver; stopping at the next write");
-                    self.lease_lost.store(true, Ordering::SeqCst);
-                    std::future::pending::<()>().await;
+            info!(attempt = earlier.run_attempt, "finishing an earlier attempt of this run first");
+            let driver = Driver::new(self.ports.clone(), self.limits.clone(), self.clock.clone(), Hooks::default());
+            let finishing = async {
+                match driver.take_over(earlier.clone(), false).await? {
+                    TakeOver::Finished(outcome) => Ok(*outcome),
+                    TakeOver::Taken(earlier_record, earlier_spec) => {
+                        // This attempt's instances, and any later one's, are not the earlier's.
+                        let later: HashSet<String> = self.later_instances(&attempts, earlier_record.run_attempt, spec, record.run_attempt).await?;
+                        let effects = without_instances(&driver, &earlier_spec, &later);
+                        driver.drive_with(earlier_record, earlier_spec, effects, true).await
+                    }
                 }
-                // A failed renewal is retried next period; the versioned writes still fence.
-                Err(error) => warn!(error = %error, "lease renewal failed"),
+            };
+            match finishing.await {
+                Ok(outcome) => info!(attempt = earlier.run_attempt, outcome = ?outcome.kind, "earlier attempt finished"),
+                Err(error @ DriveError::Busy { .. }) => return Err(error),
+                Err(error) => {
+                    return Err(DriveError::Stalled {
+                        run_id: record.display_name(),
+                        state: record.state,
+                        error: format!("attempt {} of this run could not be finished first: {error}", earlier.run_attempt),
+                    })
+                }
             }
+        }
+        let protected = self.later_instances(&attempts, record.run_attempt, spec, record.run_attempt).await?;
+        Ok(without_instances(self, spec, &protected))
+    }
+
+    /// The instances of every attempt after `attempt` (`current`'s spec is at hand).
+    async fn later_instances(
+        &self,
+        attempts: &[RunRecord],
+        attempt: u32,
+        current: &Spec,
+        current_attempt: u32,
+    ) -> Result<HashSet<String>, DriveError> {
+        let mut later = HashSet::new();
+        for other in attempts.iter().filter(|other| other.run_attempt > attempt) {
+            if other.run_attempt == current_attempt {
+                later.extend(current.instances().map(|(_, instance)| instance.id.clone()));
+                continue;
+            }
+            let text = self
+                .ports
+                .load_spec(&other.run_id, &other.spec_digest, other.spec_chunks)
+                .await
+                .map_err(|error| self.store_stall(other, error))?;
+            if let Ok(other_spec) = Spec::from_json(&text) {
+                later.extend(other_spec.instances().map(|(_, instance)| instance.id.clone()));
+            }
+        }
+        Ok(later)
+    }
+
+    fn store_stall(&self, record: &RunRecord, error: StoreError) -> DriveError {
+        match error {
+            StoreError::Aws(error) => {
+                DriveError::Stalled { run_id: record.display_name(), state: record.state, error: error.to_string() }
+            }
+            other => DriveError::Store(other),
         }
     }
 
-    async fn drive_states(&self, mut record: RunRecord, spec: Spec) -> Result<RunOutcome, DriveError> {
+    /// `spec` is the run's spec as stored; `effects` the same without instances a later attempt
+    /// of the run holds (see [`Driver::attempts_in_order`]), which is what the side effects use.
+    async fn drive_states(
+        &self,
+        mut record: RunRecord,
+        spec: Spec,
+        effects: Spec,
+        resumed: bool,
+    ) -> Result<RunOutcome, DriveError> {
         loop {
             let state = record.state;
             let span = info_span!("state", state = %state);
@@ -523,16 +707,15 @@ impl<P: Ports> Driver<P> {
                         let reconciliation = core::reconcile(&spec);
                         Ok((reconciliation.input, reconciliation.reason))
                     }
-                    State::Committing => self
-                        .commit(&spec, &mut record)
-                        .await
-                        .map(|n| (Input::ActionsCompleted, format!("{n} instances committed"))),
+                    State::Committing => {
+                        self.commit(&effects, &mut record, resumed).await.map(|reason| (Input::ActionsCompleted, reason))
+                    }
                     State::RollingBack => self
-                        .roll_back(&spec, &mut record)
+                        .roll_back(&effects, &mut record)
                         .await
                         .map(|()| (Input::ActionsCompleted, "claimed instances returned to the pool".to_string())),
                     State::EmergencyCleanup => self
-                        .clean_up(&spec, &mut record)
+                        .clean_up(&effects, &mut record)
                         .await
                         .map(|n| (Input::ActionsCompleted, format!("{n} instances terminated and purged"))),
                     State::Done | State::Failed => unreachable!("terminal states are not driven"),
@@ -540,6 +723,7 @@ impl<P: Ports> Driver<P> {
             }
             .instrument(span)
             .await;
+            let stalled = |error: String| DriveError::Stalled { run_id: record.display_name(), state, error };
             match step {
                 Ok((input, reason)) => {
                     let error = match (state, input) {
@@ -553,19 +737,23 @@ impl<P: Ports> Driver<P> {
                 }
                 Err(StepError::Unexpected(message)) if state == State::EmergencyCleanup => {
                     warn!(error = %message, "emergency cleanup could not finish; the run stays resumable");
-                    return Err(DriveError::Stalled { run_id: record.run_id.clone(), state, error: message });
+                    return Err(stalled(message));
                 }
                 Err(StepError::Unexpected(message)) => {
                     warn!(error = %message, "unexpected error; entering emergency cleanup");
                     let error = RunError { kind: "unexpected".into(), message: message.clone() };
                     self.enter(&mut record, &spec, Input::UnexpectedError, message, Some(error)).await?;
                 }
+                Err(StepError::Throttled(error)) => {
+                    warn!(error = %error, "AWS is throttling past the throttle budget; the run stays resumable in its state");
+                    return Err(stalled(format!("{error} (throttled past the throttle budget)")));
+                }
                 Err(StepError::Unavailable(error))
                     if state == State::EmergencyCleanup
                         || self.limits.on_retries_exhausted == OnRetriesExhausted::Stall =>
                 {
                     warn!(error = %error, "AWS is unavailable; the run stays resumable in its state");
-                    return Err(DriveError::Stalled { run_id: record.run_id.clone(), state, error: error.to_string() });
+                    return Err(stalled(error.to_string()));
                 }
                 Err(StepError::Unavailable(error)) => {
                     // The step's retry budget is spent: as the design says, its error is
@@ -621,30 +809,20 @@ impl<P: Ports> Driver<P> {
         match self.write(self.ports.replace_run(&next, record.version)).await? {
             Ok(()) => {
                 self.record_event(TraceEvent::Persisted { state: next.state });
+                if !next.state.is_terminal() {
+                    self.lease_valid_until.store(next.lease.expires_at.unix_secs(), Ordering::SeqCst);
+                }
                 *record = next;
                 Ok(())
             }
-            Err(StoreError::VersionConflict { .. }) => Err(DriveError::LeaseLost { run_id: record.run_id.clone() }),
+            Err(StoreError::VersionConflict { .. }) => Err(DriveError::LeaseLost { run_id: record.display_name() }),
             Err(StoreError::Aws(error)) => Err(DriveError::Stalled {
-                run_id: record.run_id.clone(),
+                run_id: record.display_name(),
                 state: record.state,
                 error: error.to_string(),
             }),
             Err(error) => Err(DriveError::Store(error)),
         }
-    }
-
-    /// Renews the lease when less than half of it is left; refused when another driver took over.
-    async fn checkpoint(&self, record: &mut RunRecord) -> Result<(), StepError> {
-        let now = self.clock.now();
-        if record.lease.expires_at.unix_secs() - now.unix_secs() > self.limits.lease_secs / 2 {
-            return Ok(());
-        }
-        let mut next = record.clone();
-        next.version += 1;
-        next.updated_at = now;
-        next.lease.expires_at = now.plus_secs(self.limits.lease_secs);
-        self.persist(record, next).await.map_err(StepError::Stop)
     }
 
     async fn resolve_queues(&self, spec: &Spec) -> Result<BTreeMap<String, String>, ResolveError> {
@@ -681,326 +859,29 @@ impl<P: Ports> Driver<P> {
         }
         Ok(urls)
     }
+}
 
-    /// Applies transitions in atomic batches, concurrently, re-sending cancelled items, and reads
-    /// what each found.
-    async fn run_transitions(
-        &self,
-        transitions: Vec<InstanceTransition>,
-    ) -> Result<Vec<(InstanceTransition, Finding)>, StepError> {
-        let now = self.clock.now();
-        let results = self
-            .run_batched(
-                transitions,
-                "transition",
-                |t| &t.instance_id,
-                |batch| TraceEvent::TransitionInstances {
-                    to: batch[0].new_state,
-                    ids: batch.iter().map(|t| t.instance_id.clone()).collect(),
-                },
-                move |batch| async move { self.write(self.ports.transition(&batch, now)).await },
-            )
-            .await?;
-        Ok(results
-            .into_iter()
-            .map(|(transition, result)| {
-                let finding = classify_transition(&transition, &result).expect("cancelled writes were re-sent");
-                (transition, finding)
-            })
-            .collect())
-    }
+enum TakeOver {
+    Finished(Box<RunOutcome>),
+    Taken(RunRecord, Spec),
+}
 
-    /// Deletes instance records in atomic batches, concurrently, re-sending cancelled items.
-    async fn run_deletions(
-        &self,
-        deletions: Vec<InstanceDeletion>,
-    ) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
-        self.run_batched(
-            deletions,
-            "deletion",
-            |d| &d.instance_id,
-            |batch| TraceEvent::DeleteRecords { ids: batch.iter().map(|d| d.instance_id.clone()).collect() },
-            move |batch| async move { self.write(self.ports.delete(&batch)).await },
-        )
-        .await
+/// `spec` without the instances in `protected`, each reported as left alone.
+fn without_instances<P: Ports>(driver: &Driver<P>, spec: &Spec, protected: &HashSet<String>) -> Spec {
+    let mut effects = spec.clone();
+    if protected.is_empty() {
+        return effects;
     }
-
-    /// The batching both kinds of instance-record writes share: up to
-    /// [`core::MAX_TRANSACTION_ITEMS`] items per atomic transaction, at most `concurrency`
-    /// transactions at once, and the items a cancelled transaction did not write (conflicts, or
-    /// an other item's failed condition) re-sent alone, with backoff, for at most `batch_rounds`.
-    /// Returns every item with its result, never `Cancelled`.
-    async fn run_batched<T, Call, Fut>(
-        &self,
-        items: Vec<T>,
-        what: &'static str,
-        id: fn(&T) -> &String,
-        event: fn(&[T]) -> TraceEvent,
-        call: Call,
-    ) -> Result<Vec<(T, WriteResult)>, StepError>
-    where
-        T: Clone,
-        Call: Fn(Vec<T>) -> Fut,
-        Fut: std::future::Future<Output = Result<Result<Vec<WriteResult>, AwsError>, DriveError>>,
-    {
-        let batches: Vec<Vec<T>> = items.chunks(core::MAX_TRANSACTION_ITEMS).map(<[_]>::to_vec).collect();
-        let total = batches.len();
-        let done = &AtomicU64::new(0);
-        let call = &call;
-        let results: Vec<Vec<(T, WriteResult)>> = stream::iter(batches)
-            .map(|batch| async move {
-                let mut pending = batch;
-                let mut outcomes = Vec::with_capacity(pending.len());
-                for round in 0..self.limits.batch_rounds {
-                    if pending.is_empty() {
-                        break;
-                    }
-                    if round > 0 {
-                        tokio::time::sleep(backoff(&self.limits, round)).await;
-                    }
-                    self.record_event(event(&pending));
-                    let results = call(pending.clone()).await?.map_err(aws_step_error)?;
-                    info!(ids = ?pending.iter().map(id).collect::<Vec<_>>(), "{what} batch written");
-                    let mut retry = Vec::new();
-                    for (item, result) in pending.into_iter().zip(results) {
-                        match result {
-                            WriteResult::Cancelled => retry.push(item),
-                            other => outcomes.push((item, other)),
-                        }
-                    }
-                    pending = retry;
-                }
-                if !pending.is_empty() {
-                    return Err(StepError::Unexpected(format!(
-                        "{} instance {what}s still conflicting after {} rounds: {}",
-                        pending.len(),
-                        self.limits.batch_rounds,
-                        pending.iter().map(|item| id(item).as_str()).collect::<Vec<_>>().join(", ")
-                    )));
-                }
-                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
-                info!(batches_done = finished, batches = total, "{what} batches progress");
-                Ok(outcomes)
-            })
-            .buffer_unordered(self.limits.concurrency)
-            .try_collect()
-            .await?;
-        Ok(results.into_iter().flatten().collect())
+    for (_, instance) in spec.instances().filter(|(_, instance)| protected.contains(&instance.id)) {
+        warn!(instance = %instance.id, "left alone: a later attempt of this run holds it");
+        driver.record_event(TraceEvent::Found {
+            id: instance.id.clone(),
+            finding: "held by a later attempt of this run".into(),
+        });
     }
-
-    /// Path A. Returns how many instances were committed.
-    async fn commit(&self, spec: &Spec, record: &mut RunRecord) -> Result<usize, StepError> {
-        let threshold = record.commit_threshold.expect("commit threshold is set on entering Committing");
-        let transitions = core::commit_transitions(spec, self.clock.now(), threshold);
-        let findings = self.run_transitions(transitions).await?;
-        let refused: Vec<String> = findings
-            .iter()
-            .filter(|(_, finding)| *finding != Finding::Done)
-            .map(|(transition, finding)| {
-                warn!(instance = %transition.instance_id, found = %finding, "instance cannot be committed");
-                self.record_event(TraceEvent::Found {
-                    id: transition.instance_id.clone(),
-                    finding: finding.to_string(),
-                });
-                format!("{}: {finding}", transition.instance_id)
-            })
-            .collect();
-        if !refused.is_empty() {
-            return Err(StepError::Unexpected(format!(
-                "commit refused for {} instance(s): {}",
-                refused.len(),
-                summarize(&refused)
-            )));
-        }
-        Ok(findings.len())
-    }
-
-    /// Path B.
-    async fn roll_back(&self, spec: &Spec, record: &mut RunRecord) -> Result<(), StepError> {
-        let threshold = record.idle_threshold.expect("idle threshold is set on entering RollingBack");
-        let transitions = core::release_transitions(spec, self.clock.now(), threshold);
-        let findings = self.run_transitions(transitions).await?;
-        let by_id: BTreeMap<&str, &PoolInstance> = spec.instances().map(|(_, i)| (i.id.as_str(), i)).collect();
-        let already_sent: HashSet<&str> = record.messages_sent.iter().map(String::as_str).collect();
-        let mut to_send: Vec<&PoolInstance> = Vec::new();
-        let mut to_retire: Vec<String> = Vec::new();
-        for (transition, finding) in &findings {
-            let id = transition.instance_id.as_str();
-            match rollback_disposition(finding) {
-                RollbackDisposition::ReturnToPool => {
-                    if !already_sent.contains(id) {
-                        to_send.push(by_id[id]);
-                    }
-                }
-                RollbackDisposition::Retire => {
-                    warn!(instance = id, found = %finding, "not returnable: terminating it and removing its record");
-                    self.record_event(TraceEvent::Found { id: id.to_string(), finding: finding.to_string() });
-                    to_retire.push(id.to_string());
-                }
-                RollbackDisposition::LeaveAlone => {
-                    warn!(instance = id, found = %finding, "left alone: no longer this run's");
-                    self.record_event(TraceEvent::Found { id: id.to_string(), finding: finding.to_string() });
-                }
-            }
-        }
-        self.checkpoint(record).await?;
-        let sent = Mutex::new(Vec::new());
-        let (sending, terminating) =
-            tokio::join!(self.send_messages(record, &to_send, threshold, &sent), self.terminate_all(&to_retire));
-        record.messages_sent.extend(sent.into_inner().expect("sent lock"));
-        sending?;
-        terminating?;
-        if !to_retire.is_empty() {
-            self.checkpoint(record).await?;
-            let deletions = to_retire
-                .iter()
-                .map(|id| InstanceDeletion {
-                    instance_id: id.clone(),
-                    role: spec.instances().find(|(_, i)| &i.id == id).map(|(r, _)| r).unwrap_or(Role::Created),
-                    owner_run_id: Some(spec.run_id.clone()),
-                    released_unsent_threshold: None,
-                })
-                .collect();
-            for (deletion, result) in self.run_deletions(deletions).await? {
-                if let WriteResult::Rejected(Some(found)) = result {
-                    warn!(instance = %deletion.instance_id, state = %found.state, run_id = %found.run_id, "record not removed: no longer this run's");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn send_messages(
-        &self,
-        record: &RunRecord,
-        instances: &[&PoolInstance],
-        threshold: Timestamp,
-        sent: &Mutex<Vec<String>>,
-    ) -> Result<(), StepError> {
-        let mut by_class: BTreeMap<&str, Vec<OutgoingMessage>> = BTreeMap::new();
-        for instance in instances {
-            by_class.entry(instance.resource_class.as_str()).or_default().push(OutgoingMessage {
-                instance_id: instance.id.clone(),
-                body: PoolMessage::returning(instance, threshold).body(),
-            });
-        }
-        let mut batches = Vec::new();
-        for (class, messages) in by_class {
-            let queue_url = record
-                .queue_urls
-                .get(class)
-                .ok_or_else(|| StepError::Unexpected(format!("no pool queue recorded for resource class {class:?}")))?;
-            for chunk in messages.chunks(core::MAX_MESSAGE_BATCH) {
-                batches.push((class.to_string(), queue_url.clone(), chunk.to_vec()));
-            }
-        }
-        let total = batches.len();
-        let done = &AtomicU64::new(0);
-        stream::iter(batches)
-            .map(|(class, queue_url, messages)| async move {
-                let result = self.send_batch(&class, &queue_url, messages, sent).await;
-                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
-                info!(batches_done = finished, batches = total, "message batch finished");
-                result
-            })
-            .buffer_unordered(self.limits.concurrency)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
-    }
-
-    async fn send_batch(
-        &self,
-        class: &str,
-        queue_url: &str,
-        messages: Vec<OutgoingMessage>,
-        sent: &Mutex<Vec<String>>,
-    ) -> Result<(), StepError> {
-        let mut pending = messages;
-        let mut last_failures = Vec::new();
-        for round in 0..self.limits.batch_rounds {
-            if pending.is_empty() {
-                return Ok(());
-            }
-            if round > 0 {
-                tokio::time::sleep(backoff(&self.limits, round)).await;
-            }
-            self.record_event(TraceEvent::SendMessages {
-                resource_class: class.to_string(),
-                ids: pending.iter().map(|m| m.instance_id.clone()).collect(),
-            });
-            let failed = self.write(self.ports.send(queue_url, &pending)).await?.map_err(aws_step_error)?;
-            let failed_ids: HashSet<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
-            let delivered: Vec<String> = pending
-                .iter()
-                .filter(|m| !failed_ids.contains(m.instance_id.as_str()))
-                .map(|m| m.instance_id.clone())
-                .collect();
-            info!(resource_class = class, ids = ?delivered, "pool messages sent");
-            sent.lock().expect("sent lock").extend(delivered);
-            if let Some((id, error)) = failed.iter().find(|(_, error)| !error.class.is_retryable()) {
-                return Err(StepError::Unexpected(format!("pool message for {id} refused: {error}")));
-            }
-            pending.retain(|m| failed_ids.contains(m.instance_id.as_str()));
-            last_failures = failed;
-        }
-        if pending.is_empty() {
-            return Ok(());
-        }
-        // Entries that failed with a final code returned above: these failed with retryable codes
-        // in every round, so SQS is unavailable for them, not refusing them.
-        let (id, last) = last_failures.into_iter().next().expect("the last round's failures are the pending entries");
-        Err(StepError::Unavailable(AwsError {
-            message: format!(
-                "{} pool messages still failing after {} rounds (last, for {id}: {})",
-                pending.len(),
-                self.limits.batch_rounds,
-                last.message
-            ),
-            ..last
-        }))
-    }
-
-    async fn terminate_all(&self, ids: &[String]) -> Result<(), StepError> {
-        let chunks: Vec<Vec<String>> = ids.chunks(core::MAX_TERMINATE_BATCH).map(<[_]>::to_vec).collect();
-        stream::iter(chunks)
-            .map(|chunk| async move {
-                self.record_event(TraceEvent::Terminate { ids: chunk.clone() });
-                let result = self.write(self.ports.terminate(&chunk)).await?.map_err(aws_step_error)?;
-                info!(ids = ?result.terminated, "terminated instances");
-                for id in &result.not_found {
-                    warn!(instance = %id, "EC2 does not know this instance: treated as already gone");
-                }
-                Ok::<(), StepError>(())
-            })
-            .buffer_unordered(self.limits.concurrency)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
-    }
-
-    /// Path C. Returns how many instances were terminated.
-    async fn clean_up(&self, spec: &Spec, record: &mut RunRecord) -> Result<usize, StepError> {
-        let sent: HashSet<String> = record.messages_sent.iter().cloned().collect();
-        let deletions = core::cleanup_deletions(spec, record.idle_threshold, &sent);
-        let results = self.run_deletions(deletions).await?;
-        let mut to_terminate = Vec::new();
-        for (deletion, result) in &results {
-            if cleanup_terminates(result) {
-                if result == &WriteResult::Rejected(None) {
-                    warn!(instance = %deletion.instance_id, "no instance record: terminating it so it cannot leak");
-                }
-                to_terminate.push(deletion.instance_id.clone());
-            } else if let WriteResult::Rejected(Some(found)) = result {
-                let finding = Finding::OwnedByOther { run_id: found.run_id.clone(), state: found.state.clone() };
-                warn!(instance = %deletion.instance_id, found = %finding, "left alone by cleanup (isolation check)");
-                self.record_event(TraceEvent::Found { id: deletion.instance_id.clone(), finding: finding.to_string() });
-            }
-        }
-        self.checkpoint(record).await?;
-        self.terminate_all(&to_terminate).await?;
-        Ok(to_terminate.len())
-    }
+    effects.selection.instances.retain(|instance| !protected.contains(&instance.id));
+    effects.creation.instances.retain(|instance| !protected.contains(&instance.id));
+    effects
 }
 
 enum ResolveError {
@@ -1032,6 +913,11 @@ fn entry_reason(record: &RunRecord, state: State) -> String {
     record.history.iter().rev().find(|entry| entry.state == state).map(|entry| entry.reason.clone()).unwrap_or_default()
 }
 
+/// When the run last entered `state`: the stable threshold of the marks that state writes.
+fn entered_at(record: &RunRecord, state: State) -> Timestamp {
+    record.history.iter().rev().find(|entry| entry.state == state).map(|entry| entry.at).unwrap_or(record.created_at)
+}
+
 fn summarize(items: &[String]) -> String {
     const SHOWN: usize = 10;
     let mut text = items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; ");
@@ -1039,11 +925,4 @@ fn summarize(items: &[String]) -> String {
         text.push_str(&format!("; and {} more", items.len() - SHOWN));
     }
     text
-}
-
-/// Exponential backoff with full jitter for re-sent batch items, bounded by the limits.
-fn backoff(limits: &Limits, round: u32) -> std::time::Duration {
-    let ceiling = limits.initial_backoff.saturating_mul(1 << round.min(10)).min(limits.max_backoff);
-    let millis = ceiling.as_millis().max(1) as u64;
-    std::time::Duration::from_millis(rand::random_range(0..=millis))
 }
