@@ -34,6 +34,7 @@ pub fn step(world: &mut World) {
 fn acted(world: &mut World, who: Who, id: &str, what: String) {
     *world.stats.actor_steps.entry(who.kind()).or_default() += 1;
     world.touch(id);
+    world.fold(id);
     world.log(|| format!("{} {id}: {what}", who.kind()));
 }
 

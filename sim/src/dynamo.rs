@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use post_provision::core::{InstanceDeletion, InstanceState, InstanceTransition, MAX_TRANSACTION_ITEMS};
+use post_provision::core::{
+    Expectation, InstanceDeletion, InstanceState, InstanceTransition, ThresholdCondition, MAX_TRANSACTION_ITEMS,
+};
 use post_provision::record::{self, RunRecord};
 use post_provision::spec::ResourceClassConfig;
 use post_provision::timestamp::Timestamp;
@@ -57,31 +59,28 @@ pub enum Reason {
     Code(&'static str),
 }
 
-/// The `#state IN (...) AND #runId = :expectedRunId AND #threshold > :unexpiredAt` condition. A
-/// missing item fails it (its attributes do not exist).
-pub fn transition_condition(item: Option<&InstanceItem>, transition: &InstanceTransition) -> bool {
-    let Some(item) = item else { return false };
-    transition.expected_states.iter().any(|state| state.as_str() == item.state)
-        && item.run_id == transition.expected_run_id
-        && item.threshold.as_str() > transition.unexpired_at.to_string().as_str()
+/// One expected record shape: `#state IN (...) AND #runId = :runId` and the threshold condition
+/// (`#threshold > :now`, `#threshold = :threshold`, or none).
+fn matches(item: &InstanceItem, expectation: &Expectation, now: Timestamp) -> bool {
+    expectation.states.iter().any(|state| state.as_str() == item.state)
+        && item.run_id == expectation.run_id
+        && match expectation.threshold {
+            ThresholdCondition::Unexpired => item.threshold.as_str() > now.to_string().as_str(),
+            ThresholdCondition::Exactly(threshold) => item.threshold == threshold.to_string(),
+            ThresholdCondition::Any => true,
+        }
 }
 
-/// The delete's condition: none, or `#runId = :owner`, optionally `OR (#runId = :pool AND #state =
-/// :idle AND #threshold = :released)`. A missing item fails a condition.
-pub fn delete_condition(item: Option<&InstanceItem>, deletion: &InstanceDeletion) -> bool {
-    let Some(owner) = &deletion.owner_run_id else { return true };
+/// A transition's condition: its expected shapes OR-ed, as the adapter phrases it. A missing
+/// item fails it (its attributes do not exist).
+pub fn transition_condition(item: Option<&InstanceItem>, transition: &InstanceTransition, now: Timestamp) -> bool {
     let Some(item) = item else { return false };
-    if &item.run_id == owner {
-        return true;
-    }
-    match deletion.released_unsent_threshold {
-        Some(threshold) => {
-            item.run_id.is_empty()
-                && item.state == InstanceState::Idle.as_str()
-                && item.threshold == threshold.to_string()
-        }
-        None => false,
-    }
+    transition.expected.iter().any(|expectation| matches(item, expectation, now))
+}
+
+/// A deletion's condition: `#state = :terminated AND #runId = :owner`.
+pub fn delete_condition(item: Option<&InstanceItem>, deletion: &InstanceDeletion) -> bool {
+    item.is_some_and(|item| item.state == InstanceState::Terminated.as_str() && item.run_id == deletion.owner_run_id)
 }
 
 /// What a refused run-record create found.
@@ -98,7 +97,8 @@ pub enum Create {
 pub struct Table {
     /// Instance records by instance id.
     pub instances: BTreeMap<String, InstanceItem>,
-    /// Run records by run id, as stored: the JSON the adapter writes as attributes.
+    /// Run records by identifier (`record::record_identifier`: the run id, and `#<attempt>` for
+    /// later attempts), as stored: the JSON the adapter writes as attributes.
     pub runs: BTreeMap<String, serde_json::Value>,
     /// Spec chunk items by identifier.
     pub spec_chunks: BTreeMap<String, String>,
@@ -129,7 +129,7 @@ impl Table {
                 }
                 let item = self.instances.get(action.instance_id());
                 let holds = match action {
-                    Action::Transition(transition, _) => transition_condition(item, transition),
+                    Action::Transition(transition, now) => transition_condition(item, transition, *now),
                     Action::Delete(deletion) => delete_condition(item, deletion),
                 };
                 if holds {
@@ -186,38 +186,51 @@ impl Table {
         }
     }
 
-    /// Reads a run record as the adapter does (the schema version is checked).
-    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, String> {
-        self.runs.get(run_id).map(|value| record::from_json_value(value.clone())).transpose()
+    /// Reads a run record by identifier as the adapter does (the schema version is checked).
+    pub fn run(&self, identifier: &str) -> Result<Option<RunRecord>, String> {
+        self.runs.get(identifier).map(|value| record::from_json_value(value.clone())).transpose()
+    }
+
+    /// Every attempt's record of `run_id`, by attempt, as `load_attempts` returns them.
+    pub fn attempts(&self, run_id: &str) -> Result<Vec<RunRecord>, String> {
+        let prefix = format!("{run_id}#");
+        let mut records = Vec::new();
+        for identifier in self.runs.keys().filter(|k| *k == run_id || k.starts_with(&prefix)) {
+            records.push(self.run(identifier)?.expect("present"));
+        }
+        records.sort_by_key(|record| record.run_attempt);
+        Ok(records)
     }
 
     /// The create transaction: the spec chunks, and the record only if no record has its key.
     pub fn create_run(&mut self, record: &RunRecord, chunks: &[String]) -> Result<Create, String> {
-        if self.runs.contains_key(&record.run_id) {
-            let existing = self.run(&record.run_id)?.expect("present");
+        let identifier = record.identifier();
+        if self.runs.contains_key(&identifier) {
+            let existing = self.run(&identifier)?.expect("present");
             return Ok(Create::Exists(Box::new(existing)));
         }
         for (index, chunk) in chunks.iter().enumerate() {
             self.spec_chunks.insert(chunk_identifier(&record.run_id, &record.spec_digest, index), chunk.clone());
         }
-        self.runs.insert(record.run_id.clone(), serde_json::to_value(record).expect("a record serializes"));
+        self.runs.insert(identifier, serde_json::to_value(record).expect("a record serializes"));
         Ok(Create::Created)
     }
 
     /// The versioned `PutItem`: `Err` carries the record found (ALL_OLD) when the version differs.
     pub fn replace_run(&mut self, record: &RunRecord, expected_version: u64) -> Result<(), Option<RunRecord>> {
-        let stored_version = self.runs.get(&record.run_id).and_then(|value| value.get("version")?.as_u64());
+        let identifier = record.identifier();
+        let stored_version = self.runs.get(&identifier).and_then(|value| value.get("version")?.as_u64());
         if stored_version != Some(expected_version) {
-            return Err(self.run(&record.run_id).ok().flatten());
+            return Err(self.run(&identifier).ok().flatten());
         }
-        self.runs.insert(record.run_id.clone(), serde_json::to_value(record).expect("a record serializes"));
+        self.runs.insert(identifier, serde_json::to_value(record).expect("a record serializes"));
         Ok(())
     }
 
     /// The lease renewal `UpdateItem`: `#lease.#owner = :owner AND NOT (#state IN (:done,
     /// :failed))`; the version is left alone.
-    pub fn renew_lease(&mut self, run_id: &str, owner: &str, expires_at: Timestamp) -> bool {
-        let Some(value) = self.runs.get_mut(run_id) else { return false };
+    pub fn renew_lease(&mut self, run_id: &str, attempt: u32, owner: &str, expires_at: Timestamp) -> bool {
+        let Some(value) = self.runs.get_mut(&record::record_identifier(run_id, attempt)) else { return false };
         let holds = value.pointer("/lease/owner").and_then(|v| v.as_str()) == Some(owner)
             && !matches!(value.get("state").and_then(|v| v.as_str()), Some("Done" | "Failed"));
         if holds {
@@ -243,8 +256,8 @@ impl Table {
     /// Run records newest first, as `list_runs` returns them.
     pub fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, String> {
         let mut records = Vec::new();
-        for run_id in self.runs.keys() {
-            let record = self.run(run_id)?.expect("present");
+        for identifier in self.runs.keys() {
+            let record = self.run(identifier)?.expect("present");
             if unfinished_only && record.state.is_terminal() {
                 continue;
             }
@@ -280,9 +293,11 @@ mod tests {
         InstanceTransition {
             instance_id: id.into(),
             role: Role::Selected,
-            expected_states: vec![InstanceState::Claimed],
-            expected_run_id: "r".into(),
-            unexpired_at: Timestamp::parse("2026-01-01T00:00:00Z").unwrap(),
+            expected: vec![Expectation {
+                states: vec![InstanceState::Claimed],
+                run_id: "r".into(),
+                threshold: ThresholdCondition::Unexpired,
+            }],
             new_state: InstanceState::Running,
             new_run_id: "r".into(),
             new_threshold: Timestamp::parse("2026-01-01T01:00:00Z").unwrap(),
@@ -313,27 +328,32 @@ mod tests {
 
     #[test]
     fn thresholds_compare_as_strings_and_the_boundary_is_strict() {
-        let mut t = transition("a");
-        t.unexpired_at = Timestamp::parse("2026-01-01T00:05:00Z").unwrap();
-        assert!(!transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:00Z")), &t));
-        assert!(transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:01Z")), &t));
+        let t = transition("a");
+        let now = Timestamp::parse("2026-01-01T00:05:00Z").unwrap();
+        assert!(!transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:00Z")), &t, now));
+        assert!(transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:01Z")), &t, now));
     }
 
     #[test]
-    fn deletions_check_the_owner_or_the_unannounced_release() {
+    fn shapes_are_or_ed_and_deletions_need_this_runs_mark() {
         let released = Timestamp::parse("2026-01-01T00:10:00Z").unwrap();
-        let deletion = InstanceDeletion {
-            instance_id: "a".into(),
-            role: Role::Selected,
-            owner_run_id: Some("r".into()),
-            released_unsent_threshold: Some(released),
-        };
-        assert!(delete_condition(Some(&item("claimed", "r", "x")), &deletion));
-        assert!(delete_condition(Some(&item("idle", "", "2026-01-01T00:10:00Z")), &deletion));
-        assert!(!delete_condition(Some(&item("idle", "", "2026-01-01T00:10:01Z")), &deletion));
-        assert!(!delete_condition(Some(&item("claimed", "other", "x")), &deletion));
+        let now = Timestamp::parse("2026-01-01T00:00:00Z").unwrap();
+        let mut mark = transition("a");
+        mark.expected[0].threshold = ThresholdCondition::Any;
+        mark.expected.push(Expectation {
+            states: vec![InstanceState::Idle],
+            run_id: String::new(),
+            threshold: ThresholdCondition::Exactly(released),
+        });
+        assert!(transition_condition(Some(&item("claimed", "r", "2000-01-01T00:00:00Z")), &mark, now));
+        assert!(transition_condition(Some(&item("idle", "", "2026-01-01T00:10:00Z")), &mark, now));
+        assert!(!transition_condition(Some(&item("idle", "", "2026-01-01T00:10:01Z")), &mark, now));
+        assert!(!transition_condition(Some(&item("claimed", "other", "2026-01-01T00:10:00Z")), &mark, now));
+        assert!(!transition_condition(None, &mark, now));
+        let deletion = InstanceDeletion { instance_id: "a".into(), owner_run_id: "r".into() };
+        assert!(delete_condition(Some(&item("terminated", "r", "x")), &deletion));
+        assert!(!delete_condition(Some(&item("claimed", "r", "x")), &deletion));
+        assert!(!delete_condition(Some(&item("terminated", "other", "x")), &deletion));
         assert!(!delete_condition(None, &deletion));
-        let unconditional = InstanceDeletion { owner_run_id: None, ..deletion };
-        assert!(delete_condition(None, &unconditional));
     }
 }

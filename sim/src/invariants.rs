@@ -19,7 +19,6 @@ use crate::swarm::Path;
 use crate::world::World;
 
 /// Known defects the allowlist may name (issue 9, until main fixes them).
-pub const KNOWN_CLEANUP_PURGES_CREATED: &str = "issue9-1";
 /// Throttling that sends a healthy run to emergency cleanup.
 pub const KNOWN_THROTTLING_CLEANS_UP: &str = "issue9-2";
 /// Found by the simulation: emergency cleanup purges instances whose pool message was delivered
@@ -30,39 +29,27 @@ pub const FOUND_ANNOUNCED_PURGED: &str = "sim-announced-purged";
 /// gone after the adapter's few retries; its record is deleted and the instance lives on.
 pub const FOUND_NOT_FOUND_LEAK: &str = "sim-notfound-leak";
 
-/// Checks, before the run's driver deletes or terminates `id`, that the record `item` it found
-/// is not another run's or the pool's. `unconditional` says the write had no ownership condition.
-pub fn check_isolation(world: &mut World, id: &str, item: &InstanceItem, what: &str, unconditional: bool) {
+/// Checks a write of driver `client` that changed, deleted or terminated `id`, whose record was
+/// `item` just before: it must not be another run's, or the pool's (an idle record announced in a
+/// pool queue). A record the run released without announcing it is still the run's.
+pub fn check_isolation(world: &mut World, client: u32, id: &str, item: &InstanceItem, what: &str) {
     let run_id = world.spec.run_id.clone();
     if item.run_id == run_id || item.state == "terminated" {
         return;
     }
-    if item.run_id.is_empty() && item.state == "idle" {
-        // The run's own release whose pool message was never sent is still the run's to purge.
+    let announced = world.sqs.was_announced_anywhere(id, &item.threshold);
+    if item.run_id.is_empty() && item.state == "idle" && !announced {
         let idle_threshold = world.table.run(&run_id).ok().flatten().and_then(|r| r.idle_threshold);
-        let announced = world.sqs.was_announced_anywhere(id, &item.threshold);
-        if idle_threshold.is_some_and(|t| t.to_string() == item.threshold) && !announced {
+        if idle_threshold.is_some_and(|t| t.to_string() == item.threshold) {
             return;
         }
     }
     let holder = if item.run_id.is_empty() { "the pool".to_string() } else { format!("run {}", item.run_id) };
-    let announced = item.run_id.is_empty() && world.sqs.was_announced_anywhere(id, &item.threshold);
-    let known = if unconditional {
-        Some(KNOWN_CLEANUP_PURGES_CREATED)
-    } else if announced {
-        Some(FOUND_ANNOUNCED_PURGED)
-    } else {
-        None
-    };
+    let known = (item.run_id.is_empty() && announced).then_some(FOUND_ANNOUNCED_PURGED);
     world.violate(
         "a-isolation",
         known,
-        format!(
-            "{what} {id}, whose record {holder} holds ({} until {}){}",
-            item.state,
-            item.threshold,
-            if unconditional { " (unconditional delete of a created instance)" } else { "" }
-        ),
+        format!("driver {client} {what} {id}, whose record {holder} holds ({} until {})", item.state, item.threshold),
     );
 }
 

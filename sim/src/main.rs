@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use post_provision_sim::world::Stats;
+use post_provision_sim::world::{Stats, Violation};
 use post_provision_sim::{run_seed, SeedReport};
 
 const USAGE: &str = "usage: post-provision-sim [--seeds N] [--seed S] [-v] [--regressions FILE] [--allow-known issue9-1,issue9-2] [--jobs J]
@@ -17,13 +17,15 @@ const USAGE: &str = "usage: post-provision-sim [--seeds N] [--seed S] [-v] [--re
   --regressions FILE also replay the seeds listed in FILE (one per line, `#` comments)
   --allow-known LIST temporarily accept violations of these known defects (issue 9, not yet fixed):
                      they are counted and listed, but do not fail the run
-  --jobs J           threads (default: the machine's cores)";
+  --jobs J           threads (default: the machine's cores)
+  --check-determinism run every seed twice and fail if the two histories differ";
 
 struct Options {
     seeds: Vec<u64>,
     verbose: bool,
     allowed: BTreeSet<String>,
     jobs: usize,
+    check_determinism: bool,
     first: u64,
     count: u64,
 }
@@ -33,6 +35,7 @@ fn parse() -> Result<Options, String> {
     let mut count: Option<u64> = None;
     let mut first: Option<u64> = None;
     let mut verbose = false;
+    let mut check_determinism = false;
     let mut allowed = BTreeSet::new();
     let mut regressions = Vec::new();
     let mut jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -53,6 +56,11 @@ fn parse() -> Result<Options, String> {
                         regressions.push(seed.parse::<u64>().map_err(|e| format!("{path}: {seed:?}: {e}"))?);
                     }
                 }
+            }
+            "--check-determinism" => {
+                check_determinism = true;
+                index += 1;
+                continue;
             }
             "-v" | "--verbose" => {
                 verbose = true;
@@ -78,7 +86,7 @@ fn parse() -> Result<Options, String> {
     };
     let mut seeds: Vec<u64> = (first..first + count).collect();
     seeds.extend(regressions);
-    Ok(Options { seeds, verbose, allowed, jobs: jobs.max(1), first, count })
+    Ok(Options { seeds, verbose, allowed, jobs: jobs.max(1), check_determinism, first, count })
 }
 
 fn main() {
@@ -97,7 +105,18 @@ fn main() {
             scope.spawn(|| loop {
                 let index = next.fetch_add(1, Ordering::SeqCst) as usize;
                 let Some(&seed) = options.seeds.get(index) else { break };
-                let report = run_seed(seed, options.verbose);
+                let mut report = run_seed(seed, options.verbose);
+                if options.check_determinism {
+                    let again = run_seed(seed, false);
+                    if again.digest != report.digest || again.violations != report.violations {
+                        report.violations.push(Violation {
+                            invariant: "determinism",
+                            message: format!("two runs of seed {seed} had different histories"),
+                            known: None,
+                            at_secs: 0,
+                        });
+                    }
+                }
                 reports.lock().expect("reports").push(report);
             });
         }

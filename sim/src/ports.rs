@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use post_provision::core::{InstanceDeletion, InstanceTransition, ObservedRecord, WriteResult};
 use post_provision::ports::{
-    AwsError, Compute, CreateOutcome, ErrorClass, InstanceStore, OutgoingMessage, PoolQueues, RunStore, StoreError,
-    Termination,
+    AwsError, Compute, CreateOutcome, ErrorClass, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues, RunStore,
+    StoreError, Termination,
 };
 use post_provision::record::{self, RunRecord};
 use post_provision::spec::ResourceClassConfig;
@@ -21,16 +21,16 @@ use crate::dynamo::{Action, Create, InstanceItem, Reason};
 use crate::world::{Who, World};
 use crate::{actors, invariants};
 
-/// The class `post_provision::aws::classify_code` gives a transaction cancellation reason code,
-/// for the codes the simulation injects. `AwsPorts` re-sends nothing itself: a retryable reason
-/// makes the item `Cancelled`, any other fails the whole call with that class. The differential
-/// test (`tests/it/differential.rs`) checks this table against the adapter's own.
-pub fn reason_class(code: &str) -> ErrorClass {
+/// What `AwsPorts` makes of a transaction cancellation reason code the simulation injects: load
+/// (`ThrottlingError`, `ProvisionedThroughputExceeded`) is `Throttled`; a code that
+/// `post_provision::aws::classify_code` calls retryable (`TransactionConflict`) is `Cancelled`;
+/// anything else fails the whole call with its class. The differential test
+/// (`tests/it/differential.rs`) checks this table against the adapter's own classification.
+pub fn reason_result(code: &'static str) -> Result<WriteResult, AwsError> {
     match code {
-        "TransactionConflict" | "ThrottlingError" => ErrorClass::Throttling,
-        // Not among the adapter's codes (issue 9): classified by its missing HTTP status as Other.
-        "ProvisionedThroughputExceeded" => ErrorClass::Other,
-        _ => ErrorClass::Other,
+        "ThrottlingError" | "ProvisionedThroughputExceeded" => Ok(WriteResult::Throttled),
+        "TransactionConflict" => Ok(WriteResult::Cancelled),
+        _ => Err(error("DynamoDB", "TransactWriteItems", Some(code), "transaction item rejected", ErrorClass::Other)),
     }
 }
 
@@ -143,13 +143,14 @@ impl SimPorts {
                 let max_latency = world.swarm.max_latency_ms;
                 let before = world.rng.range(0, max_latency);
                 let after = world.rng.range(0, max_latency);
+                world.fold(&format!("{} {operation} {calls} {fault:?}", self.client));
                 world.log(|| {
                     format!("driver {} calls {service} {operation} (call {calls}) fault {fault:?}", self.client)
                 });
-                Some((fault, crash, pause_secs, before, after))
+                Some((fault, crash, pause_secs, before, after, calls))
             }
         };
-        let Some((fault, crash, pause_secs, before, after)) = decided else {
+        let Some((fault, crash, pause_secs, before, after, calls)) = decided else {
             return std::future::pending().await;
         };
         if let Some(secs) = pause_secs {
@@ -178,6 +179,10 @@ impl SimPorts {
                     (Fault::None | Fault::LostAnswer | Fault::Timeout { applied: true }, None) => true,
                     _ => false,
                 };
+                if lands && matches!(fault, Fault::Timeout { .. }) {
+                    let client = self.client;
+                    world.log(|| format!("  driver {client}'s timed-out call {calls} lands now"));
+                }
                 let value = lands.then(|| apply(world));
                 invariants::after_step(world);
                 if crash.is_some() {
@@ -304,12 +309,7 @@ impl SimPorts {
                     run_id: item.run_id,
                     threshold: item.threshold,
                 }))),
-                Reason::Code(code) => match reason_class(code) {
-                    class if class.is_retryable() => Ok(WriteResult::Cancelled),
-                    class => {
-                        Err(error("DynamoDB", "TransactWriteItems", Some(code), "transaction item rejected", class))
-                    }
-                },
+                Reason::Code(code) => reason_result(code),
             })
             .collect()
     }
@@ -320,8 +320,15 @@ impl SimPorts {
 }
 
 impl RunStore for SimPorts {
-    async fn load_run(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
-        self.call("DynamoDB", "GetItem", false, |world| world.table.run(run_id)).await?.map_err(StoreError::Corrupt)
+    async fn load_run(&self, run_id: &str, attempt: u32) -> Result<Option<RunRecord>, StoreError> {
+        let identifier = record::record_identifier(run_id, attempt);
+        self.call("DynamoDB", "GetItem", false, |world| world.table.run(&identifier))
+            .await?
+            .map_err(StoreError::Corrupt)
+    }
+
+    async fn load_attempts(&self, run_id: &str) -> Result<Vec<RunRecord>, StoreError> {
+        self.call("DynamoDB", "Query", false, |world| world.table.attempts(run_id)).await?.map_err(StoreError::Corrupt)
     }
 
     async fn create_run(
@@ -390,10 +397,16 @@ impl RunStore for SimPorts {
         }
     }
 
-    async fn renew_lease(&self, run_id: &str, owner: &str, expires_at: Timestamp) -> Result<bool, StoreError> {
+    async fn renew_lease(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        owner: &str,
+        expires_at: Timestamp,
+    ) -> Result<bool, StoreError> {
         Ok(self
             .call("DynamoDB", "UpdateItem", true, |world| {
-                let renewed = world.table.renew_lease(run_id, owner, expires_at);
+                let renewed = world.table.renew_lease(run_id, attempt, owner, expires_at);
                 world.log(|| format!("  renew lease of {owner} to {expires_at}: {renewed}"));
                 renewed
             })
@@ -424,7 +437,16 @@ impl InstanceStore for SimPorts {
             let injected =
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
             let actions: Vec<Action<'_>> = batch.iter().map(|t| Action::Transition(t, now)).collect();
+            let before: Vec<Option<InstanceItem>> =
+                batch.iter().map(|t| world.table.instances.get(&t.instance_id).cloned()).collect();
             let outcome = world.table.transact(&actions, &injected);
+            if outcome.is_ok() {
+                for (transition, item) in batch.iter().zip(before) {
+                    let item = item.expect("an applied transition found its item");
+                    let what = format!("moved to {}", transition.new_state.as_str());
+                    invariants::check_isolation(world, self.client, &transition.instance_id, &item, &what);
+                }
+            }
             world.log(|| {
                 format!(
                     "  transition {} to {}: {:?}",
@@ -459,10 +481,10 @@ impl InstanceStore for SimPorts {
                     if let Some(item) = item {
                         invariants::check_isolation(
                             world,
+                            self.client,
                             &deletion.instance_id,
                             &item,
                             "deleted the record of",
-                            deletion.owner_run_id.is_none(),
                         );
                     }
                 }
@@ -533,7 +555,7 @@ impl SimPorts {
                 for id in &pending {
                     if let Some(item) = world.table.instances.get(id).cloned() {
                         if world.ec2.known(id, now) {
-                            invariants::check_isolation(world, id, &item, "terminated", false);
+                            invariants::check_isolation(world, self.client, id, &item, "terminated");
                         }
                     }
                 }
@@ -542,6 +564,9 @@ impl SimPorts {
                         world.terminated_by_run.extend(pending.iter().cloned());
                         result.terminated.append(&mut pending);
                     }
+                    // No instance of the simulation is protected or outside the IAM tag
+                    // condition, so `refused` stays empty: the pool-tag check keeps the driver
+                    // from ever sending a foreign instance.
                     Err(unknown) => {
                         world.fault("ec2-not-found");
                         world.reported_not_found.extend(unknown.iter().cloned());
@@ -558,6 +583,42 @@ impl SimPorts {
 }
 
 impl Compute for SimPorts {
+    async fn pool_membership(&self, instance_ids: &[String]) -> Result<PoolMembership, AwsError> {
+        assert!(instance_ids.len() <= post_provision::core::MAX_TERMINATE_BATCH, "membership batch too large");
+        let describe = |ids: Vec<String>| {
+            self.call("EC2", "DescribeInstances", false, move |world| {
+                let now = world.now_unix();
+                let mut membership = PoolMembership::default();
+                for id in ids {
+                    match world.ec2.instances.get(&id) {
+                        Some(instance) if instance.visible_from <= now => {
+                            if instance.tags.contains_key(post_provision::config::DEFAULT_POOL_TAG_KEY) {
+                                membership.members.push(id);
+                            } else {
+                                membership.foreign.push(id);
+                            }
+                        }
+                        _ => membership.unknown.push(id),
+                    }
+                }
+                membership
+            })
+        };
+        let mut membership = describe(instance_ids.to_vec()).await?;
+        // As the adapter: an unknown id can be eventual consistency; ask again a bounded number of times.
+        for _ in 0..self.not_found_retries {
+            if membership.unknown.is_empty() {
+                break;
+            }
+            tokio::time::sleep(self.not_found_delay).await;
+            let again = describe(std::mem::take(&mut membership.unknown)).await?;
+            membership.members.extend(again.members);
+            membership.foreign.extend(again.foreign);
+            membership.unknown = again.unknown;
+        }
+        Ok(membership)
+    }
+
     async fn terminate(&self, instance_ids: &[String]) -> Result<Termination, AwsError> {
         assert!(instance_ids.len() <= post_provision::core::MAX_TERMINATE_BATCH, "termination batch too large");
         let mut result = self.terminate_once(instance_ids).await?;
@@ -569,6 +630,7 @@ impl Compute for SimPorts {
             tokio::time::sleep(self.not_found_delay).await;
             let again = self.terminate_once(&std::mem::take(&mut result.not_found)).await?;
             result.terminated.extend(again.terminated);
+            result.refused.extend(again.refused);
             result.not_found = again.not_found;
         }
         Ok(result)

@@ -51,27 +51,38 @@ pub struct SeedReport {
     pub history: Option<Vec<String>>,
     /// The fleet size.
     pub fleet: usize,
+    /// The digest of the history: equal for two runs of one seed.
+    pub digest: u64,
 }
 
-/// The driver's clock: virtual time.
+/// The driver's clock: virtual time, and the seed's randomness (backoff jitter, owner ids).
 struct SimClock {
     base_unix: i64,
     start: tokio::time::Instant,
+    rng: Mutex<Rng>,
 }
 
 impl Clock for SimClock {
     fn now(&self) -> Timestamp {
         Timestamp::from_unix_secs(self.base_unix + (tokio::time::Instant::now() - self.start).as_secs() as i64)
     }
+
+    fn random_u64(&self) -> u64 {
+        self.rng.lock().expect("clock rng").next_u64()
+    }
 }
 
 /// Runs one seed on its own current-thread runtime with paused (virtual) time.
 pub fn run_seed(seed: u64, verbose: bool) -> SeedReport {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a current-thread runtime");
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    // `tokio::select!` polls its branches in a random order (the driver's select between its
+    // state loop and its lease renewer, when both are ready at one instant). That order comes
+    // from the runtime's seed, which only `tokio_unstable` builds can set: `scripts/sim` builds
+    // with `--cfg tokio_unstable`, so one seed is one history there.
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    let runtime = builder.build().expect("a current-thread runtime");
     runtime.block_on(simulate(seed, verbose))
 }
 
@@ -171,6 +182,7 @@ fn setup(seed: u64, verbose: bool) -> World {
     };
     let spec = Spec {
         run_id: run_id.clone(),
+        run_attempt: None,
         max_runtime_min: swarm.max_runtime_min,
         idle_time_sec: swarm.idle_time_sec,
         selection: Selection {
@@ -211,6 +223,7 @@ fn setup(seed: u64, verbose: bool) -> World {
         outcome_may_change: false,
         throttled: false,
         terminal_at_secs: None,
+        digest: 0xcbf2_9ce4_8422_2325,
         earliest_threshold_secs,
     }
 }
@@ -293,6 +306,7 @@ impl Sim {
             let finished = Notify::new();
             let driving = async {
                 let result = tokio::select! {
+                    biased;
                     result = async {
                         if exists { driver.resume_with(&run_id, force).await } else { driver.start(spec.clone()).await }
                     } => Some(result),
@@ -303,6 +317,7 @@ impl Sim {
             };
             let sweeping = async {
                 tokio::select! {
+                    biased;
                     () = paused.notified() => {}
                     () = finished.notified() => return None,
                 }
@@ -352,6 +367,8 @@ impl Sim {
             Err(DriveError::Stalled { .. }) => "stalled",
             Err(DriveError::LeaseLost { .. }) => "lease-lost",
             Err(DriveError::NotStarted(_)) => "not-started",
+            // The create's answer was lost and reading it back failed: the same `run` is safe.
+            Err(DriveError::Uncertain { .. }) => "uncertain",
             // Reading the record to resume it failed: AWS is unavailable for now.
             Err(DriveError::Store(post_provision::ports::StoreError::Aws(_))) => "aws-failed",
             Err(error) => {
@@ -369,6 +386,7 @@ impl Sim {
             "stalled" => "driver-stalled",
             "lease-lost" => "driver-lease-lost",
             "not-started" => "driver-not-started",
+            "uncertain" => "driver-uncertain",
             "aws-failed" => "driver-aws-failed",
             _ => "driver-error",
         });
@@ -383,7 +401,8 @@ impl Sim {
 async fn simulate(seed: u64, verbose: bool) -> SeedReport {
     let world = setup(seed, verbose);
     let (path, fleet) = (world.swarm.path, world.spec.instance_count());
-    let clock = Arc::new(SimClock { base_unix: world.base_unix, start: world.start });
+    let clock_rng = Rng::new(seed ^ 0xC10C);
+    let clock = Arc::new(SimClock { base_unix: world.base_unix, start: world.start, rng: Mutex::new(clock_rng) });
     let limits = Limits {
         concurrency: world.swarm.concurrency,
         lease_secs: LEASE_SECS,
@@ -403,6 +422,7 @@ async fn simulate(seed: u64, verbose: bool) -> SeedReport {
         }
     };
     let outcome = tokio::select! {
+        biased;
         outcome = tokio::time::timeout(WATCHDOG, sim.drive()) => outcome.ok().flatten(),
         () = ticker => unreachable!("the ticker never ends"),
     };
@@ -416,5 +436,6 @@ async fn simulate(seed: u64, verbose: bool) -> SeedReport {
         violations: world.violations.clone(),
         history: world.history.take(),
         fleet,
+        digest: world.digest,
     }
 }

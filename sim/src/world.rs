@@ -131,6 +131,9 @@ pub struct World {
     pub clients: BTreeMap<u32, Client>,
     /// Counters.
     pub stats: Stats,
+    /// A digest of the history (every port call with its fault and instant, every actor step),
+    /// kept even when the history is not: two runs of one seed must end with the same digest.
+    pub digest: u64,
     /// The history, when verbose.
     pub history: Option<Vec<String>>,
     /// Violations found.
@@ -177,6 +180,14 @@ impl World {
             let at = tokio::time::Instant::now() - self.start;
             let text = format!("[{:>9.3}s] {}", at.as_secs_f64(), line());
             self.history.as_mut().expect("verbose").push(text);
+        }
+    }
+
+    /// Folds `value` and the current instant into the history's digest (FNV-1a).
+    pub fn fold(&mut self, value: &str) {
+        let nanos = (tokio::time::Instant::now() - self.start).as_nanos() as u64;
+        for byte in value.bytes().chain(nanos.to_le_bytes()) {
+            self.digest = (self.digest ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
         }
     }
 
