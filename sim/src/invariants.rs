@@ -25,6 +25,14 @@ pub const KNOWN_THROTTLING_CLEANS_UP: &str = "issue9-2";
 /// but not recorded in `messagesSent` (a sibling batch dropped when another failed, or a lost
 /// answer), so an instance announced to the pool is terminated.
 pub const FOUND_ANNOUNCED_PURGED: &str = "sim-announced-purged";
+/// Found by the simulation: transaction conflicts that outlast `batch_rounds` (about 1.5 s of
+/// re-sending) are an unexpected error, so contention sends a healthy run to emergency cleanup,
+/// whatever `--on-retries-exhausted` says.
+pub const FOUND_CONFLICTS_CLEAN_UP: &str = "sim-conflicts-clean-up";
+/// Found by the simulation in main's issue-9 work: a resumed commit takes an instance that
+/// another run holds for one "committed earlier and handed on since", although the first driver
+/// died before its commit landed; the run ends `Done` with an instance it never held.
+pub const FOUND_RESUMED_COMMIT_OF_FOREIGN: &str = "sim-resumed-commit-foreign";
 /// Found by the simulation: an id EC2 does not know yet (eventual consistency) is treated as
 /// gone after the adapter's few retries; its record is deleted and the instance lives on.
 pub const FOUND_NOT_FOUND_LEAK: &str = "sim-notfound-leak";
@@ -107,9 +115,11 @@ fn check_terminal_picture(world: &mut World) {
             let found = item.map_or("no record".to_string(), |i| {
                 format!("record {} runId {:?} threshold {}", i.state, i.run_id, i.threshold)
             });
+            let known =
+                (item.is_none() && alive && world.reported_not_found.contains(&id)).then_some(FOUND_NOT_FOUND_LEAK);
             world.violate(
                 "b-terminal-picture",
-                None,
+                known,
                 format!(
                     "run {} {}: instance {id} is left with {found}, EC2 {}",
                     run_id,
@@ -175,18 +185,34 @@ pub fn at_end(world: &mut World, outcome: Option<OutcomeKind>) {
     if outcome == expected {
         return;
     }
-    // By design (`--on-retries-exhausted clean-up`, the default), a 5xx, timeout, lost answer or
-    // persistent conflict that outlasts the retries sends commit and rollback to emergency cleanup.
+    // By design (`--on-retries-exhausted clean-up`, the default), a 5xx, timeout or lost answer
+    // that outlasts the retries sends commit and rollback to emergency cleanup.
     if outcome == OutcomeKind::CleanedUp && world.outcome_may_change && !world.swarm.stall_on_exhausted {
         return;
     }
-    let known = (outcome == OutcomeKind::CleanedUp && world.throttled).then_some(KNOWN_THROTTLING_CLEANS_UP);
+    let resumed = world.clients.len() > 1;
+    let known = match (outcome, expected) {
+        (OutcomeKind::CleanedUp, _) if world.conflicted => Some(FOUND_CONFLICTS_CLEAN_UP),
+        (OutcomeKind::CleanedUp, _) if world.throttled => Some(KNOWN_THROTTLING_CLEANS_UP),
+        (OutcomeKind::Committed, OutcomeKind::CleanedUp) if resumed => Some(FOUND_RESUMED_COMMIT_OF_FOREIGN),
+        _ => None,
+    };
+    let causes: Vec<&str> = [
+        (world.throttled, "throttling"),
+        (world.conflicted, "transaction conflicts"),
+        (world.outcome_may_change, "5xx/timeouts/lost answers"),
+        (resumed, "a resume"),
+    ]
+    .iter()
+    .filter(|(seen, _)| *seen)
+    .map(|(_, name)| *name)
+    .collect();
     world.violate(
         "e-outcome",
         known,
         format!(
-            "no other actor touched the run, yet it ended {outcome:?} instead of {expected:?}{}",
-            if world.throttled { " (throttling reached the driver)" } else { "" }
+            "no other actor touched the run, yet it ended {outcome:?} instead of {expected:?} (seen: {})",
+            if causes.is_empty() { "nothing".to_string() } else { causes.join(", ") }
         ),
     );
 }

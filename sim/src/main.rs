@@ -153,6 +153,16 @@ fn main() {
             }
         }
     }
+    // Each kind of violation once, with how many seeds show it and the first of them.
+    let mut kinds: BTreeMap<(&str, &str), (BTreeSet<u64>, String)> = BTreeMap::new();
+    for report in &reports {
+        for violation in &report.violations {
+            let kind = kinds
+                .entry((violation.invariant, violation.known.unwrap_or("-")))
+                .or_insert_with(|| (BTreeSet::new(), violation.message.clone()));
+            kind.0.insert(report.seed);
+        }
+    }
     let seconds = wall.as_secs_f64();
     println!("post-provision simulation");
     println!(
@@ -179,6 +189,13 @@ fn main() {
         failing.len(),
         if by_invariant.is_empty() { "none".to_string() } else { join(&by_invariant) }
     );
+    for ((invariant, known), (seeds, example)) in &kinds {
+        println!(
+            "  kind:             {invariant} [{known}]: {} seeds (first: seed {}: {example})",
+            seeds.len(),
+            seeds.first().expect("a seed")
+        );
+    }
     for (tag, seeds) in &known {
         let shown: Vec<String> = seeds.iter().take(5).map(u64::to_string).collect();
         println!(

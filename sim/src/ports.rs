@@ -279,7 +279,7 @@ impl SimPorts {
             match *code {
                 "TransactionConflict" => {
                     world.fault("item-conflict");
-                    world.outcome_may_change = true;
+                    world.conflicted = true;
                 }
                 "ThrottlingError" => {
                     world.fault("item-throttling");
@@ -598,7 +598,11 @@ impl Compute for SimPorts {
                                 membership.foreign.push(id);
                             }
                         }
-                        _ => membership.unknown.push(id),
+                        _ => {
+                            world.fault("ec2-not-found");
+                            world.reported_not_found.insert(id.clone());
+                            membership.unknown.push(id);
+                        }
                     }
                 }
                 membership

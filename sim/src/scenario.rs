@@ -221,6 +221,7 @@ fn setup(seed: u64, verbose: bool) -> World {
         reported_not_found: Default::default(),
         terminal_checked: false,
         outcome_may_change: false,
+        conflicted: false,
         throttled: false,
         terminal_at_secs: None,
         digest: 0xcbf2_9ce4_8422_2325,

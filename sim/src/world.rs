@@ -149,6 +149,8 @@ pub struct World {
     /// Faults that the design lets change the outcome (5xx, timeouts, lost answers, conflicts)
     /// reached a driver.
     pub outcome_may_change: bool,
+    /// Transaction conflicts reached a driver.
+    pub conflicted: bool,
     /// Throttling (request or item level) reached a driver.
     pub throttled: bool,
     /// When the run first finished, virtual seconds since the start.
