@@ -42,7 +42,21 @@ pub const FOUND_NOT_FOUND_LEAK: &str = "sim-notfound-leak";
 /// pool queue). A record the run released without announcing it is still the run's.
 pub fn check_isolation(world: &mut World, client: u32, id: &str, item: &InstanceItem, what: &str) {
     let run_id = world.spec.run_id.clone();
-    if item.run_id == run_id || item.state == "terminated" {
+    if item.state == "terminated" {
+        return;
+    }
+    if item.run_id == run_id {
+        // Attempts of one run share the runId: which attempt holds the instance says who may
+        // write it.
+        let holder = world.holder_attempt.get(id).copied().unwrap_or(1);
+        let acting = world.clients.get(&client).map_or(1, |c| c.acting_attempt);
+        if holder != acting {
+            world.violate(
+                "a-isolation",
+                None,
+                format!("driver {client}, acting for attempt {acting}, {what} {id}, which attempt {holder} holds ({} until {})", item.state, item.threshold),
+            );
+        }
         return;
     }
     let announced = world.sqs.was_announced_anywhere(id, &item.threshold);
@@ -100,6 +114,7 @@ fn check_terminal_picture(world: &mut World) {
         let item = world.table.instances.get(&id);
         let alive = world.ec2.alive(&id);
         let fine = match item {
+            Some(item) if item.run_id == run_id && world.holder_attempt.get(&id).is_some_and(|a| *a != 1) => true,
             Some(item) if item.state == "running" && item.run_id == run_id => {
                 record.state == State::Done && commit_threshold.as_deref() == Some(item.threshold.as_str())
             }
@@ -136,6 +151,7 @@ pub fn check_no_leak(world: &mut World) {
     let leaked: Vec<String> = world
         .run_instances
         .keys()
+        .chain(world.other_attempt_instances.keys())
         .filter(|id| world.ec2.alive(id) && !world.table.instances.contains_key(*id))
         .cloned()
         .collect();

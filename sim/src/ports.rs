@@ -314,6 +314,23 @@ impl SimPorts {
             .collect()
     }
 
+    /// Which attempt's plan a batch of instance writes belongs to, when one of its instances is
+    /// in only one attempt's spec (every batch comes from one spec); the driver's acting attempt
+    /// is updated with it, so that a write to an instance both specs name is attributed right.
+    fn note_acting_attempt<'a>(&self, world: &mut World, ids: impl Iterator<Item = &'a String>) {
+        for id in ids {
+            let first = world.run_instances.contains_key(id);
+            let second = world.other_attempt_instances.contains_key(id);
+            let attempt = match (first, second) {
+                (true, false) => world.spec.attempt(),
+                (false, true) => 2,
+                _ => continue,
+            };
+            world.clients.get_mut(&self.client).expect("client").acting_attempt = attempt;
+            return;
+        }
+    }
+
     fn is_calm(&self, world: &World) -> bool {
         world.clients[&self.client].calm
     }
@@ -340,6 +357,7 @@ impl RunStore for SimPorts {
         record::check_size(record).map_err(StoreError::TooLarge)?;
         let created = self
             .call("DynamoDB", "TransactWriteItems", true, |world| {
+                world.clients.get_mut(&self.client).expect("client").acting_attempt = record.run_attempt;
                 let outcome = world.table.create_run(record, spec_chunks);
                 world.log(|| {
                     format!(
@@ -369,6 +387,7 @@ impl RunStore for SimPorts {
         record::check_size(record).map_err(StoreError::TooLarge)?;
         let result = self
             .call("DynamoDB", "PutItem", true, |world| {
+                world.clients.get_mut(&self.client).expect("client").acting_attempt = record.run_attempt;
                 let result = world.table.replace_run(record, expected_version);
                 world.log(|| {
                     format!(
@@ -378,7 +397,7 @@ impl RunStore for SimPorts {
                         result.is_ok()
                     )
                 });
-                if result.is_ok() && record.state.is_terminal() {
+                if result.is_ok() && record.state.is_terminal() && record.run_attempt == world.spec.attempt() {
                     invariants::on_terminal(world);
                 }
                 result
@@ -436,6 +455,7 @@ impl InstanceStore for SimPorts {
         self.call("DynamoDB", "TransactWriteItems", true, |world| {
             let injected =
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
+            self.note_acting_attempt(world, batch.iter().map(|t| &t.instance_id));
             let actions: Vec<Action<'_>> = batch.iter().map(|t| Action::Transition(t, now)).collect();
             let before: Vec<Option<InstanceItem>> =
                 batch.iter().map(|t| world.table.instances.get(&t.instance_id).cloned()).collect();
@@ -465,6 +485,7 @@ impl InstanceStore for SimPorts {
         self.call("DynamoDB", "TransactWriteItems", true, |world| {
             let injected =
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
+            self.note_acting_attempt(world, batch.iter().map(|d| &d.instance_id));
             let actions: Vec<Action<'_>> = batch.iter().map(Action::Delete).collect();
             let before: Vec<Option<InstanceItem>> =
                 batch.iter().map(|d| world.table.instances.get(&d.instance_id).cloned()).collect();
@@ -547,6 +568,7 @@ impl SimPorts {
     /// same call without them, so unknown ids do not stop the others.
     async fn terminate_once(&self, ids: &[String]) -> Result<Termination, AwsError> {
         self.call("EC2", "TerminateInstances", true, |world| {
+            self.note_acting_attempt(world, ids.iter());
             let mut pending: Vec<String> = ids.to_vec();
             let mut result = Termination::default();
             let now = world.now_unix();

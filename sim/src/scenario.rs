@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use post_provision::config::{Limits, OnRetriesExhausted};
 use post_provision::driver::{Clock, DriveError, Driver, Hooks, OutcomeKind};
+use post_provision::record;
 use post_provision::spec::{Creation, CreationState, PoolInstance, ResourceClass, Selection, Spec, UsageClass};
 use post_provision::timestamp::Timestamp;
 use tokio::sync::Notify;
@@ -90,6 +91,19 @@ fn instance_id(n: u64) -> String {
     format!("i-{:017x}", 0x0a00_0000_0000u64 + n)
 }
 
+fn pool_instance(id: &str, class_index: usize, threshold: Timestamp) -> PoolInstance {
+    let (class, instance_type, cpu, mmem) = CLASSES[class_index];
+    PoolInstance {
+        id: id.to_string(),
+        resource_class: class.to_string(),
+        instance_type: instance_type.to_string(),
+        cpu,
+        mmem,
+        usage_class: if class_index == 0 { UsageClass::Spot } else { UsageClass::OnDemand },
+        threshold,
+    }
+}
+
 fn setup(seed: u64, verbose: bool) -> World {
     let mut rng = Rng::new(seed);
     let swarm = Swarm::pick(&mut rng);
@@ -125,18 +139,6 @@ fn setup(seed: u64, verbose: bool) -> World {
                 updated_at: now.to_string(),
             },
         );
-    };
-    let pool_instance = |id: &str, class_index: usize, threshold: Timestamp| {
-        let (class, instance_type, cpu, mmem) = CLASSES[class_index];
-        PoolInstance {
-            id: id.to_string(),
-            resource_class: class.to_string(),
-            instance_type: instance_type.to_string(),
-            cpu,
-            mmem,
-            usage_class: if class_index == 0 { UsageClass::Spot } else { UsageClass::OnDemand },
-            threshold,
-        }
     };
     let mut class_rng = rng.fork();
     let mut selected = Vec::new();
@@ -219,6 +221,8 @@ fn setup(seed: u64, verbose: bool) -> World {
         touched: Default::default(),
         terminated_by_run: Default::default(),
         reported_not_found: Default::default(),
+        holder_attempt: Default::default(),
+        other_attempt_instances: Default::default(),
         terminal_checked: false,
         outcome_may_change: false,
         conflicted: false,
@@ -247,10 +251,13 @@ impl Sim {
         crash_at: Option<(u64, bool)>,
         pause_at: Option<(u64, i64)>,
         calm: bool,
+        attempt: u32,
     ) -> (Driver<SimPorts>, Arc<Notify>, Arc<Notify>, u32) {
         let client = self.next_client.get();
         self.next_client.set(client + 1);
-        self.lock().clients.insert(client, Client { crash_at, pause_at, calm, ..Client::default() });
+        self.lock()
+            .clients
+            .insert(client, Client { crash_at, pause_at, calm, acting_attempt: attempt, ..Client::default() });
         let crashed = Arc::new(Notify::new());
         let paused = Arc::new(Notify::new());
         let ports = Arc::new(SimPorts {
@@ -265,22 +272,30 @@ impl Sim {
         (Driver::new(ports, self.limits.clone(), self.clock.clone(), Hooks::default()), crashed, paused, client)
     }
 
-    fn finished(&self) -> Option<OutcomeKind> {
+    fn finished(&self, attempt: u32) -> Option<OutcomeKind> {
         let world = self.lock();
-        world.table.run(&world.spec.run_id).ok().flatten().and_then(|record| OutcomeKind::of(&record))
+        let identifier = record::record_identifier(&world.spec.run_id, attempt);
+        world.table.run(&identifier).ok().flatten().and_then(|record| OutcomeKind::of(&record))
     }
 
-    /// Drives the run until it is finished: crashes, pauses with a sweeper, resumes; the last
-    /// drivers are calm (no faults), so a run that still does not finish is a liveness failure.
-    async fn drive(&self) -> Option<OutcomeKind> {
-        let (spec, run_id, swarm) = {
-            let world = self.lock();
-            (world.spec.clone(), world.spec.run_id.clone(), world.swarm.clone())
-        };
-        for attempt in 0..STORMY_ATTEMPTS + CALM_ATTEMPTS {
-            let calm = attempt >= STORMY_ATTEMPTS;
-            let (crash_at, pause_at) = if attempt == 0 {
-                (swarm.crash_at, swarm.pause_at)
+    /// Drives one attempt of the run until it is finished: crashes, pauses with a sweeper,
+    /// resumes; the last drivers are calm (no faults), so an attempt that still does not finish
+    /// is a liveness failure. `first_ended` is told when the first driver is gone (crashed,
+    /// stopped or finished): GitHub offers "Re-run jobs" once the workflow run has ended.
+    async fn drive(
+        &self,
+        spec: Spec,
+        first: (Option<(u64, bool)>, Option<(u64, i64)>),
+        first_ended: &Notify,
+    ) -> Option<OutcomeKind> {
+        let swarm = self.lock().swarm.clone();
+        let run_id = spec.run_id.clone();
+        let attempt = spec.attempt();
+        let identifier = record::record_identifier(&run_id, attempt);
+        for round in 0..STORMY_ATTEMPTS + CALM_ATTEMPTS {
+            let calm = round >= STORMY_ATTEMPTS;
+            let (crash_at, pause_at) = if round == 0 {
+                first
             } else if !calm {
                 let mut world = self.lock();
                 let again = world.rng.chance(swarm.p_crash_again);
@@ -289,17 +304,17 @@ impl Sim {
             } else {
                 (None, None)
             };
-            let exists = self.lock().table.runs.contains_key(&run_id);
-            let force = attempt > 0 && swarm.force_resume;
-            let (driver, crashed, paused, client) = self.driver(crash_at, pause_at, calm);
+            let exists = self.lock().table.runs.contains_key(&identifier);
+            let force = round > 0 && swarm.force_resume;
+            let (driver, crashed, paused, client) = self.driver(crash_at, pause_at, calm, attempt);
             {
                 let mut world = self.lock();
-                if attempt > 0 {
+                if round > 0 {
                     world.event("resumes");
                 }
                 world.log(|| {
                     format!(
-                        "driver {client} {} (force {force}, calm {calm})",
+                        "driver {client} {} attempt {attempt} (force {force}, calm {calm})",
                         if exists { "resumes" } else { "starts" }
                     )
                 });
@@ -309,7 +324,11 @@ impl Sim {
                 let result = tokio::select! {
                     biased;
                     result = async {
-                        if exists { driver.resume_with(&run_id, force).await } else { driver.start(spec.clone()).await }
+                        if exists {
+                            driver.resume_attempt(&run_id, Some(attempt), force).await
+                        } else {
+                            driver.start(spec.clone()).await
+                        }
                     } => Some(result),
                     () = crashed.notified() => None,
                 };
@@ -325,26 +344,28 @@ impl Sim {
                 // The paused driver's lease lapses; `resume --all` takes the run over, if it lists
                 // it (a run whose record was never created is not listed).
                 tokio::time::sleep(Duration::from_secs(LEASE_SECS as u64 + 1)).await;
-                if !self.lock().table.runs.contains_key(&run_id) {
+                if !self.lock().table.runs.contains_key(&identifier) {
                     return None;
                 }
-                let (sweeper, _, _, sweeper_client) = self.driver(None, None, calm);
+                let (sweeper, _, _, sweeper_client) = self.driver(None, None, calm, attempt);
                 {
                     let mut world = self.lock();
                     world.event("sweeper-resumes");
-                    world.log(|| format!("sweeper (driver {sweeper_client}) resumes the paused run"));
+                    world.log(|| format!("sweeper (driver {sweeper_client}) resumes the paused attempt {attempt}"));
                 }
-                Some(sweeper.resume_with(&run_id, false).await)
+                Some(sweeper.resume_attempt(&run_id, Some(attempt), false).await)
             };
             let (result, swept) = tokio::join!(driving, sweeping);
+            if round == 0 {
+                first_ended.notify_one();
+            }
             if let Some(result) = &swept {
                 self.note_result(result, true);
             }
-            match &result {
-                Some(result) => self.note_result(result, false),
-                None => {}
+            if let Some(result) = &result {
+                self.note_result(result, false);
             }
-            if let Some(outcome) = self.finished() {
+            if let Some(outcome) = self.finished(attempt) {
                 return Some(outcome);
             }
             // Not finished: wait as an operator or `resume --all` would, then resume.
@@ -358,6 +379,76 @@ impl Sim {
             tokio::time::sleep(Duration::from_secs(wait as u64)).await;
         }
         None
+    }
+
+    /// GitHub's "Re-run jobs": the same run id, attempt 2. Selection claims idle instances for
+    /// the run id (from pool messages, as selection does), creation registers new ones, and the
+    /// second attempt's spec is handed over. Returns `None` when this seed does no re-run.
+    fn rerun_spec(&self) -> Option<Spec> {
+        let mut world = self.lock();
+        let world = &mut *world;
+        if !world.swarm.rerun {
+            return None;
+        }
+        let run_id = world.spec.run_id.clone();
+        let now = world.now();
+        let mut selected = Vec::new();
+        let urls: Vec<String> = world.sqs.queues.keys().cloned().collect();
+        for _ in 0..world.rng.range(0, 4) {
+            let url = world.rng.pick(&urls).clone();
+            let Some(message) = world.sqs.receive(&url, now.unix_secs()) else { continue };
+            let Some(item) = world.table.instances.get(&message.instance_id).cloned() else { continue };
+            let unexpired = item.threshold.as_str() > now.to_string().as_str();
+            if item.state != "idle" || !item.run_id.is_empty() || !unexpired || message.threshold <= now.to_string() {
+                continue;
+            }
+            let threshold = now.plus_secs(300);
+            if world.table.update_if(&message.instance_id, &item, "claimed", &run_id, &threshold.to_string(), now) {
+                world.holder_attempt.insert(message.instance_id.clone(), 2);
+                world.touch(&message.instance_id);
+                let class = CLASSES.iter().position(|c| c.0 == item.resource_class).unwrap_or(0);
+                selected.push(pool_instance(&message.instance_id, class, threshold));
+            }
+        }
+        let mut created = Vec::new();
+        let count = world.rng.range(if selected.is_empty() { 1 } else { 0 }, 4);
+        for index in 0..count {
+            let id = instance_id(0x0b00_0000 + index);
+            let class = world.rng.below(2) as usize;
+            let threshold = now.plus_secs(600);
+            world.table.instances.insert(
+                id.clone(),
+                InstanceItem {
+                    state: "created".into(),
+                    run_id: run_id.clone(),
+                    threshold: threshold.to_string(),
+                    resource_class: CLASSES[class].0.into(),
+                    updated_at: now.to_string(),
+                },
+            );
+            world.ec2.launch(&id, &run_id, now.unix_secs());
+            world.holder_attempt.insert(id.clone(), 2);
+            created.push(pool_instance(&id, class, threshold));
+        }
+        let commit = world.rng.chance(0.5);
+        let mut spec = world.spec.clone();
+        spec.run_attempt = Some(2);
+        spec.selection = Selection {
+            num_instances_selected: selected.len() as u32,
+            num_instances_required: created.len() as u32 + u32::from(!commit),
+            instances: selected,
+        };
+        spec.creation = Creation {
+            state: if commit { CreationState::Success } else { CreationState::Partial },
+            num_instances_created: created.len() as u32,
+            instances: created,
+        };
+        for (_, instance) in spec.instances() {
+            world.other_attempt_instances.insert(instance.id.clone(), instance.resource_class.clone());
+        }
+        world.event("reruns");
+        world.log(|| format!("GitHub re-runs the workflow: attempt 2 with {} instances", spec.instance_count()));
+        Some(Spec::from_json(&spec.to_canonical_json()).expect("the simulation builds valid specs"))
     }
 
     fn note_result(&self, result: &Result<post_provision::RunOutcome, DriveError>, sweeper: bool) {
@@ -422,9 +513,26 @@ async fn simulate(seed: u64, verbose: bool) -> SeedReport {
             actors::step(&mut sim.lock());
         }
     };
+    let (spec, first) = {
+        let world = sim.lock();
+        (world.spec.clone(), (world.swarm.crash_at, world.swarm.pause_at))
+    };
+    let first_ended = Notify::new();
+    let both = async {
+        let rerun = async {
+            first_ended.notified().await;
+            let spec = sim.rerun_spec()?;
+            let outcome = sim.drive(spec, (None, None), &Notify::new()).await;
+            if outcome.is_none() {
+                sim.lock().violate("liveness", None, "attempt 2 did not finish, even after calm resumes".to_string());
+            }
+            outcome
+        };
+        tokio::join!(sim.drive(spec, first, &first_ended), rerun).0
+    };
     let outcome = tokio::select! {
         biased;
-        outcome = tokio::time::timeout(WATCHDOG, sim.drive()) => outcome.ok().flatten(),
+        outcome = tokio::time::timeout(WATCHDOG, both) => outcome.ok().flatten(),
         () = ticker => unreachable!("the ticker never ends"),
     };
     let mut world = sim.lock();

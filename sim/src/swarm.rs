@@ -91,6 +91,8 @@ pub struct Swarm {
     pub max_runtime_min: i64,
     /// `idleTimeSec`.
     pub idle_time_sec: i64,
+    /// GitHub re-runs the workflow (attempt 2, same run id) once the first driver is gone.
+    pub rerun: bool,
     /// Selected instances' claim thresholds are this many seconds ahead at the start.
     pub claim_secs: i64,
 }
@@ -183,6 +185,7 @@ impl Swarm {
             idle_time_sec: rng.range(30, 3600) as i64,
             // Mostly comfortable; sometimes the claims run out during the run.
             claim_secs: if rng.chance(0.15) { rng.range(1, 40) as i64 } else { 300 },
+            rerun: rng.chance(0.2),
         }
     }
 

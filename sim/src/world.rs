@@ -72,6 +72,9 @@ pub struct Client {
     pub crashed: bool,
     /// No faults for this client (the final, calm resumes that check liveness).
     pub calm: bool,
+    /// The attempt of the run this driver acts for now: the attempt of the last run record it
+    /// wrote (a later attempt first drives an unfinished earlier one to its end).
+    pub acting_attempt: u32,
 }
 
 /// Counters for the summary.
@@ -144,6 +147,11 @@ pub struct World {
     pub terminated_by_run: BTreeSet<String>,
     /// Instances EC2 reported unknown to a driver (`InvalidInstanceID.NotFound`).
     pub reported_not_found: BTreeSet<String>,
+    /// Which attempt of the run holds an instance, where it is not the first (a re-run's
+    /// selection and creation put the same runId on their records).
+    pub holder_attempt: BTreeMap<String, u32>,
+    /// The second attempt's instances and their resource class.
+    pub other_attempt_instances: BTreeMap<String, String>,
     /// Whether the terminal-state invariants were checked (once, when the run finished).
     pub terminal_checked: bool,
     /// Faults that the design lets change the outcome (5xx, timeouts, lost answers, conflicts)
