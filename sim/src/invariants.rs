@@ -61,8 +61,9 @@ pub fn check_isolation(world: &mut World, client: u32, id: &str, item: &Instance
     }
     let announced = world.sqs.was_announced_anywhere(id, &item.threshold);
     if item.run_id.is_empty() && item.state == "idle" && !announced {
-        let idle_threshold = world.table.run(&run_id).ok().flatten().and_then(|r| r.idle_threshold);
-        if idle_threshold.is_some_and(|t| t.to_string() == item.threshold) {
+        // Any attempt's release: each attempt purges its own unannounced releases.
+        let attempts = world.table.attempts(&run_id).unwrap_or_default();
+        if attempts.iter().filter_map(|r| r.idle_threshold).any(|t| t.to_string() == item.threshold) {
             return;
         }
     }
