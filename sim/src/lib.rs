@@ -15,6 +15,7 @@ pub mod actors;
 pub mod dynamo;
 pub mod ec2;
 pub mod invariants;
+pub mod memory;
 pub mod ports;
 pub mod rng;
 pub mod scenario;

@@ -189,6 +189,44 @@ impl Swarm {
         }
     }
 
+    /// No actor, no fault, no latency, no crash: the in-memory AWS alone ([`crate::memory`]).
+    pub fn quiet() -> Swarm {
+        Swarm {
+            path: Path::Commit,
+            selected: 0,
+            created: 0,
+            pool_idle: 0,
+            others_running: 0,
+            created_still_created: 0.0,
+            p_throttle: 0.0,
+            p_5xx: 0.0,
+            p_timeout: 0.0,
+            p_lost_answer: 0.0,
+            p_item_conflict: 0.0,
+            p_item_throttle: 0.0,
+            p_item_capacity: 0.0,
+            p_entry_failure: 0.0,
+            p_duplicate: 0.0,
+            ec2_unknown_secs: 0,
+            p_selection: 0.0,
+            p_release: 0.0,
+            p_refresh: 0.0,
+            p_boot_agent: 0.0,
+            crash_at: None,
+            p_crash_again: 0.0,
+            pause_at: None,
+            force_resume: false,
+            max_latency_ms: 0,
+            concurrency: 1,
+            stall_on_exhausted: false,
+            config_in_spec: true,
+            max_runtime_min: 1,
+            idle_time_sec: 1,
+            claim_secs: 300,
+            rerun: false,
+        }
+    }
+
     /// A seed with no faults at all (request, item, SQS) for the final resumes.
     pub fn calm(&self) -> bool {
         [
