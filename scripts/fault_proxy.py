@@ -22,6 +22,12 @@ one fault kind from --faults is picked uniformly:
                from moto and answer HTTP 200 with that entry in `Failed` (Code InternalError,
                SenderFault false), the others as moto answered them. The withheld message is
                really not sent, so only a retry of the entry delivers it.
+  txn_throttle opt-in, DynamoDB.TransactWriteItems only: not forwarded; answer
+               TransactionCanceledException whose first item is cancelled with
+               ProvisionedThroughputExceeded, the second with ThrottlingError, the rest None (load on
+               the items' partition, as DynamoDB reports it per item)
+  ec2_unauthorized opt-in, EC2.TerminateInstances only: not forwarded; answer 403
+               UnauthorizedOperation (as an IAM condition evaluated per instance refuses the batch)
 A kind that does not apply to an operation (sqs_partial to anything but SendMessageBatch) is never
 picked for it; when no listed kind applies, the request is not faulted.
 --latency-ms adds a fixed delay to every proxied request.
@@ -53,11 +59,24 @@ import time
 import urllib.parse
 import uuid
 
-FAULT_KINDS = ("throttle", "error500", "slow", "drop_before", "drop_after", "sqs_partial")
+FAULT_KINDS = (
+    "throttle",
+    "error500",
+    "slow",
+    "drop_before",
+    "drop_after",
+    "sqs_partial",
+    "txn_throttle",
+    "ec2_unauthorized",
+)
 # The kinds --faults means when not given; sqs_partial rewrites answers, so it is opt-in.
 DEFAULT_FAULT_KINDS = ("throttle", "error500", "slow", "drop_before", "drop_after")
 # Kinds that only make sense for some operations; the others apply to every operation.
-FAULT_OPERATIONS = {"sqs_partial": {"SQS.SendMessageBatch"}}
+FAULT_OPERATIONS = {
+    "sqs_partial": {"SQS.SendMessageBatch"},
+    "txn_throttle": {"DynamoDB.TransactWriteItems"},
+    "ec2_unauthorized": {"EC2.TerminateInstances"},
+}
 HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -296,6 +315,40 @@ def error_response(service: str, kind: str) -> tuple[int, dict, bytes]:
     return status, headers, body.encode()
 
 
+def transaction_throttled(body: bytes) -> tuple[int, dict, bytes]:
+    """txn_throttle: a TransactWriteItems cancelled for load on its items' partition."""
+    try:
+        count = len(json.loads(body).get("TransactItems") or [])
+    except (ValueError, AttributeError):
+        count = 1
+    codes = ["ProvisionedThroughputExceeded", "ThrottlingError"]
+    reasons = []
+    for index in range(max(count, 1)):
+        if index < len(codes):
+            reasons.append({"Code": codes[index], "Message": "Throughput exceeds the current capacity (injected)."})
+        else:
+            reasons.append({"Code": "None"})
+    listed = ", ".join(r["Code"] for r in reasons)
+    answer = {
+        "__type": "com.amazonaws.dynamodb.v20120810#TransactionCanceledException",
+        "Message": f"Transaction cancelled, please refer cancellation reasons for specific reasons [{listed}]",
+        "CancellationReasons": reasons,
+    }
+    headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-RequestId": str(uuid.uuid4())}
+    return 400, headers, json.dumps(answer).encode()
+
+
+def ec2_unauthorized() -> tuple[int, dict, bytes]:
+    """ec2_unauthorized: TerminateInstances refused by an IAM condition."""
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        "<Response><Errors><Error><Code>UnauthorizedOperation</Code>"
+        "<Message>You are not authorized to perform this operation (injected).</Message></Error></Errors>"
+        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+    )
+    return 403, {"Content-Type": "text/xml;charset=UTF-8"}, body.encode()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_CONNECTION_TIMEOUT_S  # idle keep-alive connections do not hold a thread forever
@@ -459,6 +512,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(slow_ms / 1000)
         if fault == "sqs_partial":
             self._partial_batch(op, body)
+            return
+        if fault == "txn_throttle":
+            self._send(*transaction_throttled(body))
+            return
+        if fault == "ec2_unauthorized":
+            self._send(*ec2_unauthorized())
             return
         try:
             status, headers, data = self._forward(body)

@@ -210,7 +210,8 @@ pub trait PoolQueues: Send + Sync {
 pub trait Compute: Send + Sync {
     /// Tells the pool's instances from the rest of the account, for up to
     /// [`crate::core::MAX_TERMINATE_BATCH`] ids (one `DescribeInstances`).
-    fn pool_membership(&self, instance_ids: &[String]) -> impl Future<Output = Result<PoolMembership, AwsError>> + Send;
+    fn pool_membership(&self, instance_ids: &[String])
+        -> impl Future<Output = Result<PoolMembership, AwsError>> + Send;
     /// Terminates up to [`crate::core::MAX_TERMINATE_BATCH`] instances. Unknown ids do not stop
     /// the others from being terminated; they come back in `not_found`, and ids refused on
     /// their own come back in `refused`.

@@ -92,7 +92,8 @@ impl AwsPorts {
                     Ok(page) => {
                         for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                             let Some(id) = instance.instance_id() else { continue };
-                            let tagged = instance.tags().iter().any(|tag| tag.key() == Some(self.limits.pool_tag_key.as_str()));
+                            let tagged =
+                                instance.tags().iter().any(|tag| tag.key() == Some(self.limits.pool_tag_key.as_str()));
                             found.push((id.to_string(), tagged));
                         }
                     }

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use tracing::{info, warn};
 
-use super::{aws_step_error, Driver, DriveError, StepError, TraceEvent};
+use super::{aws_step_error, DriveError, Driver, StepError, TraceEvent};
 use crate::core::{
     self, classify_transition, retire_disposition, Finding, InstanceDeletion, InstanceTransition, PoolMessage,
     RetireDisposition, WriteResult,
@@ -312,12 +312,8 @@ impl<P: Ports> Driver<P> {
         }
         // Gone: terminated now, or unknown to EC2 (long gone). A foreign instance or a refused
         // termination keeps its marked record.
-        let gone: HashSet<&String> = termination
-            .terminated
-            .iter()
-            .chain(&termination.not_found)
-            .chain(&membership.unknown)
-            .collect();
+        let gone: HashSet<&String> =
+            termination.terminated.iter().chain(&termination.not_found).chain(&membership.unknown).collect();
         let deletions: Vec<InstanceDeletion> = marked
             .iter()
             .filter(|id| gone.contains(id))
@@ -331,7 +327,9 @@ impl<P: Ports> Driver<P> {
                 }
             }
         }
-        Ok(Retired { terminated: termination.terminated.len() + termination.not_found.len() + membership.unknown.len() })
+        Ok(Retired {
+            terminated: termination.terminated.len() + termination.not_found.len() + membership.unknown.len(),
+        })
     }
 
     /// Which of `ids` carry the pool tag, one DescribeInstances per
@@ -382,8 +380,7 @@ impl<P: Ports> Driver<P> {
     /// Exponential backoff with full jitter for re-sent batch items, bounded by the limits. The
     /// jitter comes from the clock, so a simulation replays it.
     pub(super) fn backoff(&self, round: u32) -> std::time::Duration {
-        let ceiling =
-            self.limits.initial_backoff.saturating_mul(1 << round.min(10)).min(self.limits.max_backoff);
+        let ceiling = self.limits.initial_backoff.saturating_mul(1 << round.min(10)).min(self.limits.max_backoff);
         let millis = ceiling.as_millis().max(1) as u64;
         std::time::Duration::from_millis(self.clock.random_u64() % (millis + 1))
     }

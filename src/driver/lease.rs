@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
-use super::{Driver, StepError};
+use super::{DriveError, Driver, StepError};
 use crate::ports::Ports;
 use crate::record::RunRecord;
 
@@ -37,6 +37,31 @@ impl<P: Ports> Driver<P> {
                 // so does the driver itself once its last secured lease has passed.
                 Ok(Err(error)) => warn!(error = %error, "lease renewal failed"),
                 Err(_) => warn!(period_secs = period.as_secs(), "lease renewal took longer than its period; abandoned"),
+            }
+        }
+    }
+
+    /// Confirms, before a write, that this driver still holds the lease it last secured until a
+    /// moment now passed: an owner-conditional renewal. It succeeds only if nobody took the run
+    /// over meanwhile, and then extends the lease, so the write that follows is this driver's
+    /// to make. A driver that cannot confirm stops (`LeaseLost`, resumable) instead of acting
+    /// beside a driver that may have taken over.
+    pub(super) async fn revalidate_lease(&self) -> Result<(), DriveError> {
+        let Some((run_id, attempt)) = self.leased_run.lock().expect("lease lock").clone() else {
+            return Ok(());
+        };
+        let expires_at = self.clock.now().plus_secs(self.limits.lease_secs);
+        let period = std::time::Duration::from_secs((self.limits.lease_secs / 3).max(1) as u64);
+        match tokio::time::timeout(period, self.ports.renew_lease(&run_id, attempt, &self.owner, expires_at)).await {
+            Ok(Ok(true)) => {
+                self.lease_valid_until.fetch_max(expires_at.unix_secs(), Ordering::SeqCst);
+                info!(until = %expires_at, "lease had run out; confirmed and renewed before acting");
+                Ok(())
+            }
+            outcome => {
+                warn!(?outcome, "this driver's lease ran out and could not be confirmed: stopping before acting");
+                self.lease_lost.store(true, Ordering::SeqCst);
+                Err(DriveError::LeaseLost { run_id })
             }
         }
     }

@@ -279,6 +279,8 @@ pub struct Driver<P: Ports> {
     /// successful record write or renewal. Past it, the driver fences itself: another driver may
     /// already have taken the run over, whether or not a renewal said so.
     lease_valid_until: AtomicI64,
+    /// The run (id, attempt) whose lease this driver holds, once it holds one.
+    leased_run: Mutex<Option<(String, u32)>>,
     trace: Mutex<Vec<TraceEvent>>,
 }
 
@@ -297,6 +299,7 @@ impl<P: Ports> Driver<P> {
             paused: AtomicBool::new(false),
             lease_lost: AtomicBool::new(false),
             lease_valid_until: AtomicI64::new(i64::MAX),
+            leased_run: Mutex::new(None),
             trace: Mutex::new(Vec::new()),
         }
     }
@@ -304,6 +307,12 @@ impl<P: Ports> Driver<P> {
     /// This driver's lease owner id.
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// From now on this driver holds `record`'s lease, until the expiry written in it.
+    fn hold_lease(&self, record: &RunRecord) {
+        *self.leased_run.lock().expect("lease lock") = Some((record.run_id.clone(), record.run_attempt));
+        self.lease_valid_until.store(record.lease.expires_at.unix_secs(), Ordering::SeqCst);
     }
 
     fn record_event(&self, event: TraceEvent) {
@@ -316,10 +325,11 @@ impl<P: Ports> Driver<P> {
         if self.crashed.load(Ordering::SeqCst) {
             return Err(DriveError::Crashed { writes: self.writes.load(Ordering::SeqCst) });
         }
-        if self.lease_lost.load(Ordering::SeqCst)
-            || self.clock.now().unix_secs() >= self.lease_valid_until.load(Ordering::SeqCst)
-        {
+        if self.lease_lost.load(Ordering::SeqCst) {
             return Err(DriveError::LeaseLost { run_id: String::new() });
+        }
+        if self.clock.now().unix_secs() >= self.lease_valid_until.load(Ordering::SeqCst) {
+            self.revalidate_lease().await?;
         }
         let value = call.await;
         if self.lease_lost.load(Ordering::SeqCst) {
@@ -448,7 +458,7 @@ impl<P: Ports> Driver<P> {
             }
             Err(other) => return Err(not_started(other)),
         }
-        self.lease_valid_until.store(record.lease.expires_at.unix_secs(), Ordering::SeqCst);
+        self.hold_lease(&record);
         self.record_event(TraceEvent::Persisted { state: record.state });
         info!(state = %record.state, "run persisted");
         self.drive(record, spec, false).await
@@ -538,11 +548,12 @@ impl<P: Ports> Driver<P> {
         taken.version += 1;
         taken.updated_at = now;
         taken.lease = Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) };
-        self.lease_valid_until.store(taken.lease.expires_at.unix_secs(), Ordering::SeqCst);
+        self.hold_lease(&taken);
         match self.write(self.ports.replace_run(&taken, record.version)).await? {
             Ok(()) => record = taken,
             Err(StoreError::VersionConflict { .. }) => {
-                let current = self.ports.load_run(&record.run_id, record.run_attempt).await.map_err(DriveError::Store)?;
+                let current =
+                    self.ports.load_run(&record.run_id, record.run_attempt).await.map_err(DriveError::Store)?;
                 let (owner, until) =
                     current.map(|r| (r.lease.owner, r.lease.expires_at)).unwrap_or_else(|| ("unknown".into(), now));
                 return Err(DriveError::Busy { run_id: record.display_name(), owner, until });
@@ -566,7 +577,8 @@ impl<P: Ports> Driver<P> {
     /// Drives a run this driver holds to a terminal state, renewing its lease meanwhile, after
     /// putting it in order with the other attempts of its run ([`Driver::attempts_in_order`]).
     async fn drive(&self, record: RunRecord, spec: Spec, resumed: bool) -> Result<RunOutcome, DriveError> {
-        let effects = match self.attempts_in_order(&record, &spec, resumed).await {
+        // Boxed: the futures of a run's whole life are large, and a test thread's stack is not.
+        let effects = match Box::pin(self.attempts_in_order(&record, &spec, resumed)).await {
             Ok(effects) => effects,
             Err(error) => {
                 if matches!(error, DriveError::Stalled { .. } | DriveError::Busy { .. }) {
@@ -575,7 +587,7 @@ impl<P: Ports> Driver<P> {
                 return Err(error);
             }
         };
-        self.drive_with(record, spec, effects, resumed).await
+        Box::pin(self.drive_with(record, spec, effects, resumed)).await
     }
 
     /// The state loop with the lease renewed beside it. A run that stops on its own (stalled)
@@ -588,7 +600,7 @@ impl<P: Ports> Driver<P> {
         resumed: bool,
     ) -> Result<RunOutcome, DriveError> {
         let (run_id, attempt, name) = (record.run_id.clone(), record.run_attempt, record.display_name());
-        let driving = self.drive_states(record, spec, effects, resumed);
+        let driving = Box::pin(self.drive_states(record, spec, effects, resumed));
         let renewing = self.renew_lease_periodically(&run_id, attempt);
         tokio::pin!(driving);
         // The renewer never finishes by itself; when driving ends, so does renewal.
@@ -618,7 +630,8 @@ impl<P: Ports> Driver<P> {
         if record.run_attempt <= 1 && !resumed {
             return Ok(spec.clone());
         }
-        let attempts = self.ports.load_attempts(&record.run_id).await.map_err(|error| self.store_stall(record, error))?;
+        let attempts =
+            self.ports.load_attempts(&record.run_id).await.map_err(|error| self.store_stall(record, error))?;
         for earlier in attempts.iter().filter(|other| other.run_attempt < record.run_attempt) {
             if earlier.state.is_terminal() {
                 continue;
@@ -630,20 +643,27 @@ impl<P: Ports> Driver<P> {
                     TakeOver::Finished(outcome) => Ok(*outcome),
                     TakeOver::Taken(earlier_record, earlier_spec) => {
                         // This attempt's instances, and any later one's, are not the earlier's.
-                        let later: HashSet<String> = self.later_instances(&attempts, earlier_record.run_attempt, spec, record.run_attempt).await?;
+                        let later: HashSet<String> = self
+                            .later_instances(&attempts, earlier_record.run_attempt, spec, record.run_attempt)
+                            .await?;
                         let effects = without_instances(&driver, &earlier_spec, &later);
                         driver.drive_with(earlier_record, earlier_spec, effects, true).await
                     }
                 }
             };
-            match finishing.await {
-                Ok(outcome) => info!(attempt = earlier.run_attempt, outcome = ?outcome.kind, "earlier attempt finished"),
+            match Box::pin(finishing).await {
+                Ok(outcome) => {
+                    info!(attempt = earlier.run_attempt, outcome = ?outcome.kind, "earlier attempt finished")
+                }
                 Err(error @ DriveError::Busy { .. }) => return Err(error),
                 Err(error) => {
                     return Err(DriveError::Stalled {
                         run_id: record.display_name(),
                         state: record.state,
-                        error: format!("attempt {} of this run could not be finished first: {error}", earlier.run_attempt),
+                        error: format!(
+                            "attempt {} of this run could not be finished first: {error}",
+                            earlier.run_attempt
+                        ),
                     })
                 }
             }
@@ -707,9 +727,10 @@ impl<P: Ports> Driver<P> {
                         let reconciliation = core::reconcile(&spec);
                         Ok((reconciliation.input, reconciliation.reason))
                     }
-                    State::Committing => {
-                        self.commit(&effects, &mut record, resumed).await.map(|reason| (Input::ActionsCompleted, reason))
-                    }
+                    State::Committing => self
+                        .commit(&effects, &mut record, resumed)
+                        .await
+                        .map(|reason| (Input::ActionsCompleted, reason)),
                     State::RollingBack => self
                         .roll_back(&effects, &mut record)
                         .await

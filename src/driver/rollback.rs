@@ -21,7 +21,8 @@ impl<P: Ports> Driver<P> {
         let already_sent: HashSet<String> = record.messages_sent.iter().cloned().collect();
         let transitions = core::release_transitions(spec, threshold, &already_sent);
         let findings = self.run_transitions(transitions).await?;
-        let by_id: BTreeMap<&str, (Role, &PoolInstance)> = spec.instances().map(|(r, i)| (i.id.as_str(), (r, i))).collect();
+        let by_id: BTreeMap<&str, (Role, &PoolInstance)> =
+            spec.instances().map(|(r, i)| (i.id.as_str(), (r, i))).collect();
         let mut to_send: Vec<&PoolInstance> = Vec::new();
         let mut to_retire: Vec<(Role, &PoolInstance)> = Vec::new();
         for (transition, finding) in &findings {

@@ -247,3 +247,60 @@ async fn sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run() {
     println!("sigkill soak: {ITERATIONS} runs, {killed} killed mid-run, all resumed to the reference world");
     assert!(killed >= ITERATIONS / 3, "too few runs were actually killed mid-run ({killed})");
 }
+
+/// `resume --all` exits 3 only when every run it left unfinished can be resumed later; a run that
+/// can never be resumed as it is (here its stored spec is gone) needs a person: 70.
+#[tokio::test]
+async fn resume_all_tells_runs_that_can_never_be_resumed_from_resumable_ones() {
+    let mut world = World::new("cli-resume-all").await;
+    world.seed(&[CLAIMED_SMALL], &[]).await;
+    let cli = Cli::new(&world, &world.spec_json("success", 0));
+    let crashed = cli.run(&[("POST_PROVISION_TEST_HOOK", "crash-after=1")]);
+    assert_eq!(crashed.status.code(), Some(3), "{}", String::from_utf8_lossy(&crashed.stderr));
+    let dynamodb = &world.clients.dynamodb;
+    // The crashed driver's lease ends.
+    dynamodb
+        .update_item()
+        .table_name(&world.table)
+        .key("PK", aws_sdk_dynamodb::types::AttributeValue::S("TYPE#RUN".into()))
+        .key("SK", aws_sdk_dynamodb::types::AttributeValue::S(format!("ID#{}", world.run_id)))
+        .update_expression("SET #lease.#expiresAt = :past")
+        .expression_attribute_names("#lease", "lease")
+        .expression_attribute_names("#expiresAt", "expiresAt")
+        .expression_attribute_values(":past", aws_sdk_dynamodb::types::AttributeValue::S("2000-01-01T00:00:00Z".into()))
+        .send()
+        .await
+        .expect("expire the lease");
+    // Its stored spec is lost.
+    let chunks = dynamodb
+        .query()
+        .table_name(&world.table)
+        .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+        .expression_attribute_values(":pk", aws_sdk_dynamodb::types::AttributeValue::S("TYPE#RUNSPEC".into()))
+        .expression_attribute_values(
+            ":prefix",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("ID#{}#", world.run_id)),
+        )
+        .send()
+        .await
+        .expect("query spec chunks");
+    assert!(!chunks.items().is_empty(), "the run stored its spec");
+    for item in chunks.items() {
+        dynamodb
+            .delete_item()
+            .table_name(&world.table)
+            .key("PK", item["PK"].clone())
+            .key("SK", item["SK"].clone())
+            .send()
+            .await
+            .expect("delete a spec chunk");
+    }
+    let output = cli.output(&["resume", "--all"]);
+    assert_eq!(
+        output.status.code(),
+        Some(70),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

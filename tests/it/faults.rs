@@ -371,7 +371,12 @@ async fn a_full_outage_during_emergency_cleanup_leaves_the_run_resumable() {
 /// AWS recovers. The retry budget is spent, but the operator chose not to terminate a healthy
 /// fleet for an outage: the run stops resumable, and a resume finishes it as a clean run ends.
 async fn assert_outage_of_one_call_stalls(scenario: Scenario, operation: &str, skip: u32, faults: &str) {
-    let limits = Limits { on_retries_exhausted: OnRetriesExhausted::Stall, ..fault_limits() };
+    // No throttle budget beyond the SDK's own retries: one call throttled past them stalls.
+    let limits = Limits {
+        on_retries_exhausted: OnRetriesExhausted::Stall,
+        throttle_budget: std::time::Duration::ZERO,
+        ..fault_limits()
+    };
     let budget = limits.max_attempts.to_string();
     let skip = skip.to_string();
     let proxy = FaultProxy::start(&[
@@ -497,7 +502,8 @@ async fn batch_entries_failing_every_round_stall_the_rollback_and_a_resume_sends
     assert_eq!(picture, clean_picture);
 }
 
-/// TerminateInstances fails as a whole for one unknown id: cleanup still terminates the others.
+/// TerminateInstances fails as a whole for one unknown id: cleanup still terminates the others
+/// (the pool-tag check tells the unknown id apart first, so it is not even sent).
 #[tokio::test]
 async fn cleanup_terminates_every_known_instance_when_one_id_is_unknown_to_ec2() {
     let (world, spec) = Scenario::CleanupExpiredClaim.world("unknown").await;
@@ -521,7 +527,19 @@ async fn cleanup_terminates_every_known_instance_when_one_id_is_unknown_to_ec2()
         })
         .flatten()
         .collect();
-    assert!(terminated.iter().any(|id| id == unknown), "the unknown id was asked for: {terminated:?}");
+    let checked: Vec<String> = outcome
+        .trace
+        .iter()
+        .filter_map(|event| match event {
+            TraceEvent::CheckPool { ids } => Some(ids.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    // EC2 does not know it: the pool check finds that, and nothing is asked to terminate it.
+    assert!(checked.iter().any(|id| id == unknown), "the unknown id was checked: {checked:?}");
+    assert!(!terminated.iter().any(|id| id == unknown), "and not sent to TerminateInstances: {terminated:?}");
+    assert_eq!(terminated.len(), 3, "the three known instances were: {terminated:?}");
     assert!(world.record(unknown).await.is_none(), "its record was purged");
     assert_eq!(
         world.picture(world.start, false).await,
@@ -637,8 +655,9 @@ async fn one_engines_spent_retry_quota_leaves_another_engines_retries_alone() {
     assert_eq!(count(&blip.stats().await, "requests", "DynamoDB.GetItem"), 2);
 }
 
-/// The default, as the design says: a step whose retries are spent has an unexpected error, and
-/// the run goes to emergency cleanup (the original error is kept and reported).
+/// The default, as the design says: a step whose retries are spent on 5xx has an unexpected
+/// error, and the run goes to emergency cleanup (the original error is kept and reported).
+/// Throttling never does: see `interplay::throttling_*`.
 #[tokio::test]
 async fn by_default_a_commit_failing_beyond_its_retries_goes_to_emergency_cleanup() {
     let limits = fault_limits();
@@ -650,7 +669,7 @@ async fn by_default_a_commit_failing_beyond_its_retries_goes_to_emergency_cleanu
         "--only",
         "DynamoDB.TransactWriteItems",
         "--faults",
-        "throttle",
+        "error500",
         "--budget",
         &budget,
         "--skip",
@@ -662,7 +681,7 @@ async fn by_default_a_commit_failing_beyond_its_retries_goes_to_emergency_cleanu
     assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
     let error = outcome.record.error.expect("error");
     assert!(
-        error.message.contains("ThrottlingException") && error.message.contains("retries exhausted"),
+        error.message.contains("InternalServerError") && error.message.contains("retries exhausted"),
         "{}",
         error.message
     );

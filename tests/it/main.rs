@@ -9,6 +9,7 @@ mod crash;
 mod differential;
 mod faults;
 mod github;
+mod interplay;
 mod paths;
 mod policy;
 mod scale;

@@ -21,6 +21,7 @@ fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
         ("dynamodb", "update_time_to_live") => &["dynamodb:UpdateTimeToLive"],
         ("sqs", "send_message_batch") => &["sqs:SendMessage"],
         ("ec2", "terminate_instances") => &["ec2:TerminateInstances"],
+        ("ec2", "describe_instances") => &["ec2:DescribeInstances"],
         _ => return None,
     };
     Some(actions.to_vec())
