@@ -9,12 +9,17 @@
 //! - `c-no-leak`: no EC2 instance of the run is alive without a record;
 //! - `d-no-dangling-record`: no live record points to an instance the run terminated;
 //! - `e-outcome`: where no other actor touched the run's instances, the outcome is the one the
-//!   fault-free run reaches.
+//!   fault-free run reaches;
+//! - `f-fresh-now`: a transition conditional on `threshold > :now` never lands on a record that
+//!   had expired, because of a `:now` read long before the write.
 
 use post_provision::driver::OutcomeKind;
 use post_provision::machine::State;
 
-use crate::dynamo::InstanceItem;
+use post_provision::core::InstanceTransition;
+use post_provision::timestamp::Timestamp;
+
+use crate::dynamo::{self, InstanceItem};
 use crate::swarm::Path;
 use crate::world::World;
 
@@ -33,6 +38,11 @@ pub const FOUND_CONFLICTS_CLEAN_UP: &str = "sim-conflicts-clean-up";
 /// another run holds for one "committed earlier and handed on since", although the first driver
 /// died before its commit landed; the run ends `Done` with an instance it never held.
 pub const FOUND_RESUMED_COMMIT_OF_FOREIGN: &str = "sim-resumed-commit-foreign";
+/// The documented limitation (ARCHITECTURE, *The lease*): a process stopped in the middle of a
+/// call sends it when it continues, minutes later, with the `:now` it had; the call lands on a
+/// record that expired meanwhile (a claim released to the pool after its instance's boot agent may
+/// already have terminated it).
+pub const LIMITATION_STOPPED_PROCESS: &str = "limitation-stopped-process";
 /// Found by the simulation: an id EC2 does not know yet (eventual consistency) is treated as
 /// gone after the adapter's few retries; its record is deleted and the instance lives on.
 pub const FOUND_NOT_FOUND_LEAK: &str = "sim-notfound-leak";
@@ -73,6 +83,43 @@ pub fn check_isolation(world: &mut World, client: u32, id: &str, item: &Instance
         "a-isolation",
         known,
         format!("driver {client} {what} {id}, whose record {holder} holds ({} until {})", item.state, item.threshold),
+    );
+}
+
+/// How much older than the instant a write lands its `:now` may be: the adapter's retries of one
+/// call send the same `:now` for up to the operation timeout (30 s), plus a margin.
+const STALE_NOW_TOLERANCE_SECS: i64 = 35;
+
+/// `f-fresh-now`, at every transition that lands: one that holds only because its
+/// `threshold > :now` used a `:now` older than the call's own retries explain wrote a record that
+/// had expired meanwhile (issue 9: "the clock is read once per stage").
+pub fn check_fresh_now(
+    world: &mut World,
+    client: u32,
+    transition: &InstanceTransition,
+    item: &InstanceItem,
+    now: Timestamp,
+) {
+    let actual = world.now();
+    if now.unix_secs() + STALE_NOW_TOLERANCE_SECS >= actual.unix_secs() {
+        return;
+    }
+    if dynamo::transition_condition(Some(item), transition, actual) {
+        return;
+    }
+    // A process stopped (SIGSTOP) while its call was on the way sends that call late, with the
+    // `:now` it had: the documented limitation of a stopped process, not a stale clock reading.
+    let stopped = world.clients.get(&client).is_some_and(|c| c.paused_until > now.unix_secs());
+    world.violate(
+        "f-fresh-now",
+        stopped.then_some(LIMITATION_STOPPED_PROCESS),
+        format!(
+            "driver {client} moved {} to {} with :now {now}, {} s old: the record had expired at {}",
+            transition.instance_id,
+            transition.new_state.as_str(),
+            actual.unix_secs() - now.unix_secs(),
+            item.threshold
+        ),
     );
 }
 

@@ -465,6 +465,7 @@ impl InstanceStore for SimPorts {
                     let item = item.expect("an applied transition found its item");
                     let what = format!("moved to {}", transition.new_state.as_str());
                     invariants::check_isolation(world, self.client, &transition.instance_id, &item, &what);
+                    invariants::check_fresh_now(world, self.client, transition, &item, now);
                 }
             }
             world.log(|| {
