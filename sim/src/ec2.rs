@@ -41,6 +41,11 @@ impl Ec2 {
         self.instances.get(id).is_some_and(|instance| instance.visible_from <= now)
     }
 
+    /// Whether the instance carries the pool tag (`InitialRunId`).
+    pub fn pool_tagged(&self, id: &str) -> bool {
+        self.instances.get(id).is_some_and(|i| i.tags.contains_key(post_provision::config::DEFAULT_POOL_TAG_KEY))
+    }
+
     /// Whether the instance is alive (whatever the API would say about it).
     pub fn alive(&self, id: &str) -> bool {
         self.instances.get(id).is_some_and(|instance| instance.alive)

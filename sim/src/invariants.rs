@@ -169,7 +169,8 @@ fn check_terminal_picture(world: &mut World) {
             Some(item) if item.state == "idle" && item.run_id.is_empty() => {
                 world.queue_urls.get(&class).is_some_and(|url| world.sqs.was_announced(url, &id, &item.threshold))
             }
-            Some(item) if item.state == "terminated" => !alive,
+            // A foreign instance (no pool tag) is never terminated; its record stays marked.
+            Some(item) if item.state == "terminated" => !alive || !world.ec2.pool_tagged(&id),
             Some(item) if item.run_id != run_id && !item.run_id.is_empty() => true,
             Some(_) => false,
             None => !alive,

@@ -582,6 +582,16 @@ impl SimPorts {
                         }
                     }
                 }
+                for id in &pending {
+                    if world.ec2.known(id, now) && !world.ec2.pool_tagged(id) && world.ec2.alive(id) {
+                        let client = self.client;
+                        world.violate(
+                            "a-isolation",
+                            None,
+                            format!("driver {client} terminated {id}, which is not a pool instance (no pool tag)"),
+                        );
+                    }
+                }
                 match world.ec2.terminate_call(&pending, now, who) {
                     Ok(()) => {
                         world.terminated_by_run.extend(pending.iter().cloned());

@@ -141,6 +141,9 @@ fn setup(seed: u64, verbose: bool) -> World {
         );
     };
     let mut class_rng = rng.fork();
+    // Drawn after every other draw of the setup, so that adding it kept each seed's history.
+    let mut foreign_rng = rng.fork();
+    let foreign_index = foreign_rng.chance(0.05).then(|| swarm.selected.saturating_sub(1));
     let mut selected = Vec::new();
     for index in 0..swarm.selected {
         let id = fresh();
@@ -150,6 +153,11 @@ fn setup(seed: u64, verbose: bool) -> World {
         let owner = if swarm.path == Path::Cleanup && index == 0 { "other-9" } else { run_id.as_str() };
         put(&mut table, &id, "claimed", owner, threshold, CLASSES[class].0);
         ec2.launch(&id, "an-older-run", 0);
+        if foreign_index == Some(index) && owner == run_id {
+            // Selection handed over an instance that is not the pool's (no `InitialRunId` tag):
+            // the engine must never terminate it.
+            ec2.instances.get_mut(&id).expect("launched").tags.clear();
+        }
         selected.push(pool_instance(&id, class, threshold));
     }
     let mut created = Vec::new();
@@ -202,7 +210,8 @@ fn setup(seed: u64, verbose: bool) -> World {
     let spec = Spec::from_json(&spec.to_canonical_json()).expect("the simulation builds valid specs");
     let run_instances = spec.instances().map(|(_, i)| (i.id.clone(), i.resource_class.clone())).collect();
     let earliest_threshold_secs = swarm.claim_secs.min(600);
-    World {
+    let foreign = run_instances_foreign(&ec2, &spec);
+    let mut world = World {
         seed,
         rng: world_rng,
         swarm,
@@ -230,7 +239,16 @@ fn setup(seed: u64, verbose: bool) -> World {
         terminal_at_secs: None,
         digest: 0xcbf2_9ce4_8422_2325,
         earliest_threshold_secs,
+    };
+    if foreign {
+        world.event("foreign-instances");
     }
+    world
+}
+
+/// Whether one of the spec's instances is not the pool's (no pool tag).
+fn run_instances_foreign(ec2: &Ec2, spec: &Spec) -> bool {
+    spec.instances().any(|(_, instance)| !ec2.pool_tagged(&instance.id))
 }
 
 struct Sim {
