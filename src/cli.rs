@@ -99,6 +99,10 @@ pub struct Cli {
     /// The EC2 tag that marks the pool's instances; no instance without it is ever terminated.
     #[arg(long, env = "POST_PROVISION_POOL_TAG_KEY", default_value_t = Limits::default().pool_tag_key, global = true)]
     pool_tag_key: String,
+    /// Runs of at most this many instances persist their first state with its transitions in
+    /// one transaction (a small commit is one request); 0 turns it off.
+    #[arg(long, env = "POST_PROVISION_ONE_TRANSACTION_MAX_INSTANCES", default_value_t = Limits::default().one_transaction_max_instances, global = true)]
+    one_transaction_max_instances: usize,
     /// Days a finished run record is kept (DynamoDB TTL attribute `ttl`).
     #[arg(long, env = "POST_PROVISION_RETENTION_DAYS", default_value_t = Limits::default().retention_days, global = true)]
     retention_days: i64,
@@ -527,6 +531,7 @@ pub async fn run(args: Vec<String>) -> i32 {
         },
         throttle_budget: Duration::from_secs(cli.throttle_budget_secs),
         pool_tag_key: cli.pool_tag_key.clone(),
+        one_transaction_max_instances: cli.one_transaction_max_instances,
     };
     // The spec is read and validated before any AWS client exists: bad input writes nothing.
     let spec = match &cli.command {

@@ -59,6 +59,11 @@ pub struct Limits {
     /// The EC2 tag that marks the pool's instances (creation tags every instance it launches
     /// with it). The engine terminates no instance without it.
     pub pool_tag_key: String,
+    /// Runs of at most this many instances persist their first state together with its
+    /// transitions in one atomic transaction (a small commit is then one request); larger runs,
+    /// and every run when 0, take the staged path (the state first, then the effects). Whatever
+    /// this says, the one transaction must also fit DynamoDB's 100 actions.
+    pub one_transaction_max_instances: usize,
 }
 
 impl Default for Limits {
@@ -79,6 +84,7 @@ impl Default for Limits {
             on_retries_exhausted: OnRetriesExhausted::CleanUp,
             throttle_budget: Duration::from_secs(20),
             pool_tag_key: DEFAULT_POOL_TAG_KEY.to_string(),
+            one_transaction_max_instances: crate::core::MAX_TRANSACTION_ITEMS,
         }
     }
 }
@@ -95,6 +101,10 @@ impl Limits {
             (self.not_found_retries <= 10, "not-found retries must be at most 10"),
             (self.initial_backoff <= self.max_backoff, "initial backoff must not exceed max backoff"),
             (self.throttle_budget <= Duration::from_secs(3_600), "throttle budget must be at most 3600 seconds"),
+            (
+                self.one_transaction_max_instances <= crate::core::MAX_TRANSACTION_ITEMS,
+                "one-transaction instances must be at most 100",
+            ),
             (
                 !self.pool_tag_key.is_empty()
                     && self.pool_tag_key.len() <= 128

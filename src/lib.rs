@@ -26,7 +26,8 @@
 //! let engine = Engine::builder().table("runner-pool").region("eu-west-1").build().await?;
 //!
 //! // 3. Start the run. It reconciles, persists its next state, then acts; every state is
-//! //    written to DynamoDB before that state's side effects run.
+//! //    written to DynamoDB before that state's side effects run, or, for a small run, in one
+//! //    atomic transaction with its first effects.
 //! match engine.start(spec).await {
 //!     Ok(outcome) => match outcome.kind {
 //!         OutcomeKind::Committed => println!("{run_id}: {} instances running", outcome.record.instance_count),

@@ -82,10 +82,13 @@ pub enum StoreError {
 /// Result of creating a run record.
 #[derive(Debug, Clone)]
 pub enum CreateOutcome {
-    /// The record did not exist and now does.
+    /// The record did not exist and now does, with every transition that rode along applied.
     Created,
-    /// A record with this run id exists already.
+    /// A record with this run id and attempt exists already; nothing was written.
     Exists(Box<RunRecord>),
+    /// A transition that rode along was refused, throttled or conflicted; nothing was written.
+    /// One result per transition, in order.
+    EffectsRefused(Vec<WriteResult>),
 }
 
 /// Result of one `TerminateInstances` request set.
@@ -124,13 +127,17 @@ pub trait RunStore: Send + Sync {
     /// Every attempt's run record of a run id, by attempt ascending (at most
     /// [`crate::record::MAX_ATTEMPTS_READ`]).
     fn load_attempts(&self, run_id: &str) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
-    /// Creates a run record together with its spec chunk items, atomically, only if no record
-    /// exists; otherwise returns the existing record and writes nothing.
+    /// Creates a run record together with its spec chunk items and the instance `transitions`
+    /// of its state, all in one atomic transaction, only if no record exists; otherwise returns
+    /// the existing record and writes nothing. The caller keeps chunks + 1 + transitions within
+    /// [`crate::core::MAX_TRANSACTION_ITEMS`]. `now` is as for [`InstanceStore::transition`].
     fn create_run(
         &self,
         record: &RunRecord,
         spec_chunks: &[String],
         chunk_ttl: i64,
+        transitions: &[InstanceTransition],
+        now: Timestamp,
     ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
     /// Replaces the record, only if its stored version is `expected_version`. A write that
     /// reached the table but whose answer was lost is recognised and returns `Ok`.

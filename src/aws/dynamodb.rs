@@ -129,6 +129,10 @@ fn cancellation_results(
         .collect()
 }
 
+fn items_len(spec_chunks: &[String], transitions: &[InstanceTransition]) -> usize {
+    spec_chunks.len() + 1 + transitions.len()
+}
+
 /// A fresh idempotency token for one transaction call. The SDK sends the same token with each
 /// of its retries of that call, so a retry whose first attempt landed is applied once (within
 /// DynamoDB's 10-minute window); a later call of ours gets a new token, because its parameters
@@ -169,27 +173,7 @@ fn build_error(operation: &'static str, error: impl std::fmt::Display) -> AwsErr
 impl InstanceStore for AwsPorts {
     async fn transition(&self, batch: &[InstanceTransition], now: Timestamp) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
-        let mut items = Vec::with_capacity(batch.len());
-        for transition in batch {
-            let (condition, mut values) = transition_condition(transition, now);
-            values.insert(":newState".to_string(), s(transition.new_state.as_str()));
-            values.insert(":newRunId".to_string(), s(transition.new_run_id.clone()));
-            values.insert(":newThreshold".to_string(), s(transition.new_threshold.to_string()));
-            values.insert(":now".to_string(), s(now.to_string()));
-            let update = Update::builder()
-                .table_name(&self.table)
-                .set_key(Some(key("INSTANCE", &transition.instance_id)))
-                .update_expression(
-                    "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now",
-                )
-                .condition_expression(condition)
-                .set_expression_attribute_names(Some(instance_attribute_names()))
-                .set_expression_attribute_values(Some(values))
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .build()
-                .map_err(|error| build_error("TransactWriteItems", error))?;
-            items.push(TransactWriteItem::builder().update(update).build());
-        }
+        let items = batch.iter().map(|t| self.transition_item(t, now)).collect::<Result<Vec<_>, _>>()?;
         self.transact(items, fresh_token()).await
     }
 
@@ -215,6 +199,30 @@ impl InstanceStore for AwsPorts {
             items.push(TransactWriteItem::builder().delete(delete).build());
         }
         self.transact(items, fresh_token()).await
+    }
+}
+
+impl AwsPorts {
+    /// One transition as a transaction item: the data model's conditional update.
+    fn transition_item(&self, transition: &InstanceTransition, now: Timestamp) -> Result<TransactWriteItem, AwsError> {
+        let (condition, mut values) = transition_condition(transition, now);
+        values.insert(":newState".to_string(), s(transition.new_state.as_str()));
+        values.insert(":newRunId".to_string(), s(transition.new_run_id.clone()));
+        values.insert(":newThreshold".to_string(), s(transition.new_threshold.to_string()));
+        values.insert(":now".to_string(), s(now.to_string()));
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key("INSTANCE", &transition.instance_id)))
+            .update_expression(
+                "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now",
+            )
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(instance_attribute_names()))
+            .set_expression_attribute_values(Some(values))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(|error| build_error("TransactWriteItems", error))?;
+        Ok(TransactWriteItem::builder().update(update).build())
     }
 }
 
@@ -308,10 +316,17 @@ impl RunStore for AwsPorts {
         record: &RunRecord,
         spec_chunks: &[String],
         chunk_ttl: i64,
+        transitions: &[InstanceTransition],
+        now: Timestamp,
     ) -> Result<CreateOutcome, StoreError> {
-        // One transaction: the spec chunks and the record appear together or not at all, so a
-        // crash can never leave a record whose spec is missing, and it costs one round trip.
-        let mut items = Vec::with_capacity(spec_chunks.len() + 1);
+        assert!(
+            spec_chunks.len() + 1 + transitions.len() <= crate::core::MAX_TRANSACTION_ITEMS,
+            "create transaction too large"
+        );
+        // One transaction: the spec chunks, the record and the state's first effects appear
+        // together or not at all, so a crash can never leave a record whose spec is missing, nor
+        // effects without their state, and it costs one round trip.
+        let mut items = Vec::with_capacity(spec_chunks.len() + 1 + transitions.len());
         for (index, chunk) in spec_chunks.iter().enumerate() {
             let identifier = spec_chunk_identifier(&record.run_id, &record.spec_digest, index);
             let mut item = key("RUNSPEC", &identifier);
@@ -335,12 +350,15 @@ impl RunStore for AwsPorts {
             .build()
             .map_err(|error| build_error("TransactWriteItems", error))?;
         items.push(TransactWriteItem::builder().put(put).build());
-        let token = fresh_token();
+        for transition in transitions {
+            items.push(self.transition_item(transition, now)?);
+        }
+        let record_index = spec_chunks.len();
         let result = self
             .dynamodb
             .transact_write_items()
             .set_transact_items(Some(items))
-            .client_request_token(token)
+            .client_request_token(fresh_token())
             .send()
             .await;
         let error = match result {
@@ -353,16 +371,26 @@ impl RunStore for AwsPorts {
             ),
         ) = error.as_service_error()
         {
-            let reason = cancelled.cancellation_reasons().last();
+            let reasons = cancelled.cancellation_reasons();
+            let reason = reasons.get(record_index);
             if let Some(item) = reason.filter(|r| r.code() == Some("ConditionalCheckFailed")).and_then(|r| r.item()) {
                 let existing = record_from_item(item)?;
-                // A retried create whose first attempt landed finds itself: that is ours.
+                // A retried create whose first attempt landed finds itself: that is ours, and
+                // the transaction was atomic, so its transitions landed with it.
                 if existing.lease.owner == record.lease.owner && existing.version == record.version {
                     return Ok(CreateOutcome::Created);
                 }
                 return Ok(CreateOutcome::Exists(Box::new(existing)));
             }
-            let code = cancelled.cancellation_reasons().iter().filter_map(|r| r.code()).find(|c| *c != "None");
+            if !transitions.is_empty() && reasons.len() == items_len(spec_chunks, transitions) {
+                let effects = cancellation_results(&reasons[record_index + 1..], transitions.len());
+                if let Ok(effects) = effects {
+                    if effects.iter().any(|result| *result != WriteResult::Cancelled) {
+                        return Ok(CreateOutcome::EffectsRefused(effects));
+                    }
+                }
+            }
+            let code = reasons.iter().filter_map(|r| r.code()).find(|c| *c != "None");
             return Err(StoreError::Aws(AwsError {
                 service: SERVICE,
                 operation: "TransactWriteItems",

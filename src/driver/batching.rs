@@ -98,8 +98,11 @@ impl<P: Ports> Driver<P> {
                 let mut conflict_rounds = 0;
                 let mut throttled_since: Option<tokio::time::Instant> = None;
                 let mut round = 0;
+                // A batch cancelled only because some of its items failed their conditions is
+                // not contended: the rest go again at once, without backoff.
+                let mut contended = false;
                 while !pending.is_empty() {
-                    if round > 0 {
+                    if round > 0 && contended {
                         tokio::time::sleep(self.backoff(round)).await;
                     }
                     round += 1;
@@ -112,12 +115,13 @@ impl<P: Ports> Driver<P> {
                                 return Err(StepError::Throttled(error));
                             }
                             warn!(error = %error, "{what} batch throttled; re-sending within the throttle budget");
+                            contended = true;
                             continue;
                         }
                         Err(error) => return Err(aws_step_error(error)),
                     };
                     info!(ids = ?pending.iter().map(id).collect::<Vec<_>>(), "{what} batch written");
-                    let (mut conflicted, mut throttled) = (false, false);
+                    let (mut conflicted, mut throttled, mut rejected) = (false, false, false);
                     let mut retry = Vec::new();
                     for (item, result) in pending.into_iter().zip(results) {
                         match result {
@@ -129,10 +133,14 @@ impl<P: Ports> Driver<P> {
                                 throttled = true;
                                 retry.push(item);
                             }
-                            other => outcomes.push((item, other)),
+                            other => {
+                                rejected |= matches!(other, WriteResult::Rejected(_));
+                                outcomes.push((item, other));
+                            }
                         }
                     }
                     pending = retry;
+                    contended = throttled || (conflicted && !rejected);
                     if throttled {
                         let since = *throttled_since.get_or_insert_with(tokio::time::Instant::now);
                         if since.elapsed() >= self.limits.throttle_budget {

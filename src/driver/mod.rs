@@ -10,6 +10,10 @@
 //!
 //! A run whose process dies is resumed from the persisted state; thresholds fixed at state entry
 //! are reused, so a repeated step writes exactly what the first attempt wrote.
+//!
+//! A small run goes further: its record is created together with its first state's instance
+//! transitions, in one atomic transaction (`Driver::fast_path`), so its state is persisted with
+//! its effects rather than before them.
 
 mod batching;
 mod cleanup;
@@ -25,7 +29,7 @@ use serde::Serialize;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::{Limits, OnRetriesExhausted};
-use crate::core::{self, InstanceState};
+use crate::core::{self, InstanceState, InstanceTransition};
 use crate::machine::{self, Input, InvalidTransition, State};
 use crate::ports::{AwsError, CreateOutcome, ErrorClass, Ports, StoreError};
 use crate::record::{self, HistoryEntry, Lease, RunError, RunRecord, RUN_RECORD_SCHEMA_VERSION};
@@ -73,6 +77,16 @@ pub enum TraceEvent {
     Persisted {
         /// The state written.
         state: State,
+    },
+    /// The run record was created in this state in one transaction with these instance
+    /// transitions (the one-transaction path of a small run).
+    CreatedWith {
+        /// The state written.
+        state: State,
+        /// The instances' target state.
+        to: InstanceState,
+        /// The instances.
+        ids: Vec<String>,
     },
     /// A batch of conditional instance-record updates.
     TransitionInstances {
@@ -361,7 +375,7 @@ impl<P: Ports> Driver<P> {
     /// that run (same spec) or refuses (different spec).
     pub async fn start(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
         let span = info_span!("run", run_id = %spec.run_id, attempt = spec.attempt());
-        self.start_inner(spec).instrument(span).await
+        Box::pin(self.start_inner(spec).instrument(span)).await
     }
 
     async fn start_inner(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
@@ -382,7 +396,7 @@ impl<P: Ports> Driver<P> {
                     if let Some(existing) =
                         self.ports.load_run(&spec.run_id, spec.attempt()).await.map_err(not_started)?
                     {
-                        return self.rejoin(existing, &spec_digest).await;
+                        return Box::pin(self.rejoin(existing, &spec_digest)).await;
                     }
                     return Err(DriveError::InvalidSpec(error));
                 }
@@ -438,30 +452,119 @@ impl<P: Ports> Driver<P> {
         record.spec_chunks = chunks.len() as u32;
         // No read first: creating the record is conditional, and a run id that already has one
         // gets it back from the refused create (one round trip either way).
-        let created = self.write(self.ports.create_run(&record, &chunks, unfinished_ttl)).await?;
+        //
+        // The fast path: when they fit in one transaction, the record is created together with
+        // its state's transitions, so the state is persisted *with* its first effects, not
+        // before them, and a crash leaves both or neither. A commit is then created already
+        // `Done`: one request for the whole run. If an instance refuses, nothing was written,
+        // and the staged path below finds and handles the refusal as it always did.
+        if let Some((fast, transitions)) = self.fast_path(&record, &spec, chunks.len(), now) {
+            match Box::pin(self.create(&fast, &chunks, unfinished_ttl, &transitions, now, &spec_digest)).await? {
+                Created::Landed(landed) => {
+                    self.hold_lease(&landed);
+                    self.record_event(TraceEvent::CreatedWith {
+                        state: landed.state,
+                        to: transitions[0].new_state,
+                        ids: transitions.iter().map(|t| t.instance_id.clone()).collect(),
+                    });
+                    info!(state = %landed.state, transitions = transitions.len(), "run persisted with its transitions");
+                    if landed.state.is_terminal() {
+                        info!(state = %landed.state, "run finished");
+                        return Ok(self.outcome(landed, spec));
+                    }
+                    return self.drive_preapplied(landed, spec).await;
+                }
+                Created::Other(outcome) => return outcome,
+                Created::Refused => info!("an instance refused the one-transaction path; taking the staged path"),
+            }
+        }
+        match Box::pin(self.create(&record, &chunks, unfinished_ttl, &[], now, &spec_digest)).await? {
+            Created::Landed(landed) => record = landed,
+            Created::Other(outcome) => return outcome,
+            Created::Refused => unreachable!("no transition rode along"),
+        }
+        self.hold_lease(&record);
+        self.record_event(TraceEvent::Persisted { state: record.state });
+        info!(state = %record.state, "run persisted");
+        Box::pin(self.drive(record, spec, false)).await
+    }
+
+    /// The one-transaction form of a new run, when it fits: a commit created already `Done` with
+    /// every commit transition, or a rollback created in `RollingBack` with every release.
+    fn fast_path(
+        &self,
+        record: &RunRecord,
+        spec: &Spec,
+        chunks: usize,
+        now: Timestamp,
+    ) -> Option<(RunRecord, Vec<InstanceTransition>)> {
+        let count = spec.instance_count();
+        // A later attempt acts only after the earlier ones have finished (`attempts_in_order`),
+        // which it cannot know before it has read them: it takes the staged path.
+        if record.run_attempt > 1
+            || count == 0
+            || count > self.limits.one_transaction_max_instances
+            || chunks + 1 + count > core::MAX_TRANSACTION_ITEMS
+        {
+            return None;
+        }
+        match record.state {
+            State::Committing => {
+                let threshold = record.commit_threshold.expect("set at entry");
+                let mut done = record.clone();
+                done.state = State::Done;
+                done.history.push(HistoryEntry {
+                    state: State::Done,
+                    at: now,
+                    reason: format!("{count} instances committed"),
+                });
+                done.ttl = Some(now.plus_secs(self.limits.retention_days * 86_400).unix_secs());
+                done.lease.expires_at = now;
+                Some((done, core::commit_transitions(spec, threshold)))
+            }
+            State::RollingBack => {
+                let threshold = record.idle_threshold.expect("set at entry");
+                Some((record.clone(), core::release_transitions(spec, threshold, &HashSet::new())))
+            }
+            _ => None,
+        }
+    }
+
+    /// Creates `record` (with `transitions` riding along), telling a landed create from an
+    /// existing run and from a refused transition. A create whose answer was lost is read back
+    /// before the run reports that nothing was written.
+    async fn create(
+        &self,
+        record: &RunRecord,
+        chunks: &[String],
+        ttl: i64,
+        transitions: &[InstanceTransition],
+        now: Timestamp,
+        spec_digest: &str,
+    ) -> Result<Created, DriveError> {
+        let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
         match created {
-            Ok(CreateOutcome::Created) => {}
-            Ok(CreateOutcome::Exists(existing)) => return self.rejoin(*existing, &spec_digest).await,
+            Ok(CreateOutcome::Created) => Ok(Created::Landed(record.clone())),
+            Ok(CreateOutcome::Exists(existing)) => {
+                Ok(Created::Other(Box::pin(self.rejoin(*existing, spec_digest)).await))
+            }
+            Ok(CreateOutcome::EffectsRefused(_)) => Ok(Created::Refused),
             Err(StoreError::Aws(aws)) if aws.class.is_retryable() => {
                 // The create may have landed with its answer lost: look before saying that
                 // nothing was written.
                 match self.ports.load_run(&record.run_id, record.run_attempt).await {
                     Ok(Some(existing)) if existing.lease.owner == self.owner && existing.version == 1 => {
                         info!("the create landed although its answer was lost");
+                        Ok(Created::Landed(existing))
                     }
-                    Ok(Some(existing)) => return self.rejoin(existing, &spec_digest).await,
-                    Ok(None) => return Err(DriveError::NotStarted(aws)),
-                    Err(check) => {
-                        return Err(DriveError::Uncertain { run_id: record.display_name(), error: aws, check })
-                    }
+                    Ok(Some(existing)) => Ok(Created::Other(Box::pin(self.rejoin(existing, spec_digest)).await)),
+                    Ok(None) if !transitions.is_empty() => Ok(Created::Refused),
+                    Ok(None) => Err(DriveError::NotStarted(aws)),
+                    Err(check) => Err(DriveError::Uncertain { run_id: record.display_name(), error: aws, check }),
                 }
             }
-            Err(other) => return Err(not_started(other)),
+            Err(other) => Err(not_started(other)),
         }
-        self.hold_lease(&record);
-        self.record_event(TraceEvent::Persisted { state: record.state });
-        info!(state = %record.state, "run persisted");
-        self.drive(record, spec, false).await
     }
 
     /// A `run` for an existing run id and attempt: same spec continues or reports it; another
@@ -499,7 +602,7 @@ impl<P: Ports> Driver<P> {
             let record = record.ok_or_else(|| DriveError::NoSuchRun {
                 run_id: attempt.map_or(run_id.to_string(), |a| record::record_identifier(run_id, a)),
             })?;
-            self.resume_record(record, force).await
+            Box::pin(self.resume_record(record, force)).await
         }
         .instrument(span)
         .await
@@ -518,7 +621,7 @@ impl<P: Ports> Driver<P> {
             TakeOver::Finished(outcome) => Ok(*outcome),
             TakeOver::Taken(record, spec) => {
                 info!(state = %record.state, "resuming");
-                self.drive(record, spec, true).await
+                Box::pin(self.drive(record, spec, true)).await
             }
         }
     }
@@ -590,6 +693,13 @@ impl<P: Ports> Driver<P> {
         Box::pin(self.drive_with(record, spec, effects, resumed)).await
     }
 
+    /// Drives a rollback whose release transitions landed with the record's creation: the first
+    /// stage does not send them again.
+    async fn drive_preapplied(&self, record: RunRecord, spec: Spec) -> Result<RunOutcome, DriveError> {
+        let effects = spec.clone();
+        Box::pin(self.drive_inner(record, spec, effects, false, true)).await
+    }
+
     /// The state loop with the lease renewed beside it. A run that stops on its own (stalled)
     /// gives its lease back, so the `resume` its exit code asks for is not refused.
     async fn drive_with(
@@ -599,8 +709,19 @@ impl<P: Ports> Driver<P> {
         effects: Spec,
         resumed: bool,
     ) -> Result<RunOutcome, DriveError> {
+        self.drive_inner(record, spec, effects, resumed, false).await
+    }
+
+    async fn drive_inner(
+        &self,
+        record: RunRecord,
+        spec: Spec,
+        effects: Spec,
+        resumed: bool,
+        preapplied: bool,
+    ) -> Result<RunOutcome, DriveError> {
         let (run_id, attempt, name) = (record.run_id.clone(), record.run_attempt, record.display_name());
-        let driving = Box::pin(self.drive_states(record, spec, effects, resumed));
+        let driving = Box::pin(self.drive_states(record, spec, effects, resumed, preapplied));
         let renewing = self.renew_lease_periodically(&run_id, attempt);
         tokio::pin!(driving);
         // The renewer never finishes by itself; when driving ends, so does renewal.
@@ -709,12 +830,14 @@ impl<P: Ports> Driver<P> {
 
     /// `spec` is the run's spec as stored; `effects` the same without instances a later attempt
     /// of the run holds (see [`Driver::attempts_in_order`]), which is what the side effects use.
+    /// `preapplied`: the first state's transitions landed with the record's creation.
     async fn drive_states(
         &self,
         mut record: RunRecord,
         spec: Spec,
         effects: Spec,
         resumed: bool,
+        mut preapplied: bool,
     ) -> Result<RunOutcome, DriveError> {
         loop {
             let state = record.state;
@@ -732,11 +855,10 @@ impl<P: Ports> Driver<P> {
                         .await
                         .map(|reason| (Input::ActionsCompleted, reason)),
                     State::RollingBack => self
-                        .roll_back(&effects, &mut record)
+                        .roll_back(&effects, &mut record, std::mem::take(&mut preapplied))
                         .await
                         .map(|()| (Input::ActionsCompleted, "claimed instances returned to the pool".to_string())),
-                    State::EmergencyCleanup => self
-                        .clean_up(&effects, &mut record)
+                    State::EmergencyCleanup => Box::pin(self.clean_up(&effects, &mut record))
                         .await
                         .map(|n| (Input::ActionsCompleted, format!("{n} instances terminated and purged"))),
                     State::Done | State::Failed => unreachable!("terminal states are not driven"),
@@ -880,6 +1002,15 @@ impl<P: Ports> Driver<P> {
         }
         Ok(urls)
     }
+}
+
+enum Created {
+    /// The record (with any transitions that rode along) is in the table, as given.
+    Landed(RunRecord),
+    /// The run id and attempt already had a record: that run's outcome (continued or reported).
+    Other(Result<RunOutcome, DriveError>),
+    /// A transition that rode along was refused: nothing was written.
+    Refused,
 }
 
 enum TakeOver {

@@ -16,11 +16,23 @@ impl<P: Ports> Driver<P> {
     /// Releases the run's instances to the pool (`idle`, runId `""`, the idle threshold) and
     /// sends their pool messages; retires the ones that cannot be returned (expired, still
     /// `created`, or without a record). Instances already announced are not touched again.
-    pub(super) async fn roll_back(&self, spec: &Spec, record: &mut RunRecord) -> Result<(), StepError> {
+    ///
+    /// With `preapplied`, the releases landed with the record's creation (one atomic
+    /// transaction): they are all done, and not sent again.
+    pub(super) async fn roll_back(
+        &self,
+        spec: &Spec,
+        record: &mut RunRecord,
+        preapplied: bool,
+    ) -> Result<(), StepError> {
         let threshold = record.idle_threshold.expect("idle threshold is set on entering RollingBack");
         let already_sent: HashSet<String> = record.messages_sent.iter().cloned().collect();
         let transitions = core::release_transitions(spec, threshold, &already_sent);
-        let findings = self.run_transitions(transitions).await?;
+        let findings = if preapplied {
+            transitions.into_iter().map(|transition| (transition, core::Finding::Done)).collect()
+        } else {
+            self.run_transitions(transitions).await?
+        };
         let by_id: BTreeMap<&str, (Role, &PoolInstance)> =
             spec.instances().map(|(r, i)| (i.id.as_str(), (r, i))).collect();
         let mut to_send: Vec<&PoolInstance> = Vec::new();
@@ -45,8 +57,8 @@ impl<P: Ports> Driver<P> {
         let marked_at = entered_at(record, State::RollingBack);
         let mut retiring = record.clone();
         let (sending, retired) = tokio::join!(
-            self.send_messages(record, &to_send, threshold, &sent),
-            self.retire(&mut retiring, &to_retire, None, marked_at)
+            Box::pin(self.send_messages(record, &to_send, threshold, &sent)),
+            Box::pin(self.retire(&mut retiring, &to_retire, None, marked_at))
         );
         // The retire's checkpoints may have written the record: keep the newer copy, with every
         // message known sent.

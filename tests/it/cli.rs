@@ -160,7 +160,11 @@ async fn two_drivers_started_at_once_one_drives_the_other_exits_3() {
     world.seed(&[CLAIMED_SMALL, CLAIMED_LARGE], &[CREATED_RUNNING]).await;
     let cli = Cli::new(&world, &world.spec_json("success", 1));
     // The first driver holds the run after creating its record until it gets SIGUSR1.
-    let mut first = cli.spawn_run(&[("POST_PROVISION_TEST_HOOK", "pause-after=2")]);
+    // Staged, so the first driver is between its state and its effects when it pauses.
+    let mut first = cli.spawn_run(&[
+        ("POST_PROVISION_TEST_HOOK", "pause-after=2"),
+        ("POST_PROVISION_ONE_TRANSACTION_MAX_INSTANCES", "0"),
+    ]);
     let mut lines = BufReader::new(first.stderr.take().expect("stderr")).lines();
     let mut seen = Vec::new();
     for line in lines.by_ref() {
@@ -254,7 +258,8 @@ async fn sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run() {
 async fn resume_all_tells_runs_that_can_never_be_resumed_from_resumable_ones() {
     let mut world = World::new("cli-resume-all").await;
     world.seed(&[CLAIMED_SMALL], &[]).await;
-    let cli = Cli::new(&world, &world.spec_json("success", 0));
+    // A rollback that dies after its first write (the record with its releases) is unfinished.
+    let cli = Cli::new(&world, &world.spec_json("failed", 1));
     let crashed = cli.run(&[("POST_PROVISION_TEST_HOOK", "crash-after=1")]);
     assert_eq!(crashed.status.code(), Some(3), "{}", String::from_utf8_lossy(&crashed.stderr));
     let dynamodb = &world.clients.dynamodb;

@@ -7,7 +7,8 @@ use post_provision::driver::{DriveError, Hooks};
 use post_provision::machine::State;
 use post_provision::OutcomeKind;
 
-use crate::harness::{test_limits, Owner, Seed, TestClock, World};
+use crate::harness::{staged_limits, test_limits, Owner, Seed, TestClock, World};
+use post_provision::config::Limits;
 
 #[derive(Clone, Copy)]
 struct Scenario {
@@ -60,9 +61,9 @@ async fn world_for(scenario: &Scenario, case: &str) -> World {
 }
 
 /// Runs the scenario without a crash: the world it leaves and how many writes it made.
-async fn reference(scenario: &Scenario) -> (String, u64) {
+async fn reference(scenario: &Scenario, limits: &Limits) -> (String, u64) {
     let world = world_for(scenario, "ref").await;
-    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let engine = world.engine_with(TestClock::at(world.start), Hooks::default(), limits.clone(), None).await;
     let outcome = engine.start(world.spec(scenario.creation_state, scenario.required)).await.expect("reference run");
     assert_eq!(outcome.kind, scenario.expected, "{}", scenario.name);
     let picture = world.picture(world.run_start(&engine).await, true).await;
@@ -71,12 +72,12 @@ async fn reference(scenario: &Scenario) -> (String, u64) {
 
 /// Crashes the scenario after write `crash_after`, resumes it as an operator would (resume; for
 /// a run whose record never got written, `run` again), and returns the world it leaves.
-async fn crashed_and_resumed(scenario: &Scenario, crash_after: u64) -> String {
+async fn crashed_and_resumed(scenario: &Scenario, crash_after: u64, limits: &Limits) -> String {
     let world = world_for(scenario, &format!("k{crash_after}")).await;
     let clock = TestClock::at(world.start);
     let spec = world.spec(scenario.creation_state, scenario.required);
-    let crashing =
-        world.engine(clock.clone(), Hooks { crash_after_writes: Some(crash_after), ..Hooks::default() }).await;
+    let hooks = Hooks { crash_after_writes: Some(crash_after), ..Hooks::default() };
+    let crashing = world.engine_with(clock.clone(), hooks, limits.clone(), None).await;
     let crash = crashing.start(spec.clone()).await;
     assert!(
         matches!(crash, Err(DriveError::Crashed { writes }) if writes == crash_after),
@@ -85,7 +86,7 @@ async fn crashed_and_resumed(scenario: &Scenario, crash_after: u64) -> String {
     );
     // The dead driver's lease must run out before anyone else may drive the run.
     clock.advance(test_limits().lease_secs + 1);
-    let resumer = world.engine(clock.clone(), Hooks::default()).await;
+    let resumer = world.engine_with(clock.clone(), Hooks::default(), limits.clone(), None).await;
     let outcome = match resumer.resume(&world.run_id).await {
         Err(DriveError::NoSuchRun { .. }) => resumer.start(spec).await,
         other => other,
@@ -98,18 +99,26 @@ async fn crashed_and_resumed(scenario: &Scenario, crash_after: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_after_any_write_resumes_to_the_same_world() {
     let mut report = Vec::new();
-    for scenario in SCENARIOS {
-        let (expected, writes) = reference(&scenario).await;
-        assert!(writes >= 3, "{}: only {writes} writes", scenario.name);
-        // Every crash point of the path, each in its own world, a few at a time.
-        let cases: Vec<u64> = (1..=writes).collect();
-        for chunk in cases.chunks(4) {
-            let pictures = futures::future::join_all(chunk.iter().map(|k| crashed_and_resumed(&scenario, *k))).await;
-            for (k, picture) in chunk.iter().zip(pictures) {
-                assert_eq!(picture, expected, "{} crashed after write {k}", scenario.name);
+    // Both shapes of a small run: state and first effects in one transaction (the default), and
+    // staged (state first, then effects), which larger runs take.
+    for (shape, limits) in [("one transaction", test_limits()), ("staged", staged_limits())] {
+        for scenario in SCENARIOS {
+            let (expected, writes) = reference(&scenario, &limits).await;
+            assert!(writes >= 1, "{}: only {writes} writes", scenario.name);
+            // Every crash point of the path, each in its own world, a few at a time.
+            let cases: Vec<u64> = (1..=writes).collect();
+            for chunk in cases.chunks(4) {
+                let pictures =
+                    futures::future::join_all(chunk.iter().map(|k| crashed_and_resumed(&scenario, *k, &limits))).await;
+                for (k, picture) in chunk.iter().zip(pictures) {
+                    assert_eq!(picture, expected, "{} ({shape}) crashed after write {k}", scenario.name);
+                }
             }
+            report.push(format!(
+                "{} ({shape}): {writes} crash points, all resumed to the reference world",
+                scenario.name
+            ));
         }
-        report.push(format!("{}: {writes} crash points, all resumed to the reference world", scenario.name));
     }
     // The count of crash points per path is part of the evidence; print it for the test log.
     println!("{}", report.join("\n"));
@@ -123,7 +132,7 @@ async fn a_second_driver_is_refused_while_the_first_holds_the_lease() {
     let paused = Arc::new(tokio::sync::Notify::new());
     let release = Arc::new(tokio::sync::Notify::new());
     let hooks = Hooks { pause_after_writes: Some((2, paused.clone(), release.clone())), ..Hooks::default() };
-    let first = world.engine(clock.clone(), hooks).await;
+    let first = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
     let spec = world.spec("success", 0);
     let first_run = tokio::spawn({
         let spec = spec.clone();
@@ -161,7 +170,7 @@ async fn a_paused_driver_whose_lease_expired_is_fenced_off() {
     let release = Arc::new(tokio::sync::Notify::new());
     // The old driver stops right after persisting RollingBack (write 2), before any side effect.
     let hooks = Hooks { pause_after_writes: Some((2, paused.clone(), release.clone())), ..Hooks::default() };
-    let old = world.engine(clock.clone(), hooks).await;
+    let old = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
     let spec = world.spec("failed", 1);
     let old_run = tokio::spawn({
         let spec = spec.clone();
@@ -206,8 +215,9 @@ async fn resume_all_finishes_runs_whose_driver_is_gone() {
         host.put_record(&seeded.id, &seeded.class, "claimed", &guest.run_id, seeded.threshold).await;
     }
     let clock = TestClock::at(host.start);
-    let crashing = host.engine(clock.clone(), Hooks { crash_after_writes: Some(2), ..Hooks::default() }).await;
-    let crashing_again = host.engine(clock.clone(), Hooks { crash_after_writes: Some(2), ..Hooks::default() }).await;
+    let crash_hooks = || Hooks { crash_after_writes: Some(2), ..Hooks::default() };
+    let crashing = host.engine_with(clock.clone(), crash_hooks(), staged_limits(), None).await;
+    let crashing_again = host.engine_with(clock.clone(), crash_hooks(), staged_limits(), None).await;
     assert!(matches!(crashing.start(host.spec("success", 0)).await, Err(DriveError::Crashed { .. })));
     assert!(matches!(crashing_again.start(guest.spec("success", 0)).await, Err(DriveError::Crashed { .. })));
     let sweeper = host.engine(clock.clone(), Hooks::default()).await;
@@ -249,7 +259,7 @@ async fn the_lease_is_renewed_while_a_long_stage_runs() {
         lease_secs: 5,
         attempt_timeout: std::time::Duration::from_secs(20),
         operation_timeout: std::time::Duration::from_secs(40),
-        ..test_limits()
+        ..staged_limits()
     };
     let clock = Arc::new(post_provision::driver::SystemClock);
     let engine = post_provision::Engine::builder()

@@ -17,7 +17,7 @@ use post_provision::ports::{AwsError, Compute, ErrorClass, OutgoingMessage, Pool
 use post_provision::{Engine, OutcomeKind, RunOutcome, Spec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{endpoint, test_limits, Seed, TestClock, World};
+use crate::harness::{endpoint, staged_limits, test_limits, Seed, TestClock, World};
 
 /// `scripts/fault_proxy.py` in front of moto, as a child process that is killed when dropped.
 pub struct FaultProxy {
@@ -116,8 +116,10 @@ fn total(stats: &serde_json::Value, group: &str) -> u64 {
 }
 
 /// Retries enough that a run converges at 30 % faults.
+/// The staged path (state, then effects) even for these small runs: the tests below aim faults
+/// at its calls by their order. `fast_path_converges_*` covers the one-transaction path.
 fn fault_limits() -> Limits {
-    Limits { max_attempts: 8, ..test_limits() }
+    Limits { max_attempts: 8, ..staged_limits() }
 }
 
 /// The three paths, seeded exactly as in `paths.rs`.
@@ -232,12 +234,21 @@ fn engine_lease_secs() -> i64 {
 
 /// One fault case: the scenario through the proxy, compared with the same scenario without it.
 async fn assert_converges(scenario: Scenario, rate: &str, seed: u64, attempt_timeout: Option<Duration>) {
+    assert_converges_with(scenario, rate, seed, attempt_timeout, fault_limits()).await;
+}
+
+async fn assert_converges_with(
+    scenario: Scenario,
+    rate: &str,
+    seed: u64,
+    attempt_timeout: Option<Duration>,
+    base_limits: Limits,
+) {
     let seed_text = seed.to_string();
     // Serialized forwarding: a timed-out attempt that lands late must not overlap its retry
     // inside moto, whose transactions are not isolated (AWS's are).
     let proxy = FaultProxy::start(&["--rate", rate, "--seed", &seed_text, "--slow-ms", "1500", "--serialize-upstream"]);
-    let limits =
-        Limits { attempt_timeout: attempt_timeout.unwrap_or(fault_limits().attempt_timeout), ..fault_limits() };
+    let limits = Limits { attempt_timeout: attempt_timeout.unwrap_or(base_limits.attempt_timeout), ..base_limits };
     let faulted = async {
         let (world, spec) = scenario.world("faults").await;
         let clock = TestClock::at(world.start);
@@ -268,6 +279,14 @@ const TIMEOUT_BELOW_SLOW: Option<Duration> = Some(Duration::from_millis(1_000));
 #[tokio::test]
 async fn commit_converges_at_10_percent_faults() {
     assert_converges(Scenario::Commit, "0.1", 114, None).await;
+}
+
+/// Small runs take the one-transaction path by default: it converges under faults too.
+#[tokio::test]
+async fn the_one_transaction_path_converges_at_50_percent_faults() {
+    let limits = Limits { max_attempts: 8, ..test_limits() };
+    assert_converges_with(Scenario::Commit, "0.5", 11, None, limits.clone()).await;
+    assert_converges_with(Scenario::Rollback, "0.5", 12, None, limits).await;
 }
 
 #[tokio::test]

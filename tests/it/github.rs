@@ -49,11 +49,11 @@ impl Github {
     }
 
     fn outputs(&self) -> std::collections::BTreeMap<String, String> {
-        std::fs::read_to_string(&self.output)
-            .expect("GITHUB_OUTPUT written")
-            .lines()
-            .filter_map(|line| line.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-            .collect()
+        let text = std::fs::read_to_string(&self.output).expect("GITHUB_OUTPUT written");
+        let outputs: std::collections::BTreeMap<String, String> =
+            text.lines().filter_map(|line| line.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+        assert!(outputs.contains_key("outcome"), "no outcome in GITHUB_OUTPUT: {text:?}");
+        outputs
     }
 
     fn summary(&self) -> String {

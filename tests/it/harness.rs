@@ -45,6 +45,12 @@ impl Clock for TestClock {
     }
 }
 
+/// Limits for tests that exercise the staged path (state first, then effects) of a small run:
+/// its crash windows, and the calls the fault tests aim at.
+pub fn staged_limits() -> Limits {
+    Limits { one_transaction_max_instances: 0, ..test_limits() }
+}
+
 /// Limits for tests: quick retries, one batch at a time (deterministic write order).
 pub fn test_limits() -> Limits {
     Limits {

@@ -12,7 +12,7 @@ use post_provision::machine::State;
 use post_provision::OutcomeKind;
 
 use crate::faults::FaultProxy;
-use crate::harness::{test_limits, Owner, Seed, TestClock, World};
+use crate::harness::{staged_limits, test_limits, Owner, Seed, TestClock, World};
 
 fn faults(stats: &serde_json::Value, key: &str) -> u64 {
     stats["faults_by_op"][key].as_u64().unwrap_or(0)
@@ -27,8 +27,10 @@ async fn a_late_resume_after_release_leaves_the_pool_and_other_runs_alone() {
     world.seed(&[Seed::claimed("small")], &[Seed::created("running"), Seed::created("running")]).await;
     let clock = TestClock::at(world.start);
     let spec = world.spec("success", 2);
-    // Write 1 creates the run record, write 2 is the commit transaction.
-    let crashing = world.engine(clock.clone(), Hooks { crash_after_writes: Some(2), ..Hooks::default() }).await;
+    // Staged (as runs too large for one transaction are): write 1 creates the run record, write 2
+    // is the commit transaction.
+    let hooks = Hooks { crash_after_writes: Some(2), ..Hooks::default() };
+    let crashing = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
     assert!(matches!(crashing.start(spec.clone()).await, Err(DriveError::Crashed { .. })));
     assert!(world.picture(world.start, false).await.contains("running runId=\"RUN\""), "the commit landed");
     // The job ran; release put everything back in the pool, and selection claimed one for another run.
@@ -67,8 +69,9 @@ async fn cleanup_never_touches_a_created_instance_that_another_run_holds() {
     assert!(picture.contains("cre0: record no record; ec2 terminated"), "{picture}");
 }
 
+/// Staged, so that the faults aimed past the first transaction hit the commit's own.
 fn throttle_limits(budget: Duration) -> Limits {
-    Limits { throttle_budget: budget, ..test_limits() }
+    Limits { throttle_budget: budget, ..staged_limits() }
 }
 
 /// DynamoDB cancels the commit's transaction for load (`ProvisionedThroughputExceeded`,
@@ -153,7 +156,9 @@ async fn a_second_attempt_finishes_the_first_before_acting() {
     world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
     let clock = TestClock::at(world.start);
     let first = world.spec("success", 1);
-    let crashing = world.engine(clock.clone(), Hooks { crash_after_writes: Some(1), ..Hooks::default() }).await;
+    // Staged: the first attempt dies right after persisting `Committing`, before acting.
+    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
+    let crashing = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
     assert!(matches!(crashing.start(first.clone()).await, Err(DriveError::Crashed { .. })));
     // The re-run's selection claims another instance, under the same run id.
     let second_claim = world.launch("large").await;
@@ -230,7 +235,7 @@ async fn a_driver_whose_lease_ran_out_fences_itself_before_acting() {
     let paused = Arc::new(tokio::sync::Notify::new());
     let resume = Arc::new(tokio::sync::Notify::new());
     let hooks = Hooks { pause_after_writes: Some((1, paused.clone(), resume.clone())), ..Hooks::default() };
-    let stale = Arc::new(world.engine_with(clock.clone(), hooks, test_limits(), Some(proxy.url())).await);
+    let stale = Arc::new(world.engine_with(clock.clone(), hooks, staged_limits(), Some(proxy.url())).await);
     let spec = world.spec("success", 1);
     let running = tokio::spawn({
         let stale = stale.clone();

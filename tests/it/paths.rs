@@ -187,6 +187,38 @@ async fn an_engine_built_from_the_callers_own_clients_drives_a_run() {
         .expect("engine");
     let outcome = engine.start(world.spec("success", 0)).await.expect("run");
     assert_eq!(outcome.kind, OutcomeKind::Committed);
-    // Requests through the caller's clients are counted too: one create, one transaction, one write.
-    assert_eq!(engine.requests().total(), 3, "{:?}", engine.requests().snapshot());
+    // Requests through the caller's clients are counted too: the one transaction of a small commit.
+    assert_eq!(engine.requests().total(), 1, "{:?}", engine.requests().snapshot());
+}
+
+/// A small run's state is persisted with its effects, in one atomic transaction: a commit is one
+/// request, created already `Done` with the whole path in its history; a rollback's record rides
+/// with its releases, then come the messages, then `Failed`.
+#[tokio::test]
+async fn a_small_run_persists_its_state_with_its_effects_in_one_transaction() {
+    let mut world = World::new("fastpath").await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[Seed::created("running")]).await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec("success", 1)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::Committed);
+    assert_eq!(outcome.writes, 1);
+    let requests = engine.requests().snapshot();
+    assert_eq!(requests, [("DynamoDB.TransactWriteItems".to_string(), 1)].into(), "{requests:?}");
+    let path: Vec<State> = outcome.record.history.iter().map(|entry| entry.state).collect();
+    assert_eq!(path, vec![State::Reconciling, State::Committing, State::Done]);
+    assert_eq!(outcome.record.lease.expires_at, world.start, "the lease is released");
+    assert!(
+        world.picture(world.start, false).await.matches("running runId=\"RUN\" threshold=start+1800s").count() == 3
+    );
+
+    let mut world = World::new("fastrollback").await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[]).await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec("failed", 1)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::RolledBack);
+    let requests = engine.requests().snapshot();
+    assert_eq!(requests.get("DynamoDB.TransactWriteItems"), Some(&1), "{requests:?}");
+    assert_eq!(requests.get("SQS.SendMessageBatch"), Some(&2), "one per class: {requests:?}");
+    assert_eq!(requests.get("DynamoDB.PutItem"), Some(&1), "Failed: {requests:?}");
+    assert_eq!(engine.requests().total(), 5, "the pool configuration read, then three stages: {requests:?}");
 }
