@@ -83,13 +83,19 @@ pub fn delete_condition(item: Option<&InstanceItem>, deletion: &InstanceDeletion
     item.is_some_and(|item| item.state == InstanceState::Terminated.as_str() && item.run_id == deletion.owner_run_id)
 }
 
-/// What a refused run-record create found.
+/// What a run-record create did.
 #[derive(Debug, Clone)]
 pub enum Create {
-    /// Written.
+    /// Written, with every action that rode along.
     Created,
-    /// A record with this key exists; nothing was written.
-    Exists(Box<RunRecord>),
+    /// Cancelled, nothing written: the record found under the key, if any, and each riding
+    /// action's reason.
+    Cancelled {
+        /// The existing record (the `Put`'s `ConditionalCheckFailed` with ALL_OLD).
+        existing: Option<Box<RunRecord>>,
+        /// One reason per action, in order.
+        effects: Vec<Reason>,
+    },
 }
 
 /// The table.
@@ -114,13 +120,24 @@ impl Table {
         actions: &[Action<'_>],
         injected: &BTreeMap<usize, &'static str>,
     ) -> Result<(), Vec<Reason>> {
-        assert!(actions.len() <= MAX_TRANSACTION_ITEMS, "a transaction carries at most 100 actions");
         assert!(!actions.is_empty(), "an empty transaction is a ValidationException");
+        let reasons = self.evaluate(actions, injected, 0);
+        if reasons.iter().any(|reason| *reason != Reason::None) {
+            return Err(reasons);
+        }
+        self.apply(actions);
+        Ok(())
+    }
+
+    /// Each action's cancellation reason were the transaction cancelled (`None` where its
+    /// condition holds); `others` counts the transaction's other items (spec chunks, the record).
+    fn evaluate(&self, actions: &[Action<'_>], injected: &BTreeMap<usize, &'static str>, others: usize) -> Vec<Reason> {
+        assert!(actions.len() + others <= MAX_TRANSACTION_ITEMS, "a transaction carries at most 100 actions");
         let mut ids: Vec<&str> = actions.iter().map(Action::instance_id).collect();
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), actions.len(), "two actions of one transaction on the same item");
-        let reasons: Vec<Reason> = actions
+        actions
             .iter()
             .enumerate()
             .map(|(index, action)| {
@@ -138,10 +155,10 @@ impl Table {
                     Reason::ConditionalCheckFailed(item.cloned())
                 }
             })
-            .collect();
-        if reasons.iter().any(|reason| *reason != Reason::None) {
-            return Err(reasons);
-        }
+            .collect()
+    }
+
+    fn apply(&mut self, actions: &[Action<'_>]) {
         for action in actions {
             match action {
                 Action::Transition(transition, now) => {
@@ -156,7 +173,6 @@ impl Table {
                 }
             }
         }
-        Ok(())
     }
 
     /// A single conditional `UpdateItem` of the pool's other actors: `state = :expected AND runId =
@@ -202,17 +218,31 @@ impl Table {
         Ok(records)
     }
 
-    /// The create transaction: the spec chunks, and the record only if no record has its key.
-    pub fn create_run(&mut self, record: &RunRecord, chunks: &[String]) -> Result<Create, String> {
+    /// The create transaction: the spec chunks, the record only if no record has its key, and
+    /// the instance actions that ride along (with `injected` reasons, by action index), all or
+    /// nothing. A cancelled create reports the existing record (ALL_OLD of the record's `Put`)
+    /// and each action's reason.
+    pub fn create_run(
+        &mut self,
+        record: &RunRecord,
+        chunks: &[String],
+        actions: &[Action<'_>],
+        injected: &BTreeMap<usize, &'static str>,
+    ) -> Result<Create, String> {
         let identifier = record.identifier();
-        if self.runs.contains_key(&identifier) {
-            let existing = self.run(&identifier)?.expect("present");
-            return Ok(Create::Exists(Box::new(existing)));
+        let reasons = self.evaluate(actions, injected, chunks.len() + 1);
+        let existing = match self.runs.contains_key(&identifier) {
+            true => Some(Box::new(self.run(&identifier)?.expect("present"))),
+            false => None,
+        };
+        if existing.is_some() || reasons.iter().any(|reason| *reason != Reason::None) {
+            return Ok(Create::Cancelled { existing, effects: reasons });
         }
         for (index, chunk) in chunks.iter().enumerate() {
             self.spec_chunks.insert(chunk_identifier(&record.run_id, &record.spec_digest, index), chunk.clone());
         }
         self.runs.insert(identifier, serde_json::to_value(record).expect("a record serializes"));
+        self.apply(actions);
         Ok(Create::Created)
     }
 

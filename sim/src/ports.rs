@@ -300,18 +300,20 @@ impl SimPorts {
             Ok(()) => return Ok(vec![WriteResult::Applied; count]),
             Err(reasons) => reasons,
         };
-        reasons
-            .into_iter()
-            .map(|reason| match reason {
-                Reason::None => Ok(WriteResult::Cancelled),
-                Reason::ConditionalCheckFailed(item) => Ok(WriteResult::Rejected(item.map(|item| ObservedRecord {
-                    state: item.state,
-                    run_id: item.run_id,
-                    threshold: item.threshold,
-                }))),
-                Reason::Code(code) => reason_result(code),
-            })
-            .collect()
+        reasons.into_iter().map(Self::reason_to_result).collect()
+    }
+
+    /// What `AwsPorts` makes of one item's cancellation reason.
+    fn reason_to_result(reason: Reason) -> Result<WriteResult, AwsError> {
+        match reason {
+            Reason::None => Ok(WriteResult::Cancelled),
+            Reason::ConditionalCheckFailed(item) => Ok(WriteResult::Rejected(item.map(|item| ObservedRecord {
+                state: item.state,
+                run_id: item.run_id,
+                threshold: item.threshold,
+            }))),
+            Reason::Code(code) => reason_result(code),
+        }
     }
 
     /// Which attempt's plan a batch of instance writes belongs to, when one of its instances is
@@ -353,34 +355,87 @@ impl RunStore for SimPorts {
         record: &RunRecord,
         spec_chunks: &[String],
         _chunk_ttl: i64,
+        transitions: &[InstanceTransition],
+        now: Timestamp,
     ) -> Result<CreateOutcome, StoreError> {
         record::check_size(record).map_err(StoreError::TooLarge)?;
         let created = self
             .call("DynamoDB", "TransactWriteItems", true, |world| {
                 world.clients.get_mut(&self.client).expect("client").acting_attempt = record.run_attempt;
-                let outcome = world.table.create_run(record, spec_chunks);
+                let injected = if self.is_calm(world) || transitions.is_empty() {
+                    BTreeMap::new()
+                } else {
+                    Self::injected_reasons(world, transitions.len())
+                };
+                let actions: Vec<Action<'_>> = transitions.iter().map(|t| Action::Transition(t, now)).collect();
+                let before: Vec<Option<InstanceItem>> =
+                    transitions.iter().map(|t| world.table.instances.get(&t.instance_id).cloned()).collect();
+                let outcome = world.table.create_run(record, spec_chunks, &actions, &injected);
                 world.log(|| {
                     format!(
-                        "  create run record v{} in {}: {}",
+                        "  create run record v{} in {} with {} transitions: {}",
                         record.version,
                         record.state,
+                        transitions.len(),
                         matches!(outcome, Ok(Create::Created))
                     )
                 });
+                if matches!(outcome, Ok(Create::Created)) {
+                    for (transition, item) in transitions.iter().zip(before) {
+                        let item = item.expect("an applied transition found its item");
+                        let what = format!("moved to {}", transition.new_state.as_str());
+                        invariants::check_isolation(world, self.client, &transition.instance_id, &item, &what);
+                        invariants::check_fresh_now(world, self.client, transition, &item, now);
+                    }
+                    if record.state.is_terminal() && record.run_attempt == world.spec.attempt() {
+                        invariants::on_terminal(world);
+                    }
+                }
                 outcome
             })
             .await?
             .map_err(StoreError::Corrupt)?;
-        match created {
-            Create::Created => Ok(CreateOutcome::Created),
-            // As the adapter: a retried create whose first attempt landed finds itself.
-            Create::Exists(existing)
-                if existing.lease.owner == record.lease.owner && existing.version == record.version =>
-            {
-                Ok(CreateOutcome::Created)
+        let (existing, effects) = match created {
+            Create::Created => return Ok(CreateOutcome::Created),
+            Create::Cancelled { existing, effects } => (existing, effects),
+        };
+        match existing {
+            // As the adapter: a retried create whose first attempt landed finds itself (and the
+            // transaction was atomic, so its transitions landed with it).
+            Some(existing) if existing.lease.owner == record.lease.owner && existing.version == record.version => {
+                return Ok(CreateOutcome::Created)
             }
-            Create::Exists(existing) => Ok(CreateOutcome::Exists(existing)),
+            Some(existing) => return Ok(CreateOutcome::Exists(existing)),
+            None => {}
         }
+        // As the adapter: a riding transition refused, throttled (or conflicted along with one
+        // of those) is reported item by item; otherwise the first code names the error.
+        if !transitions.is_empty() {
+            let results: Result<Vec<WriteResult>, AwsError> =
+                effects.iter().cloned().map(Self::reason_to_result).collect();
+            if let Ok(results) = results {
+                if results.iter().any(|result| *result != WriteResult::Cancelled) {
+                    return Ok(CreateOutcome::EffectsRefused(results));
+                }
+            }
+        }
+        let code = effects.iter().find_map(|reason| match reason {
+            Reason::None => None,
+            Reason::ConditionalCheckFailed(_) => Some("ConditionalCheckFailed"),
+            Reason::Code(code) => Some(*code),
+        });
+        let class = match code {
+            Some("TransactionConflict" | "ThrottlingError") => ErrorClass::Throttling,
+            Some("ConditionalCheckFailed") => ErrorClass::ConditionFailed,
+            _ => ErrorClass::Other,
+        };
+        Err(StoreError::Aws(error(
+            "DynamoDB",
+            "TransactWriteItems",
+            code,
+            "creating the run record was cancelled",
+            class,
+        )))
     }
 
     async fn replace_run(&self, record: &RunRecord, expected_version: u64) -> Result<(), StoreError> {

@@ -285,16 +285,38 @@ async fn run_sequence(seed: u64) -> usize {
                     None => {
                         let record = run_record(run, 1, owner, state, start);
                         let chunks = vec!["{}".to_string()];
-                        let real_answer = real.create_run(&record, &chunks, 0).await;
-                        let memory_answer = memory.create_run(&record, &chunks, 0).await;
-                        versions.insert(run, 1);
+                        // Sometimes the state's first transitions ride along (a small run).
+                        let transitions: Vec<InstanceTransition> = if rng.chance(0.5) {
+                            subset(&all_ids, 3, &mut rng)
+                                .into_iter()
+                                .map(|id| {
+                                    let current = memory.instance_record(&id);
+                                    InstanceTransition {
+                                        expected: vec![expectation(start, current.as_ref(), &mut rng)],
+                                        instance_id: id,
+                                        role: Role::Created,
+                                        new_state: *rng.pick(&STATES),
+                                        new_run_id: run.to_string(),
+                                        new_threshold: threshold(start, &mut rng),
+                                    }
+                                })
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        let real_answer = real.create_run(&record, &chunks, 0, &transitions, start).await;
+                        let memory_answer = memory.create_run(&record, &chunks, 0, &transitions, start).await;
+                        if matches!(real_answer, Ok(CreateOutcome::Created)) {
+                            versions.insert(run, 1);
+                        }
                         let key = |result: Result<CreateOutcome, StoreError>| {
                             store_key(result.map(|outcome| match outcome {
                                 CreateOutcome::Created => "created".to_string(),
                                 CreateOutcome::Exists(existing) => format!("exists v{}", existing.version),
+                                CreateOutcome::EffectsRefused(results) => format!("effects refused {results:?}"),
                             }))
                         };
-                        (format!("create {run}"), key(real_answer), key(memory_answer))
+                        (format!("create {run} with {transitions:?}"), key(real_answer), key(memory_answer))
                     }
                     Some(version) => {
                         let expected = if rng.chance(0.75) { version } else { version + 5 };
