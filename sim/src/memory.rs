@@ -41,6 +41,7 @@ pub fn memory_ports(limits: &Limits) -> SimPorts {
         clients: Default::default(),
         stats: Stats::default(),
         digest: 0,
+        crash_after_ms: None,
         history: None,
         violations: Vec::new(),
         touched: Default::default(),

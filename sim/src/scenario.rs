@@ -144,6 +144,9 @@ fn setup(seed: u64, verbose: bool) -> World {
     // Drawn after every other draw of the setup, so that adding it kept each seed's history.
     let mut foreign_rng = rng.fork();
     let foreign_index = foreign_rng.chance(0.05).then(|| swarm.selected.saturating_sub(1));
+    // A crash at a virtual instant rather than at a port call: the first driver's future is
+    // dropped wherever it awaits then (a backoff, a latency, between a write and its answer).
+    let crash_after_ms = foreign_rng.chance(0.15).then(|| foreign_rng.range(0, 3_000));
     let mut selected = Vec::new();
     for index in 0..swarm.selected {
         let id = fresh();
@@ -238,12 +241,21 @@ fn setup(seed: u64, verbose: bool) -> World {
         throttled: false,
         terminal_at_secs: None,
         digest: 0xcbf2_9ce4_8422_2325,
+        crash_after_ms,
         earliest_threshold_secs,
     };
     if foreign {
         world.event("foreign-instances");
     }
     world
+}
+
+/// Fires after `after_ms` of virtual time, or never.
+async fn crash_timer(after_ms: Option<u64>) {
+    match after_ms {
+        Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Whether one of the spec's instances is not the pool's (no pool tag).
@@ -306,7 +318,10 @@ impl Sim {
         first: (Option<(u64, bool)>, Option<(u64, i64)>),
         first_ended: &Notify,
     ) -> Option<OutcomeKind> {
-        let swarm = self.lock().swarm.clone();
+        let (swarm, crash_after_ms) = {
+            let world = self.lock();
+            (world.swarm.clone(), world.crash_after_ms)
+        };
         let run_id = spec.run_id.clone();
         let attempt = spec.attempt();
         let identifier = record::record_identifier(&run_id, attempt);
@@ -349,6 +364,13 @@ impl Sim {
                         }
                     } => Some(result),
                     () = crashed.notified() => None,
+                    () = crash_timer(if round == 0 && attempt == 1 { crash_after_ms } else { None }) => {
+                        let mut world = self.lock();
+                        world.clients.get_mut(&client).expect("client").crashed = true;
+                        world.event("crashes-between-calls");
+                        world.log(|| format!("driver {client} CRASHES between its calls"));
+                        None
+                    }
                 };
                 finished.notify_one();
                 result
@@ -678,7 +700,9 @@ mod tests {
         ] {
             assert!(stats.faults.get(fault).is_some_and(|n| *n > 0), "{fault}: {:?}", stats.faults);
         }
-        for event in ["crashes", "resumes", "pauses", "sweeper-resumes", "sweeper-take-overs", "reruns"] {
+        for event in
+            ["crashes", "crashes-between-calls", "resumes", "pauses", "sweeper-resumes", "sweeper-take-overs", "reruns"]
+        {
             assert!(stats.events.get(event).is_some_and(|n| *n > 0), "{event}: {:?}", stats.events);
         }
         assert!(above_one_transaction, "some fleet needs more than one 100-item transaction");

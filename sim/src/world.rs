@@ -137,6 +137,8 @@ pub struct World {
     /// A digest of the history (every port call with its fault and instant, every actor step),
     /// kept even when the history is not: two runs of one seed must end with the same digest.
     pub digest: u64,
+    /// Crash the first driver after this much virtual time, wherever it awaits.
+    pub crash_after_ms: Option<u64>,
     /// The history, when verbose.
     pub history: Option<Vec<String>>,
     /// Violations found.
