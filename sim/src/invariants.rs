@@ -256,9 +256,19 @@ pub fn at_end(world: &mut World, outcome: Option<OutcomeKind>) {
         return;
     }
     let resumed = world.clients.len() > 1;
+    // The run record says why it went to emergency cleanup: that, not the faults seen, names the
+    // defect, so that one defect cannot hide another.
+    let error = world
+        .table
+        .run(&world.spec.run_id)
+        .ok()
+        .flatten()
+        .and_then(|record| record.error)
+        .map(|error| error.message)
+        .unwrap_or_default();
     let known = match (outcome, expected) {
-        (OutcomeKind::CleanedUp, _) if world.conflicted => Some(FOUND_CONFLICTS_CLEAN_UP),
-        (OutcomeKind::CleanedUp, _) if world.throttled => Some(KNOWN_THROTTLING_CLEANS_UP),
+        (OutcomeKind::CleanedUp, _) if error.contains("still conflicting") => Some(FOUND_CONFLICTS_CLEAN_UP),
+        (OutcomeKind::CleanedUp, _) if error.contains("hrottl") => Some(KNOWN_THROTTLING_CLEANS_UP),
         (OutcomeKind::Committed, OutcomeKind::CleanedUp) if resumed => Some(FOUND_RESUMED_COMMIT_OF_FOREIGN),
         _ => None,
     };
@@ -276,8 +286,9 @@ pub fn at_end(world: &mut World, outcome: Option<OutcomeKind>) {
         "e-outcome",
         known,
         format!(
-            "no other actor touched the run, yet it ended {outcome:?} instead of {expected:?} (seen: {})",
-            if causes.is_empty() { "nothing".to_string() } else { causes.join(", ") }
+            "no other actor touched the run, yet it ended {outcome:?} instead of {expected:?} (seen: {}){}",
+            if causes.is_empty() { "nothing".to_string() } else { causes.join(", ") },
+            if error.is_empty() { String::new() } else { format!("; its error: {error}") }
         ),
     );
 }
