@@ -250,14 +250,8 @@ pub fn at_end(world: &mut World, outcome: Option<OutcomeKind>) {
     if outcome == expected {
         return;
     }
-    // By design (`--on-retries-exhausted clean-up`, the default), a 5xx, timeout or lost answer
-    // that outlasts the retries sends commit and rollback to emergency cleanup.
-    if outcome == OutcomeKind::CleanedUp && world.outcome_may_change && !world.swarm.stall_on_exhausted {
-        return;
-    }
-    let resumed = world.clients.len() > 1;
-    // The run record says why it went to emergency cleanup: that, not the faults seen, names the
-    // defect, so that one defect cannot hide another.
+    // The run record says why it went to emergency cleanup: that, not the faults seen, decides,
+    // so that one defect cannot hide behind a fault that happened to be seen too.
     let error = world
         .table
         .run(&world.spec.run_id)
@@ -266,6 +260,13 @@ pub fn at_end(world: &mut World, outcome: Option<OutcomeKind>) {
         .and_then(|record| record.error)
         .map(|error| error.message)
         .unwrap_or_default();
+    let load = error.contains("hrottl") || error.contains("still conflicting");
+    // By design (`--on-retries-exhausted clean-up`, the default), a 5xx, timeout or lost answer
+    // that outlasts the retries sends commit and rollback to emergency cleanup; load never does.
+    if outcome == OutcomeKind::CleanedUp && world.outcome_may_change && !world.swarm.stall_on_exhausted && !load {
+        return;
+    }
+    let resumed = world.clients.len() > 1;
     let known = match (outcome, expected) {
         (OutcomeKind::CleanedUp, _) if error.contains("still conflicting") => Some(FOUND_CONFLICTS_CLEAN_UP),
         (OutcomeKind::CleanedUp, _) if error.contains("hrottl") => Some(KNOWN_THROTTLING_CLEANS_UP),
