@@ -1,9 +1,15 @@
 //! The command-line interface: argument parsing, output, and exit codes.
 //!
 //! Exit codes: `0` Done; `1` Failed after graceful rollback; `2` Failed after emergency cleanup;
-//! `3` not finished (state persisted, resumable; or another driver holds the run); `64` bad usage;
-//! `65` invalid spec (nothing written); `66` no such run; `69` AWS unavailable before anything was
-//! written; `70` internal error (corrupt record, invalid transition); `78` missing table.
+//! `3` not finished (state persisted, resumable; or another driver holds the run); `64` bad usage
+//! (including an invalid run id argument); `65` invalid spec (nothing written); `66` no such run;
+//! `69` AWS unavailable before anything was written; `70` internal error (corrupt record, invalid
+//! transition); `77` permission denied or no usable credentials; `78` missing table or a failed
+//! `init`.
+//!
+//! Everything printed that comes from the spec or from AWS goes through [`crate::report::plain`]
+//! (stdout and stderr, log lines included) or the workflow-command and Markdown escapes, because
+//! the GitHub Actions runner reads a job's output for `::` commands.
 
 use std::io::Read;
 use std::time::Duration;
@@ -11,13 +17,14 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::config::Limits;
+use crate::config::{Limits, QueueUrlRule};
 use crate::driver::{DriveError, Hooks, OutcomeKind, RunOutcome};
 use crate::engine::{BuildError, Engine};
 use crate::machine::{self, State};
 use crate::ports::{ErrorClass, StoreError};
 use crate::record::RunRecord;
-use crate::spec::Spec;
+use crate::report::plain;
+use crate::spec::{Spec, MAX_SPEC_FILE_BYTES};
 use crate::timestamp::Timestamp;
 
 /// Exit code: not finished, resumable.
@@ -32,65 +39,88 @@ pub const EXIT_NO_SUCH_RUN: i32 = 66;
 pub const EXIT_UNAVAILABLE: i32 = 69;
 /// Exit code: internal error.
 pub const EXIT_INTERNAL: i32 = 70;
+/// Exit code: permission denied (IAM) or no usable credentials.
+pub const EXIT_PERMISSION: i32 = 77;
 /// Exit code: configuration error (missing table).
 pub const EXIT_CONFIG: i32 = 78;
 
+/// The exit-code table, printed at the end of `--help`.
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   Done: committed (and success of status, list, table, init, validate)
+  1   Failed after graceful rollback (capacity shortfall)
+  2   Failed after emergency cleanup; the original error is on stderr
+  3   not finished: state persisted, run `post-provision resume RUN_ID`
+  64  bad usage (flags, run id argument, unreadable spec file, out-of-range limits)
+  65  invalid spec, or a different spec for an existing run id; nothing written
+  66  no such run
+  69  AWS unavailable before anything was written; repeat the command
+  70  internal error (corrupt run record, invalid transition)
+  77  permission denied (IAM) or no usable AWS credentials
+  78  configuration: the table does not exist, or init failed
+
+The spec's format: docs/schemas/spec.schema.json (JSON Schema); check a spec offline with
+`post-provision validate --spec FILE`. Runbook: docs/operations.md.";
+
+/// The heading of the flags every subcommand takes, listed after a subcommand's own.
+const GLOBAL: &str = "Global options";
+
 /// Finishes provisioning of self-hosted runner pools: commit, roll back or clean up a run.
 #[derive(Debug, Parser)]
-#[command(name = "post-provision", version, about)]
+#[command(name = "post-provision", version, about, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// The pool's DynamoDB table.
-    #[arg(long, env = "POST_PROVISION_TABLE", global = true)]
+    #[arg(long, env = "POST_PROVISION_TABLE", global = true, help_heading = GLOBAL)]
     table: Option<String>,
     /// AWS region (default: the standard AWS chain, e.g. AWS_REGION).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     region: Option<String>,
     /// One endpoint for DynamoDB, SQS and EC2 (default: AWS_ENDPOINT_URL or AWS itself).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     endpoint_url: Option<String>,
     /// Output format of results.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, global = true, help_heading = GLOBAL)]
     output: OutputFormat,
     /// Log format on stderr (RUST_LOG sets the level; default info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, help_heading = GLOBAL)]
     log_format: LogFormat,
     /// Attempts per AWS request, retries included.
-    #[arg(long, env = "POST_PROVISION_MAX_ATTEMPTS", default_value_t = Limits::default().max_attempts, global = true)]
+    #[arg(long, env = "POST_PROVISION_MAX_ATTEMPTS", default_value_t = Limits::default().max_attempts, global = true, help_heading = GLOBAL)]
     max_attempts: u32,
     /// Time one AWS operation may take, all attempts included, in milliseconds.
-    #[arg(long, env = "POST_PROVISION_OPERATION_TIMEOUT_MS", default_value_t = Limits::default().operation_timeout.as_millis() as u64, global = true)]
+    #[arg(long, env = "POST_PROVISION_OPERATION_TIMEOUT_MS", default_value_t = Limits::default().operation_timeout.as_millis() as u64, global = true, help_heading = GLOBAL)]
     operation_timeout_ms: u64,
     /// Time one AWS attempt may take, in milliseconds.
-    #[arg(long, env = "POST_PROVISION_ATTEMPT_TIMEOUT_MS", default_value_t = Limits::default().attempt_timeout.as_millis() as u64, global = true)]
+    #[arg(long, env = "POST_PROVISION_ATTEMPT_TIMEOUT_MS", default_value_t = Limits::default().attempt_timeout.as_millis() as u64, global = true, help_heading = GLOBAL)]
     attempt_timeout_ms: u64,
     /// First retry backoff, in milliseconds (exponential with full jitter up to the max).
-    #[arg(long, env = "POST_PROVISION_INITIAL_BACKOFF_MS", default_value_t = Limits::default().initial_backoff.as_millis() as u64, global = true)]
+    #[arg(long, env = "POST_PROVISION_INITIAL_BACKOFF_MS", default_value_t = Limits::default().initial_backoff.as_millis() as u64, global = true, help_heading = GLOBAL)]
     initial_backoff_ms: u64,
     /// Largest retry backoff, in milliseconds.
-    #[arg(long, env = "POST_PROVISION_MAX_BACKOFF_MS", default_value_t = Limits::default().max_backoff.as_millis() as u64, global = true)]
+    #[arg(long, env = "POST_PROVISION_MAX_BACKOFF_MS", default_value_t = Limits::default().max_backoff.as_millis() as u64, global = true, help_heading = GLOBAL)]
     max_backoff_ms: u64,
     /// Time to open a connection, in milliseconds.
-    #[arg(long, env = "POST_PROVISION_CONNECT_TIMEOUT_MS", default_value_t = Limits::default().connect_timeout.as_millis() as u64, global = true)]
+    #[arg(long, env = "POST_PROVISION_CONNECT_TIMEOUT_MS", default_value_t = Limits::default().connect_timeout.as_millis() as u64, global = true, help_heading = GLOBAL)]
     connect_timeout_ms: u64,
     /// Rounds of re-sending batch items that were cancelled (transaction conflicts) or failed
     /// (SQS batch entries) before the step's error counts.
-    #[arg(long, env = "POST_PROVISION_BATCH_ROUNDS", default_value_t = Limits::default().batch_rounds, global = true)]
+    #[arg(long, env = "POST_PROVISION_BATCH_ROUNDS", default_value_t = Limits::default().batch_rounds, global = true, help_heading = GLOBAL)]
     batch_rounds: u32,
     /// Extra TerminateInstances attempts for ids EC2 reports unknown (eventual consistency).
-    #[arg(long, env = "POST_PROVISION_NOT_FOUND_RETRIES", default_value_t = Limits::default().not_found_retries, global = true)]
+    #[arg(long, env = "POST_PROVISION_NOT_FOUND_RETRIES", default_value_t = Limits::default().not_found_retries, global = true, help_heading = GLOBAL)]
     not_found_retries: u32,
     /// Wait before such an attempt, in milliseconds.
-    #[arg(long, env = "POST_PROVISION_NOT_FOUND_DELAY_MS", default_value_t = Limits::default().not_found_delay.as_millis() as u64, global = true)]
+    #[arg(long, env = "POST_PROVISION_NOT_FOUND_DELAY_MS", default_value_t = Limits::default().not_found_delay.as_millis() as u64, global = true, help_heading = GLOBAL)]
     not_found_delay_ms: u64,
     /// When AWS still fails after a step's retries: `clean-up` (the design: emergency cleanup)
     /// or `stall` (stop resumable, exit 3, and keep the fleet).
-    #[arg(long, env = "POST_PROVISION_ON_RETRIES_EXHAUSTED", value_enum, default_value_t = RetriesExhausted::CleanUp, global = true)]
+    #[arg(long, env = "POST_PROVISION_ON_RETRIES_EXHAUSTED", value_enum, default_value_t = RetriesExhausted::CleanUp, global = true, help_heading = GLOBAL)]
     on_retries_exhausted: RetriesExhausted,
     /// Batches of one stage in flight at once.
-    #[arg(long, env = "POST_PROVISION_CONCURRENCY", default_value_t = Limits::default().concurrency, global = true)]
+    #[arg(long, env = "POST_PROVISION_CONCURRENCY", default_value_t = Limits::default().concurrency, global = true, help_heading = GLOBAL)]
     concurrency: usize,
     /// Seconds a driver's lease on a run lasts without renewal.
-    #[arg(long, env = "POST_PROVISION_LEASE_SECS", default_value_t = Limits::default().lease_secs, global = true)]
+    #[arg(long, env = "POST_PROVISION_LEASE_SECS", default_value_t = Limits::default().lease_secs, global = true, help_heading = GLOBAL)]
     lease_secs: i64,
     /// Seconds throttled writes are re-sent with backoff, in all, before the run stops resumable
     /// (exit 3). Throttling never starts emergency cleanup.
@@ -104,7 +134,7 @@ pub struct Cli {
     #[arg(long, env = "POST_PROVISION_ONE_TRANSACTION_MAX_INSTANCES", default_value_t = Limits::default().one_transaction_max_instances, global = true)]
     one_transaction_max_instances: usize,
     /// Days a finished run record is kept (DynamoDB TTL attribute `ttl`).
-    #[arg(long, env = "POST_PROVISION_RETENTION_DAYS", default_value_t = Limits::default().retention_days, global = true)]
+    #[arg(long, env = "POST_PROVISION_RETENTION_DAYS", default_value_t = Limits::default().retention_days, global = true, help_heading = GLOBAL)]
     retention_days: i64,
     #[command(subcommand)]
     command: Command,
@@ -137,8 +167,17 @@ enum TableFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start a run from its spec (or report/continue the run with the same id and spec).
+    #[command(after_help = EXIT_CODES_HELP)]
     Run {
-        /// The spec file, or - for standard input.
+        /// The spec file, or - for standard input (at most 2 MiB; format:
+        /// docs/schemas/spec.schema.json).
+        #[arg(long)]
+        spec: String,
+    },
+    /// Check a spec without AWS: exit 0 when it is valid, 65 (naming the field) when not.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Validate {
+        /// The spec file, or - for standard input (at most 2 MiB).
         #[arg(long)]
         spec: String,
     },
@@ -256,10 +295,10 @@ impl RunReport {
             Some(OutcomeKind::CleanedUp) => "cleaned up after an unexpected error",
             None => "not finished (resumable)",
         };
-        let mut out = format!("run {}: {} — {}\n", self.run_id, self.state, outcome);
+        let mut out = format!("run {}: {} — {}\n", plain(&self.run_id), self.state, outcome);
         out.push_str(&format!("  path: {}\n", path.join(" -> ")));
         for entry in &self.transitions {
-            out.push_str(&format!("  {}  {:<16} {}\n", entry.at, entry.state.to_string(), entry.reason));
+            out.push_str(&format!("  {}  {:<16} {}\n", entry.at, entry.state.to_string(), plain(&entry.reason)));
         }
         out.push_str(&format!("  instances: {}\n", self.instances));
         if let Some(threshold) = self.commit_threshold {
@@ -271,17 +310,17 @@ impl RunReport {
         for line in self.instance_results.iter().flatten() {
             out.push_str(&format!(
                 "  {}  {:<8} {:<8} {}\n",
-                line.id,
+                plain(&line.id),
                 format!("{:?}", line.role).to_lowercase(),
-                line.resource_class,
-                line.result
+                plain(&line.resource_class),
+                plain(&line.result)
             ));
         }
         if let Some(error) = &self.error {
-            out.push_str(&format!("  error ({}): {}\n", error.kind, error.message));
+            out.push_str(&format!("  error ({}): {}\n", plain(&error.kind), plain(&error.message)));
         }
         if self.outcome.is_none() {
-            out.push_str(&format!("  lease: {} until {}\n", self.lease.owner, self.lease.expires_at));
+            out.push_str(&format!("  lease: {} until {}\n", plain(&self.lease.owner), self.lease.expires_at));
         }
         out
     }
@@ -313,12 +352,39 @@ pub fn classify_drive_error(error: &DriveError) -> (i32, &'static str) {
         DriveError::LeaseLost { .. } => (EXIT_RESUMABLE, "lease-lost"),
         DriveError::Stalled { .. } => (EXIT_RESUMABLE, "stalled"),
         DriveError::Crashed { .. } => (EXIT_RESUMABLE, "crashed"),
-        DriveError::NotStarted(aws) if aws.class == ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
-        DriveError::NotStarted(_) => (EXIT_UNAVAILABLE, "unavailable"),
         DriveError::Uncertain { .. } => (EXIT_RESUMABLE, "uncertain"),
-        DriveError::Store(StoreError::Aws(aws)) if aws.class == ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
-        DriveError::Store(StoreError::Aws(_)) => (EXIT_UNAVAILABLE, "unavailable"),
+        DriveError::NotStarted(aws) | DriveError::Store(StoreError::Aws(aws)) => classify_aws_error(aws),
         DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, "internal"),
+    }
+}
+
+/// The exit code and kind of an AWS error that stopped a command before it wrote anything.
+pub fn classify_aws_error(error: &crate::ports::AwsError) -> (i32, &'static str) {
+    match error.class {
+        ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
+        ErrorClass::Permission => (EXIT_PERMISSION, "permission"),
+        _ => (EXIT_UNAVAILABLE, "unavailable"),
+    }
+}
+
+/// The exit code and kind of an `init` failure. `ensure_table` and `ensure_ttl` report their
+/// errors as text (`AwsError`'s display: "DynamoDB DescribeTable failed: CODE: message"), so the
+/// text is read: a transport failure is 69 (repeat), a permission or credentials failure 77, and
+/// anything else (wrong key schema, a table not ACTIVE in time) 78.
+fn classify_init_error(message: &str) -> (i32, &'static str) {
+    let after = message.split_once(" failed: ").map(|(_, rest)| rest).unwrap_or(message);
+    let code = after.split_once(": ").map(|(code, _)| code).unwrap_or("");
+    let transport = ["could not send the request", "timed out", "could not read the response"];
+    if transport.iter().any(|prefix| after.starts_with(prefix)) {
+        (EXIT_UNAVAILABLE, "unavailable")
+    } else if after.starts_with("no usable AWS credentials")
+        || crate::aws::classify_code(code, None) == ErrorClass::Permission
+    {
+        (EXIT_PERMISSION, "permission")
+    } else if !code.is_empty() && crate::aws::classify_code(code, None).is_retryable() {
+        (EXIT_UNAVAILABLE, "unavailable")
+    } else {
+        (EXIT_CONFIG, "table")
     }
 }
 
@@ -329,14 +395,17 @@ struct Printer {
 }
 
 impl Printer {
+    /// A result on stdout. JSON escapes control characters itself; text has its values passed
+    /// through [`plain`] where it is composed, and is checked once more as a whole.
     fn value<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
         match self.format {
             OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value).expect("report serializes")),
-            OutputFormat::Text => print!("{}", text()),
+            OutputFormat::Text => print!("{}", crate::report::neutralize_commands(&text())),
         }
     }
 
     fn error(&self, code: i32, kind: &'static str, message: String, field: Option<String>) -> i32 {
+        let message = plain(&message);
         eprintln!("error: {message}");
         if self.format == OutputFormat::Json {
             let report = ErrorReport { error: ErrorBody { kind, message, field }, exit_code: code };
@@ -363,7 +432,7 @@ impl Printer {
             if let Err(io) =
                 crate::report::write_github_error(run_id, code, &error.to_string(), &mut *self.annotations())
             {
-                eprintln!("warning: could not write GitHub Actions outputs: {io}");
+                eprintln!("warning: could not write GitHub Actions outputs: {}", plain(&io.to_string()));
             }
         }
         code
@@ -395,12 +464,12 @@ impl Printer {
         self.value(&report, || report.text());
         if self.github() {
             if let Err(io) = crate::report::write_github_outcome(outcome, &mut *self.annotations()) {
-                eprintln!("warning: could not write GitHub Actions outputs: {io}");
+                eprintln!("warning: could not write GitHub Actions outputs: {}", plain(&io.to_string()));
             }
         }
         // Both failure paths end the step with one clear line on stderr.
         if let Some(error) = outcome.record.error.as_ref().filter(|_| outcome.kind != OutcomeKind::Committed) {
-            eprintln!("error: run {} failed: {}", outcome.record.run_id, error.message);
+            eprintln!("error: run {} failed: {}", plain(&outcome.record.run_id), plain(&error.message));
         }
         outcome.kind.exit_code()
     }
@@ -412,7 +481,7 @@ fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| OneLinePerEvent(std::io::stderr()))
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -420,14 +489,106 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-fn read_spec(path: &str) -> Result<String, String> {
-    if path == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).map_err(|e| format!("cannot read the spec from stdin: {e}"))?;
-        Ok(text)
-    } else {
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read the spec file {path}: {e}"))
+/// The log writer: tracing's formatter writes each event with one `write_all` of its whole
+/// line, and a field value (an AWS error message, a resource class) may hold line breaks. Each
+/// event is written as exactly one line, its inner CR and LF escaped, and no line starts with
+/// `::` (see [`crate::report::neutralize_commands`]), so a log line cannot issue a workflow
+/// command.
+struct OneLinePerEvent<W: std::io::Write>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLinePerEvent<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let body = text.strip_suffix('\n').unwrap_or(&text);
+        let line = body.replace('\r', "\\r").replace('\n', "\\n");
+        let mut safe = crate::report::neutralize_commands(&line);
+        safe.push('\n');
+        self.0.write_all(safe.as_bytes())?;
+        Ok(buf.len())
     }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Loopback queue URLs in a spec are allowed only when the engine's SQS endpoint (the flag, else
+/// `AWS_ENDPOINT_URL_SQS`, else `AWS_ENDPOINT_URL`) is itself a loopback emulator.
+fn queue_url_rule(endpoint_flag: Option<&str>) -> QueueUrlRule {
+    let from_env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let endpoint = endpoint_flag
+        .map(str::to_string)
+        .or_else(|| from_env("AWS_ENDPOINT_URL_SQS"))
+        .or_else(|| from_env("AWS_ENDPOINT_URL"));
+    QueueUrlRule::for_endpoint(endpoint.as_deref())
+}
+
+/// Why a spec could not be read: unreadable (usage, 64) or too large (invalid spec, 65).
+enum ReadSpecError {
+    Unreadable(String),
+    TooLarge(String),
+}
+
+/// Reads a spec through a bounded reader: at most [`MAX_SPEC_FILE_BYTES`] and one byte more to
+/// tell that the input is larger, never the whole of a larger input.
+fn read_spec(path: &str) -> Result<String, ReadSpecError> {
+    let (source, reader): (String, Box<dyn Read>) = if path == "-" {
+        ("standard input".to_string(), Box::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|e| ReadSpecError::Unreadable(format!("cannot read the spec file {path}: {e}")))?;
+        (format!("the spec file {path}"), Box::new(file))
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_SPEC_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadSpecError::Unreadable(format!("cannot read {source}: {e}")))?;
+    if bytes.len() as u64 > MAX_SPEC_FILE_BYTES {
+        return Err(ReadSpecError::TooLarge(format!(
+            "{source} is larger than the spec size limit of {MAX_SPEC_FILE_BYTES} bytes (2 MiB); a 5,000-instance spec is about 1.2 MB"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| ReadSpecError::TooLarge(format!("{source} is not UTF-8 text: {e}")))
+}
+
+/// The flag and environment variable of a [`Limits`] field, for error messages.
+fn limit_flag(field: &str) -> (&'static str, &'static str) {
+    match field {
+        "max_attempts" => ("--max-attempts", "POST_PROVISION_MAX_ATTEMPTS"),
+        "concurrency" => ("--concurrency", "POST_PROVISION_CONCURRENCY"),
+        "batch_rounds" => ("--batch-rounds", "POST_PROVISION_BATCH_ROUNDS"),
+        "lease_secs" => ("--lease-secs", "POST_PROVISION_LEASE_SECS"),
+        "retention_days" => ("--retention-days", "POST_PROVISION_RETENTION_DAYS"),
+        "not_found_retries" => ("--not-found-retries", "POST_PROVISION_NOT_FOUND_RETRIES"),
+        "initial_backoff" => ("--initial-backoff-ms", "POST_PROVISION_INITIAL_BACKOFF_MS"),
+        "throttle_budget" => ("--throttle-budget-secs", "POST_PROVISION_THROTTLE_BUDGET_SECS"),
+        "one_transaction_max_instances" => {
+            ("--one-transaction-max-instances", "POST_PROVISION_ONE_TRANSACTION_MAX_INSTANCES")
+        }
+        "pool_tag_key" => ("--pool-tag-key", "POST_PROVISION_POOL_TAG_KEY"),
+        _ => ("(unknown flag)", "(unknown variable)"),
+    }
+}
+
+/// The output format asked for on the command line, read before clap parses it, so that a usage
+/// error can be reported in it too.
+fn output_format_in(args: &[String]) -> OutputFormat {
+    let mut format = OutputFormat::Text;
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let value = match arg.strip_prefix("--output=") {
+            Some(value) => Some(value.to_string()),
+            None if arg == "--output" => iter.next().cloned(),
+            None => None,
+        };
+        match value.as_deref() {
+            Some("json") => format = OutputFormat::Json,
+            Some("text") => format = OutputFormat::Text,
+            _ => {}
+        }
+    }
+    format
 }
 
 /// In a GitHub Actions job, a spec without `runAttempt` is the attempt `GITHUB_RUN_ATTEMPT` names:
@@ -491,14 +652,28 @@ fn hooks_from_env() -> Hooks {
 
 /// Parses `args`, runs the command, and returns the process exit code.
 pub async fn run(args: Vec<String>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
+    let requested_format = output_format_in(&args);
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(error) => {
-            let code = match error.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => EXIT_USAGE,
-            };
-            let _ = error.print();
+            // clap's help and version "errors" exit 0; its usage errors exit 2, ours 64.
+            let code = if error.exit_code() == 0 { 0 } else { EXIT_USAGE };
+            // clap quotes the arguments it did not understand as they are: one of them may hold
+            // a line break and a workflow command.
+            let rendered = crate::report::neutralize_commands(&error.render().to_string());
+            if code == 0 {
+                print!("{rendered}");
+                return 0;
+            }
+            eprint!("{rendered}");
+            if requested_format == OutputFormat::Json {
+                // The error's own lines, without clap's usage hint after the first blank line.
+                let lines: Vec<&str> =
+                    rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
+                let message = lines.join(" ").trim_start_matches("error: ").to_string();
+                let report = ErrorReport { error: ErrorBody { kind: "usage", message, field: None }, exit_code: code };
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+            }
             return code;
         }
     };
@@ -511,6 +686,16 @@ pub async fn run(args: Vec<String>) -> i32 {
         };
         print!("{text}");
         return 0;
+    }
+    // A run id argument is checked before any AWS client exists, like a spec's.
+    let run_id_argument = match &cli.command {
+        Command::Resume { run_id: Some(run_id), .. } | Command::Status { run_id, .. } => Some(run_id),
+        _ => None,
+    };
+    if let Some(run_id) = run_id_argument {
+        if let Err(problem) = crate::spec::validate_run_id(run_id) {
+            return printer.error(EXIT_USAGE, "usage", format!("invalid RUN_ID argument: {problem}"), None);
+        }
     }
     let limits = Limits {
         max_attempts: cli.max_attempts,
@@ -532,18 +717,54 @@ pub async fn run(args: Vec<String>) -> i32 {
         throttle_budget: Duration::from_secs(cli.throttle_budget_secs),
         pool_tag_key: cli.pool_tag_key.clone(),
         one_transaction_max_instances: cli.one_transaction_max_instances,
+        queue_urls: queue_url_rule(cli.endpoint_url.as_deref()),
     };
+    if let Err(error) = limits.check() {
+        let (flag, variable) = limit_flag(error.field);
+        return printer.error(
+            EXIT_USAGE,
+            "usage",
+            format!("invalid limits: {} (flag {flag}, environment variable {variable})", error.message),
+            None,
+        );
+    }
     // The spec is read and validated before any AWS client exists: bad input writes nothing.
     let spec = match &cli.command {
-        Command::Run { spec } => match read_spec(spec) {
-            Err(message) => return printer.error(EXIT_USAGE, "usage", message, None),
-            Ok(text) => match Spec::from_json(&text).and_then(with_github_run_attempt) {
-                Ok(spec) => Some(spec),
-                Err(error) => return printer.drive_error_for(None, &DriveError::InvalidSpec(error)),
-            },
+        Command::Run { spec } | Command::Validate { spec } => match read_spec(spec) {
+            Err(ReadSpecError::Unreadable(message)) => return printer.error(EXIT_USAGE, "usage", message, None),
+            Err(ReadSpecError::TooLarge(message)) => {
+                let error = crate::spec::SpecError { field: "$".into(), problem: message };
+                return printer.drive_error_for(None, &DriveError::InvalidSpec(error));
+            }
+            Ok(text) => {
+                let parsed = Spec::from_json(&text)
+                    .and_then(|spec| spec.check_queue_urls(limits.queue_urls).map(|()| spec))
+                    .and_then(with_github_run_attempt);
+                match parsed {
+                    Ok(spec) => Some(spec),
+                    Err(error) => return printer.drive_error_for(None, &DriveError::InvalidSpec(error)),
+                }
+            }
         },
         _ => None,
     };
+    if let Command::Validate { .. } = cli.command {
+        let spec = spec.expect("parsed above");
+        let result = serde_json::json!({
+            "valid": true, "runId": spec.run_id, "instances": spec.instance_count(),
+            "selected": spec.selection.instances.len(), "created": spec.creation.instances.len(),
+        });
+        printer.value(&result, || {
+            format!(
+                "spec for run {} is valid: {} instances ({} selected, {} created)\n",
+                plain(&spec.run_id),
+                spec.instance_count(),
+                spec.selection.instances.len(),
+                spec.creation.instances.len()
+            )
+        });
+        return 0;
+    }
     let mut builder = Engine::builder().limits(limits).hooks(hooks_from_env());
     if let Some(table) = &cli.table {
         builder = builder.table(table.clone());
@@ -561,7 +782,7 @@ pub async fn run(args: Vec<String>) -> i32 {
         }
     };
     match cli.command {
-        Command::Table { .. } => unreachable!("handled above"),
+        Command::Table { .. } | Command::Validate { .. } => unreachable!("handled above"),
         Command::Run { .. } => {
             let spec = spec.expect("parsed above");
             let run_id = spec.run_id.clone();
@@ -583,8 +804,10 @@ pub async fn run(args: Vec<String>) -> i32 {
                 let mut reports = Vec::new();
                 for (run_id, result) in &results {
                     let (code, line) = match result {
-                        Ok(outcome) => (outcome.kind.exit_code(), format!("{run_id}: {}", outcome.record.state)),
-                        Err(error) => (classify_drive_error(error).0, format!("{run_id}: {error}")),
+                        Ok(outcome) => {
+                            (outcome.kind.exit_code(), format!("{}: {}", plain(run_id), outcome.record.state))
+                        }
+                        Err(error) => (classify_drive_error(error).0, plain(&format!("{run_id}: {error}"))),
                     };
                     // A run left unfinished makes the whole call "resumable" (3), unless some run
                     // can never be resumed as it is (no such run, corrupt record, invalid spec):
@@ -592,8 +815,10 @@ pub async fn run(args: Vec<String>) -> i32 {
                     // run, not as the call's failure.
                     if code == EXIT_RESUMABLE || code == EXIT_UNAVAILABLE {
                         worst = worst.max(EXIT_RESUMABLE);
+                    } else if code == EXIT_PERMISSION {
+                        worst = worst.max(EXIT_PERMISSION);
                     } else if code > EXIT_RESUMABLE {
-                        worst = EXIT_INTERNAL;
+                        worst = worst.max(EXIT_INTERNAL);
                     }
                     reports.push(serde_json::json!({"runId": run_id, "exitCode": code, "summary": line}));
                 }
@@ -637,7 +862,7 @@ pub async fn run(args: Vec<String>) -> i32 {
                         format!("{:<32} {:<17} {:>8} {:>9}  {}\n", "RUN", "STATE", "AGE", "INSTANCES", "DRIVER");
                     for row in &rows {
                         let driver = if row["leaseActive"].as_bool() == Some(true) {
-                            row["leaseOwner"].as_str().unwrap_or("").to_string()
+                            plain(row["leaseOwner"].as_str().unwrap_or(""))
                         } else if row["outcome"].is_null() {
                             "none (resume it)".to_string()
                         } else {
@@ -645,7 +870,7 @@ pub async fn run(args: Vec<String>) -> i32 {
                         };
                         out.push_str(&format!(
                             "{:<32} {:<17} {:>7}s {:>9}  {}\n",
-                            row["runId"].as_str().unwrap_or(""),
+                            plain(row["runId"].as_str().unwrap_or("")),
                             row["state"].as_str().unwrap_or(""),
                             row["ageSecs"].as_i64().unwrap_or(0),
                             row["instances"].as_u64().unwrap_or(0),
@@ -660,13 +885,17 @@ pub async fn run(args: Vec<String>) -> i32 {
         Command::Init => {
             let client = engine.ports().dynamodb();
             let table = engine.ports().table().to_string();
+            let init_error = |message: String| {
+                let (code, kind) = classify_init_error(&message);
+                printer.error(code, kind, message, None)
+            };
             let check = match crate::aws::ensure_table(client, &table).await {
                 Ok(check) => check,
-                Err(message) => return printer.error(EXIT_CONFIG, "table", message, None),
+                Err(message) => return init_error(message),
             };
             let ttl = match crate::aws::ensure_ttl(client, &table).await {
                 Ok(ttl) => ttl,
-                Err(message) => return printer.error(EXIT_CONFIG, "table", message, None),
+                Err(message) => return init_error(message),
             };
             let ttl_word = match &ttl {
                 crate::aws::TtlCheck::Enabled => "enabled",
@@ -693,5 +922,80 @@ pub async fn run(args: Vec<String>) -> i32 {
             });
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_log_field_cannot_start_a_line_with_a_workflow_command() {
+        for json in [false, true] {
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            let builder =
+                tracing_subscriber::fmt().with_ansi(false).with_writer(move || OneLinePerEvent(writer.clone()));
+            let hostile = "x\n::warning title=pwn::INJECTED\r\n  ::error::y";
+            let emit = || {
+                tracing::warn!(error = hostile, class = %hostile, "AWS said {hostile}");
+                tracing::info!("second event");
+            };
+            if json {
+                tracing::subscriber::with_default(builder.json().finish(), emit);
+            } else {
+                tracing::subscriber::with_default(builder.finish(), emit);
+            }
+            let text = String::from_utf8(buffer.0.lock().expect("buffer").clone()).expect("utf-8");
+            assert_eq!(text.lines().count(), 2, "one line per event: {text}");
+            for line in text.lines() {
+                assert!(!line.trim_start().starts_with("::"), "{line}");
+            }
+            assert!(text.contains("INJECTED"), "the text is kept, escaped: {text}");
+        }
+    }
+
+    #[test]
+    fn init_errors_are_classified_by_what_failed() {
+        let cases = [
+            (
+                "DynamoDB DescribeTable failed: could not send the request: io error: connection refused",
+                EXIT_UNAVAILABLE,
+            ),
+            ("DynamoDB DescribeTable failed: timed out", EXIT_UNAVAILABLE),
+            ("DynamoDB CreateTable failed: AccessDeniedException: User: x is not authorized", EXIT_PERMISSION),
+            (
+                "DynamoDB DescribeTable failed: no usable AWS credentials: no credentials found in chain",
+                EXIT_PERMISSION,
+            ),
+            ("DynamoDB DescribeTable failed: ThrottlingException: slow down", EXIT_UNAVAILABLE),
+            ("table t has key schema [..], expected PK (HASH) and SK (RANGE)", EXIT_CONFIG),
+            ("table t did not become ACTIVE in time", EXIT_CONFIG),
+        ];
+        for (message, code) in cases {
+            assert_eq!(classify_init_error(message).0, code, "{message}");
+        }
+    }
+
+    #[test]
+    fn the_output_format_is_found_before_clap_parses() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(output_format_in(&args(&["pp", "--output", "json", "status"])), OutputFormat::Json);
+        assert_eq!(output_format_in(&args(&["pp", "status", "--output=json"])), OutputFormat::Json);
+        assert_eq!(output_format_in(&args(&["pp", "status"])), OutputFormat::Text);
     }
 }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub use crate::spec::QueueUrlRule;
+
 /// What a step does when AWS still fails with a retryable error (throttling, 5xx, timeouts,
 /// dropped connections) after its retry budget is spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,6 +66,11 @@ pub struct Limits {
     /// and every run when 0, take the staged path (the state first, then the effects). Whatever
     /// this says, the one transaction must also fit DynamoDB's 100 actions.
     pub one_transaction_max_instances: usize,
+    /// Which queue URLs a spec's own `resourceClassConfig` may name when the table has no
+    /// `resource_class_config` item to compare it with: SQS URLs only by default. The CLI allows
+    /// loopback URLs only when its endpoint is itself a loopback emulator
+    /// ([`QueueUrlRule::for_endpoint`]).
+    pub queue_urls: QueueUrlRule,
 }
 
 impl Default for Limits {
@@ -85,35 +92,64 @@ impl Default for Limits {
             throttle_budget: Duration::from_secs(20),
             pool_tag_key: DEFAULT_POOL_TAG_KEY.to_string(),
             one_transaction_max_instances: crate::core::MAX_TRANSACTION_ITEMS,
+            queue_urls: QueueUrlRule::SqsOnly,
         }
     }
+}
+
+/// A limit out of its range: which one (the [`Limits`] field), and the range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitError {
+    /// The field of [`Limits`], such as `max_attempts`.
+    pub field: &'static str,
+    /// What is allowed.
+    pub message: &'static str,
 }
 
 impl Limits {
     /// Checks the bounds make sense; a programmer or operator error otherwise.
     pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|error| format!("{} ({})", error.message, error.field))
+    }
+
+    /// As [`Limits::validate`], naming the field, so the CLI can name its flag and variable.
+    pub fn check(&self) -> Result<(), LimitError> {
         let checks = [
-            (self.max_attempts >= 1 && self.max_attempts <= 20, "max attempts must be 1..=20"),
-            (self.concurrency >= 1 && self.concurrency <= 64, "concurrency must be 1..=64"),
-            (self.batch_rounds >= 1 && self.batch_rounds <= 20, "batch rounds must be 1..=20"),
-            (self.lease_secs >= 5 && self.lease_secs <= 3_600, "lease must be 5..=3600 seconds"),
-            (self.retention_days >= 1 && self.retention_days <= 3_650, "retention must be 1..=3650 days"),
-            (self.not_found_retries <= 10, "not-found retries must be at most 10"),
-            (self.initial_backoff <= self.max_backoff, "initial backoff must not exceed max backoff"),
-            (self.throttle_budget <= Duration::from_secs(3_600), "throttle budget must be at most 3600 seconds"),
+            (self.max_attempts >= 1 && self.max_attempts <= 20, "max_attempts", "max attempts must be 1..=20"),
+            (self.concurrency >= 1 && self.concurrency <= 64, "concurrency", "concurrency must be 1..=64"),
+            (self.batch_rounds >= 1 && self.batch_rounds <= 20, "batch_rounds", "batch rounds must be 1..=20"),
+            (self.lease_secs >= 5 && self.lease_secs <= 3_600, "lease_secs", "lease must be 5..=3600 seconds"),
+            (
+                self.retention_days >= 1 && self.retention_days <= 3_650,
+                "retention_days",
+                "retention must be 1..=3650 days",
+            ),
+            (self.not_found_retries <= 10, "not_found_retries", "not-found retries must be at most 10"),
+            (
+                self.initial_backoff <= self.max_backoff,
+                "initial_backoff",
+                "initial backoff must not exceed max backoff",
+            ),
+            (
+                self.throttle_budget <= Duration::from_secs(3_600),
+                "throttle_budget",
+                "throttle budget must be at most 3600 seconds",
+            ),
             (
                 self.one_transaction_max_instances <= crate::core::MAX_TRANSACTION_ITEMS,
+                "one_transaction_max_instances",
                 "one-transaction instances must be at most 100",
             ),
             (
                 !self.pool_tag_key.is_empty()
                     && self.pool_tag_key.len() <= 128
                     && !self.pool_tag_key.chars().any(char::is_control),
+                "pool_tag_key",
                 "pool tag key must be 1..=128 characters with no control characters",
             ),
         ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, message)) => Err((*message).to_string()),
+        match checks.iter().find(|(ok, _, _)| !ok) {
+            Some((_, field, message)) => Err(LimitError { field, message }),
             None => Ok(()),
         }
     }

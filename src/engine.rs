@@ -170,10 +170,7 @@ impl Engine {
 
     /// The record of one attempt of the run (`None`: the latest), if it exists.
     pub async fn status_attempt(&self, run_id: &str, attempt: Option<u32>) -> Result<Option<RunRecord>, StoreError> {
-        match attempt {
-            Some(attempt) => self.ports.load_run(run_id, attempt).await,
-            None => Ok(self.ports.load_attempts(run_id).await?.pop()),
-        }
+        self.driver().load_attempt(run_id, attempt).await
     }
 
     /// Run records, newest first; only unfinished ones with `unfinished_only`.

@@ -28,8 +28,12 @@ pub enum ErrorClass {
     ConditionFailed,
     /// The table, queue or instance does not exist.
     NotFound,
-    /// The request is invalid or not allowed: retrying cannot help.
+    /// The request is invalid: retrying cannot help.
     Invalid,
+    /// Not allowed: a missing IAM permission (`AccessDenied`, `UnauthorizedOperation`, …), or
+    /// no usable credentials (the SDK's credential chain found none, or they are invalid or
+    /// expired). Retrying cannot help; the CLI exits 77.
+    Permission,
     /// Anything else.
     Other,
 }

@@ -95,9 +95,87 @@ pub fn path_diagram(path: &[State]) -> String {
     out
 }
 
-/// Escapes a workflow-command message (`%`, CR and LF must be encoded).
+/// Escapes the data of a workflow command (the part after `::`), by the toolkit's rules
+/// (`@actions/core` `escapeData`): `%`, CR and LF are percent-encoded, so the message stays on
+/// its own line and cannot start another command.
 pub fn escape_annotation(message: &str) -> String {
     message.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+}
+
+/// Escapes a workflow-command property value (`title=…`), by the toolkit's rules
+/// (`escapeProperty`): as [`escape_annotation`], and also `:` and `,`, which end a property.
+pub fn escape_property(value: &str) -> String {
+    escape_annotation(value).replace(':', "%3A").replace(',', "%2C")
+}
+
+/// One workflow command line: `::name key=value,…::data`, every part escaped.
+pub fn workflow_command(name: &str, properties: &[(&str, &str)], data: &str) -> String {
+    let properties: Vec<String> =
+        properties.iter().map(|(key, value)| format!("{key}={}", escape_property(value))).collect();
+    let separator = if properties.is_empty() { "" } else { " " };
+    // The runner's older `##[command]` form is found anywhere in a line: break it up too.
+    let data = escape_annotation(data).replace("##[", "##\\[");
+    format!("::{name}{separator}{}::{data}", properties.join(","))
+}
+
+/// Text from the spec or from AWS made safe for a plain-text line on stdout or stderr, which the
+/// Actions runner scans for workflow commands: control characters (CR and LF included) are
+/// written as escapes, so the text adds no line of its own, and [`neutralize_commands`] applies.
+pub fn plain(text: &str) -> String {
+    neutralize_commands(&crate::spec::escape_control(text))
+}
+
+/// Makes sure no line of `text` is read as a workflow command: a line that starts with `::`
+/// (after leading whitespace, which the runner skips) gets a backslash in front, and the
+/// runner's older `##[command]` form, which it finds anywhere in a line, is broken up as `##\[`.
+/// Line breaks are kept; use it on text this program composed, after [`plain`] on each value.
+pub fn neutralize_commands(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_start();
+        if body.starts_with("::") {
+            out.push_str(&line[..line.len() - body.len()]);
+            out.push('\\');
+            out.push_str(body);
+        } else {
+            out.push_str(line);
+        }
+    }
+    out.replace("##[", "##\\[")
+}
+
+/// Text made safe for a Markdown table cell or heading of the job summary: `|`, `<`, `>`, `&`,
+/// backticks, `*`, `_`, `[`, `]` and backslashes are escaped, and line breaks become spaces, so a
+/// value can neither end its cell or row nor inject HTML, links or code.
+pub fn markdown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '`' => out.push_str("&#96;"),
+            '\\' | '*' | '_' | '[' | ']' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\r' | '\n' => out.push(' '),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A value as a Markdown code span when it is plainly safe there (ids: letters, digits, `.`,
+/// `_`, `-`), otherwise as escaped text: backslash escapes do not work inside code spans.
+pub fn markdown_code(text: &str) -> String {
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        format!("`{text}`")
+    } else {
+        markdown(text)
+    }
 }
 
 /// The Markdown job summary of a finished run.
@@ -109,7 +187,7 @@ pub fn step_summary(outcome: &RunOutcome) -> String {
         OutcomeKind::RolledBack => "rolled back (capacity shortfall)",
         OutcomeKind::CleanedUp => "cleaned up after an unexpected error",
     };
-    let mut out = format!("## post-provision: run `{}` {} — {headline}\n\n", record.run_id, record.state);
+    let mut out = format!("## post-provision: run {} {} — {headline}\n\n", markdown_code(&record.run_id), record.state);
     out.push_str("```mermaid\n");
     out.push_str(&path_diagram(&path));
     out.push_str("```\n\n| Instance | Role | Class | Result |\n|---|---|---|---|\n");
@@ -118,10 +196,15 @@ pub fn step_summary(outcome: &RunOutcome) -> String {
             Role::Selected => "selected",
             Role::Created => "created",
         };
-        out.push_str(&format!("| `{}` | {role} | {} | {} |\n", line.id, line.resource_class, line.result));
+        out.push_str(&format!(
+            "| {} | {role} | {} | {} |\n",
+            markdown_code(&line.id),
+            markdown(&line.resource_class),
+            markdown(&line.result)
+        ));
     }
     if let Some(error) = &record.error {
-        out.push_str(&format!("\n**Error ({}):** {}\n", error.kind, error.message));
+        out.push_str(&format!("\n**Error ({}):** {}\n", markdown(&error.kind), markdown(&error.message)));
     }
     out
 }
@@ -148,8 +231,8 @@ pub fn write_github_outcome(outcome: &RunOutcome, annotations: &mut dyn Write) -
         if let TraceEvent::Found { id, finding } = event {
             writeln!(
                 annotations,
-                "::warning title=post-provision::{}",
-                escape_annotation(&format!("instance {id}: {finding}"))
+                "{}",
+                workflow_command("warning", &[("title", "post-provision")], &format!("instance {id}: {finding}"))
             )?;
         }
     }
@@ -158,7 +241,7 @@ pub fn write_github_outcome(outcome: &RunOutcome, annotations: &mut dyn Write) -
             OutcomeKind::RolledBack => format!("run {} failed: {}", outcome.record.run_id, error.message),
             _ => format!("run {} failed and was cleaned up: {}", outcome.record.run_id, error.message),
         };
-        writeln!(annotations, "::error title=post-provision::{}", escape_annotation(&reason))?;
+        writeln!(annotations, "{}", workflow_command("error", &[("title", "post-provision")], &reason))?;
     }
     Ok(())
 }
@@ -178,15 +261,39 @@ pub fn write_github_error(
         ("instance-ids", "[]".to_string()),
     ];
     append_outputs(&outputs)?;
-    writeln!(annotations, "::error title=post-provision::{}", escape_annotation(message))
+    writeln!(annotations, "{}", workflow_command("error", &[("title", "post-provision")], message))
 }
 
 fn append_outputs(outputs: &[(&str, String)]) -> std::io::Result<()> {
     if let Ok(path) = std::env::var("GITHUB_OUTPUT") {
-        let text: String = outputs.iter().map(|(key, value)| format!("{key}={value}\n")).collect();
-        append(&path, &text)?;
+        append(&path, &delimited(outputs, &random_delimiter())?)?;
     }
     Ok(())
+}
+
+/// A delimiter for the multi-line form of `$GITHUB_OUTPUT` and `$GITHUB_ENV`, as the toolkit
+/// makes it: unguessable, so a value cannot end its own entry early.
+fn random_delimiter() -> String {
+    format!("ghadelimiter_{}", uuid::Uuid::new_v4())
+}
+
+/// Entries in the runner's multi-line form, `name<<DELIMITER`, the value, `DELIMITER`, which
+/// takes any value, newlines included. The delimiter is checked not to occur in a name or value
+/// (as the toolkit does), and a name must not contain a line break or `<<`.
+pub fn delimited(entries: &[(&str, String)], delimiter: &str) -> std::io::Result<String> {
+    let mut text = String::new();
+    for (name, value) in entries {
+        if name.is_empty() || name.contains(['\r', '\n']) || name.contains("<<") {
+            return Err(std::io::Error::other(format!("unusable output name {name:?}")));
+        }
+        if name.contains(delimiter) || value.contains(delimiter) {
+            return Err(std::io::Error::other(format!(
+                "the value of {name} contains the delimiter {delimiter}; refusing to write it"
+            )));
+        }
+        text.push_str(&format!("{name}<<{delimiter}\n{value}\n{delimiter}\n"));
+    }
+    Ok(text)
 }
 
 fn append(path: &str, text: &str) -> std::io::Result<()> {
@@ -206,5 +313,50 @@ mod tests {
             "stateDiagram-v2\n    [*] --> Reconciling\n    Reconciling --> RollingBack\n    RollingBack --> Failed\n    Failed --> [*]\n"
         );
         assert_eq!(escape_annotation("50% done\nnext"), "50%25 done%0Anext");
+    }
+
+    const HOSTILE: &str = "x\n::warning title=pwn::INJECTED\r\n::set-output name=a::b";
+
+    #[test]
+    fn workflow_commands_escape_data_and_properties_by_the_toolkits_rules() {
+        assert_eq!(
+            workflow_command("error", &[("title", "a:b,c%\n")], "50% of x\r\ny"),
+            "::error title=a%3Ab%2Cc%25%0A::50%25 of x%0D%0Ay"
+        );
+        let line = workflow_command("warning", &[("title", "post-provision")], HOSTILE);
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.starts_with("::warning title=post-provision::x%0A::warning"), "{line}");
+        assert!(!workflow_command("error", &[], "a ##[warning]b").contains("##["));
+    }
+
+    #[test]
+    fn plain_text_never_starts_a_line_with_a_command() {
+        let text = plain(HOSTILE);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let composed = neutralize_commands(&format!("error: {}\n  ::warning::x\n##[error]y\n", plain(HOSTILE)));
+        for line in composed.lines() {
+            assert!(!line.trim_start().starts_with("::"), "{line}");
+            assert!(!line.contains("##["), "{line}");
+        }
+        assert_eq!(plain("a\u{1b}[31mb"), "a\\u{1b}[31mb");
+    }
+
+    #[test]
+    fn markdown_cells_cannot_break_out() {
+        let cell = markdown("a|b<script>`c`\n| x | y |\n[l](http://e)");
+        assert!(!cell.contains('\n') && !cell.contains('<') && !cell.contains('`'), "{cell}");
+        assert!(!cell.replace("\\|", "").contains('|'), "{cell}");
+        assert_eq!(markdown_code("9876543210"), "`9876543210`");
+        assert_eq!(markdown_code("a`b"), "a&#96;b");
+    }
+
+    #[test]
+    fn outputs_use_the_delimiter_form_and_refuse_a_value_holding_the_delimiter() {
+        let text = delimited(&[("run-id", "x\nfoo=bar".to_string())], "ghadelimiter_D").unwrap();
+        assert_eq!(text, "run-id<<ghadelimiter_D\nx\nfoo=bar\nghadelimiter_D\n");
+        assert!(delimited(&[("run-id", "a\nghadelimiter_D\nfoo=bar".to_string())], "ghadelimiter_D").is_err());
+        assert!(delimited(&[("a\nb", String::new())], "ghadelimiter_D").is_err());
+        let (one, two) = (random_delimiter(), random_delimiter());
+        assert!(one.starts_with("ghadelimiter_") && one != two);
     }
 }

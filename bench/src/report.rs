@@ -49,6 +49,109 @@ fn target_requests(path: PathKind) -> u64 {
     }
 }
 
+/// One target of the small-run path (issue 11): a path, a size, a bound, and why it may be missed.
+struct SmallRunTarget {
+    path: PathKind,
+    n: usize,
+    max_requests: Option<u64>,
+    max_stages: Option<usize>,
+    /// Wall time at most this share of the baseline's, with added latency only.
+    max_wall_share: Option<f64>,
+    note: &'static str,
+}
+
+const SMALL_RUN_TARGETS: [SmallRunTarget; 7] = [
+    SmallRunTarget {
+        path: PathKind::Commit,
+        n: 1,
+        max_requests: Some(1),
+        max_stages: Some(1),
+        max_wall_share: Some(1.1),
+        note: "one request each; the difference is the engine's own CPU (in a debug build) and moto's work on a transaction of three items (spec chunk, record, instance) against one UpdateItem",
+    },
+    SmallRunTarget { path: PathKind::Commit, n: 10, max_requests: Some(1), max_stages: Some(1), max_wall_share: Some(1.1), note: "" },
+    SmallRunTarget { path: PathKind::Commit, n: 1000, max_requests: Some(12), max_stages: Some(3), max_wall_share: None, note: "" },
+    SmallRunTarget {
+        path: PathKind::Rollback,
+        n: 1,
+        max_requests: None,
+        max_stages: Some(4),
+        max_wall_share: Some(1.1),
+        note: "four round trips against the baseline's two: the pool configuration read (also needed to check a spec's own, issue 13) and the final `Failed` write",
+    },
+    SmallRunTarget {
+        path: PathKind::Rollback,
+        n: 10,
+        max_requests: None,
+        max_stages: Some(4),
+        max_wall_share: Some(1.1),
+        note: "four round trips against the baseline's two: the pool configuration read (also needed to check a spec's own, issue 13) and the final `Failed` write",
+    },
+    SmallRunTarget {
+        path: PathKind::Rollback,
+        n: 1000,
+        max_requests: Some(112),
+        max_stages: Some(4),
+        max_wall_share: None,
+        note: "the goal assumed `resourceClassConfig` in the spec and no read; since the trust boundary (issue 13) the pool's configuration is read to check a spec's own against it, one more request and stage",
+    },
+    SmallRunTarget { path: PathKind::Cleanup, n: 1000, max_requests: Some(14), max_stages: Some(4), max_wall_share: None, note: "cleanup phase, \"no worse\" than before; retiring now marks records before terminating (a record never disappears while its instance lives) and checks the pool tag (issue 13): two more stages" },
+];
+
+/// The targets of issue 11 (small runs as fast as the per-item pattern), met or missed.
+fn render_small_run_targets(out: &mut String, figures: &[Figures], networks: &[String]) {
+    let find = |path: PathKind, n: usize, system: System, network: &str| {
+        figures.iter().find(|f| f.path == path && f.instances == n && f.system == system && f.network == network)
+    };
+    let _ = writeln!(out, "\n## Targets of the one-transaction path for small runs\n");
+    let _ = writeln!(out, "| Path | N | Network | Target | Reached | Met | Note |");
+    let _ = writeln!(out, "|---|---:|---|---|---|---|---|");
+    for network in networks {
+        for target in SMALL_RUN_TARGETS.iter() {
+            let Some(ours) = find(target.path, target.n, System::Ours, network) else { continue };
+            let compared = compared_span(ours);
+            let name = row_name(target.path);
+            if let Some(limit) = target.max_requests {
+                let met = compared.total_requests <= limit && ours.ok;
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {network} | ≤ {limit} requests | {} | {} | {} |",
+                    target.n,
+                    compared.total_requests,
+                    yes_no(met),
+                    if met { "" } else { target.note }
+                );
+            }
+            if let Some(limit) = target.max_stages {
+                let met = compared.stages <= limit && ours.ok;
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {network} | ≤ {limit} stages | {} | {} | {} |",
+                    target.n,
+                    compared.stages,
+                    yes_no(met),
+                    if met { "" } else { target.note }
+                );
+            }
+            if let (Some(share), true) = (target.max_wall_share, network != "direct") {
+                if let Some(base) = find(target.path, target.n, System::Baseline, network) {
+                    let met = compared.wall_ms <= share * base.run.wall_ms && ours.ok;
+                    let _ = writeln!(
+                        out,
+                        "| {name} | {} | {network} | wall ≤ {share}× the baseline's | {} of {} ({}) | {} | {} |",
+                        target.n,
+                        millis(compared.wall_ms),
+                        millis(base.run.wall_ms),
+                        ratio(compared.wall_ms, base.run.wall_ms),
+                        yes_no(met),
+                        if met { "" } else { target.note }
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Renders the report.
 pub fn render(figures: &[Figures], context: &Context) -> String {
     let mut out = String::new();
@@ -240,6 +343,8 @@ pub fn render(figures: &[Figures], context: &Context) -> String {
             }
         }
     }
+
+    render_small_run_targets(&mut out, figures, &networks);
 
     let _ = writeln!(out, "\n## How the stages are made up (ours)\n");
     let _ = writeln!(out, "Each wave's operations, in order; `×n` is the number of requests in the wave.\n");

@@ -40,6 +40,24 @@ pub fn classify_code(code: &str, status: Option<u16>) -> ErrorClass {
         | "RequestTimeout"
         | "RequestTimeoutException" => ErrorClass::Transient,
         "ConditionalCheckFailedException" | "ConditionalCheckFailed" => ErrorClass::ConditionFailed,
+        "AccessDenied"
+        | "AccessDeniedException"
+        | "UnauthorizedOperation"
+        | "UnrecognizedClientException"
+        | "InvalidClientTokenId"
+        | "ExpiredToken"
+        | "ExpiredTokenException"
+        | "RequestExpired"
+        | "AuthFailure"
+        | "SignatureDoesNotMatch"
+        | "InvalidSignatureException"
+        | "MissingAuthenticationToken"
+        | "MissingAuthenticationTokenException"
+        | "IncompleteSignature"
+        | "KMS.AccessDeniedException"
+        | "KmsAccessDenied"
+        | "KMS.DisabledException"
+        | "KmsDisabled" => ErrorClass::Permission,
         "ResourceNotFoundException"
         | "AWS.SimpleQueueService.NonExistentQueue"
         | "QueueDoesNotExist"
@@ -49,11 +67,6 @@ pub fn classify_code(code: &str, status: Option<u16>) -> ErrorClass {
         | "InvalidParameterCombination"
         | "MissingParameter"
         | "InvalidInstanceID.Malformed"
-        | "AccessDenied"
-        | "AccessDeniedException"
-        | "UnauthorizedOperation"
-        | "InvalidClientTokenId"
-        | "UnrecognizedClientException"
         | "InvalidAddress"
         | "InvalidParameter"
         | "IdempotentParameterMismatch"
@@ -62,6 +75,7 @@ pub fn classify_code(code: &str, status: Option<u16>) -> ErrorClass {
         _ => match status {
             Some(status) if status >= 500 => ErrorClass::Transient,
             Some(429) => ErrorClass::Throttling,
+            Some(401 | 403) => ErrorClass::Permission,
             _ => ErrorClass::Other,
         },
     }
@@ -80,6 +94,31 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// The credential chain's failure, when `error` (or one of its sources) is one: the SDK reports
+/// "no credentials" as a dispatch failure whose source is a `CredentialsError`, with a
+/// multi-line list of the providers it tried. Returned on one line.
+fn credentials_failure(error: &(dyn std::error::Error + 'static)) -> Option<(ErrorClass, String)> {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(credentials) = error.downcast_ref::<CredentialsError>() {
+            let class = match credentials {
+                // IMDS or an SSO endpoint that did not answer in time may answer later.
+                CredentialsError::ProviderTimedOut(_) => ErrorClass::Transient,
+                _ => ErrorClass::Permission,
+            };
+            return Some((class, format!("no usable AWS credentials: {}", one_line(&error_chain(credentials)))));
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// Lines joined with "; ", runs of spaces collapsed: one line for a log or an exit message.
+fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
 /// Converts an SDK error, keeping the code. Transport failures and timeouts are transient; a
 /// service error whose code is unknown is classified by its HTTP status.
 pub(crate) fn from_sdk<E>(service: &'static str, operation: &'static str, error: SdkError<E, HttpResponse>) -> AwsError
@@ -92,6 +131,10 @@ where
         SdkError::TimeoutError(_) => transport("timed out".to_string()),
         // One readable line ("io error: connection closed before message completed"), not the
         // SDK's Debug dump of nested structs.
+        SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) if credentials_failure(&error).is_some() => {
+            let (class, message) = credentials_failure(&error).expect("checked");
+            AwsError { service, operation, code: None, message, class }
+        }
         SdkError::DispatchFailure(failure) => match failure.as_connector_error() {
             Some(connector) => transport(format!("could not send the request: {}", error_chain(connector))),
             None => transport("could not send the request".to_string()),
@@ -129,6 +172,20 @@ mod tests {
         assert_eq!(classify_code("InternalServerError", Some(500)), ErrorClass::Transient);
         assert_eq!(classify_code("ConditionalCheckFailedException", Some(400)), ErrorClass::ConditionFailed);
         assert_eq!(classify_code("ValidationException", Some(400)), ErrorClass::Invalid);
+        for code in [
+            "AccessDenied",
+            "AccessDeniedException",
+            "UnauthorizedOperation",
+            "UnrecognizedClientException",
+            "InvalidClientTokenId",
+            "ExpiredToken",
+            "ExpiredTokenException",
+            "AuthFailure",
+            "KMS.AccessDeniedException",
+        ] {
+            assert_eq!(classify_code(code, Some(400)), ErrorClass::Permission, "{code}");
+        }
+        assert_eq!(classify_code("SomethingNew", Some(403)), ErrorClass::Permission);
         assert_eq!(classify_code("InvalidInstanceID.NotFound", Some(400)), ErrorClass::NotFound);
         assert_eq!(classify_code("AWS.SimpleQueueService.NonExistentQueue", Some(400)), ErrorClass::NotFound);
         assert_eq!(classify_code("SomethingNew", Some(502)), ErrorClass::Transient);
@@ -163,6 +220,30 @@ mod tests {
         let error = from_sdk::<GetItemError>("DynamoDB", "GetItem", SdkError::dispatch_failure(failure));
         assert_eq!(error.class, ErrorClass::Transient);
         assert_eq!(error.message, "could not send the request: io error: connection closed before message completed");
+    }
+
+    #[test]
+    fn missing_credentials_are_a_permission_error_on_one_line() {
+        use aws_credential_types::provider::error::CredentialsError;
+        use aws_sdk_dynamodb::operation::get_item::GetItemError;
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        let chain = CredentialsError::not_loaded(
+            "no credentials found in chain. Attempted:\n  Environment: environment variable not set\n  Profile: not enabled",
+        );
+        let failure = ConnectorError::other(Box::new(chain), None);
+        let error = from_sdk::<GetItemError>("DynamoDB", "GetItem", SdkError::dispatch_failure(failure));
+        assert_eq!(error.class, ErrorClass::Permission);
+        assert!(!error.message.contains('\n'), "{}", error.message);
+        assert!(error.message.starts_with("no usable AWS credentials: "), "{}", error.message);
+        assert!(
+            error.message.contains("Attempted:; Environment: environment variable not set; Profile"),
+            "{}",
+            error.message
+        );
+        let timed_out = CredentialsError::provider_timed_out(std::time::Duration::from_secs(1));
+        let failure = ConnectorError::other(Box::new(timed_out), None);
+        let error = from_sdk::<GetItemError>("DynamoDB", "GetItem", SdkError::dispatch_failure(failure));
+        assert_eq!(error.class, ErrorClass::Transient);
     }
 
     #[test]

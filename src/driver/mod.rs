@@ -405,6 +405,7 @@ impl<P: Ports> Driver<P> {
                 Err(ResolveError::Aws(aws))
                     if aws.class == ErrorClass::NotFound
                         || aws.class == ErrorClass::Throttling
+                        || aws.class == ErrorClass::Permission
                         || (aws.class.is_retryable()
                             && self.limits.on_retries_exhausted == OnRetriesExhausted::Stall) =>
                 {
@@ -969,16 +970,17 @@ impl<P: Ports> Driver<P> {
     }
 
     async fn resolve_queues(&self, spec: &Spec) -> Result<BTreeMap<String, String>, ResolveError> {
-        let config = match &spec.resource_class_config {
-            Some(config) => Some(config.clone()),
-            None => self.ports.load_resource_class_config().await.map_err(|error| match error {
-                StoreError::Aws(aws) => ResolveError::Aws(aws),
-                other => ResolveError::Spec(SpecError {
-                    field: "resourceClassConfig".into(),
-                    problem: format!("absent, and the table's metadata item is unusable: {other}"),
-                }),
-            })?,
-        };
+        // The table's configuration is read even when the spec carries its own: the pool's item
+        // is the authority, and a spec's config that disagrees with it is refused (issue 13).
+        let pool = self.ports.load_resource_class_config().await.map_err(|error| match error {
+            StoreError::Aws(aws) => ResolveError::Aws(aws),
+            other => ResolveError::Spec(SpecError {
+                field: "resourceClassConfig".into(),
+                problem: format!("the table's metadata item is unusable: {other}"),
+            }),
+        })?;
+        spec.check_config_against_pool(pool.as_ref(), self.limits.queue_urls).map_err(ResolveError::Spec)?;
+        let config = spec.resource_class_config.clone().or(pool);
         let mut urls = BTreeMap::new();
         let lists = [("selection", &spec.selection.instances), ("creation", &spec.creation.instances)];
         for (list, instances) in lists {

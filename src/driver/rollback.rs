@@ -56,10 +56,16 @@ impl<P: Ports> Driver<P> {
         let sent = Mutex::new(Vec::new());
         let marked_at = entered_at(record, State::RollingBack);
         let mut retiring = record.clone();
-        let (sending, retired) = tokio::join!(
-            Box::pin(self.send_messages(record, &to_send, threshold, &sent)),
-            Box::pin(self.retire(&mut retiring, &to_retire, None, marked_at))
-        );
+        let sending = Box::pin(self.send_messages(record, &to_send, threshold, &sent));
+        let retiring_future = Box::pin(self.retire(&mut retiring, &to_retire, None, marked_at));
+        // The two are independent and go out together; with a concurrency of 1, one after the
+        // other, so that the order of writes is deterministic (as every batch's is then).
+        let (sending, retired) = if self.limits.concurrency > 1 {
+            tokio::join!(sending, retiring_future)
+        } else {
+            let sending = sending.await;
+            (sending, retiring_future.await)
+        };
         // The retire's checkpoints may have written the record: keep the newer copy, with every
         // message known sent.
         if retiring.version > record.version {

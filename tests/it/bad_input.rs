@@ -51,7 +51,7 @@ fn render(value: &AttributeValue) -> String {
 
 /// Everything a run could change: every item of the table, each queue's message counts, and each
 /// seeded instance's EC2 state. Read without changing anything (no receives).
-async fn world_state(world: &World) -> String {
+pub(crate) async fn world_state(world: &World) -> String {
     let mut lines = Vec::new();
     let mut pages =
         world.clients.dynamodb.scan().table_name(&world.table).consistent_read(true).into_paginator().send();
@@ -201,7 +201,7 @@ fn cases() -> Vec<Case> {
             "expected `spot` or `on-demand`"
         ),
         case!("empty runId", |v| v["runId"] = json!(""), "runId", "expected a non-empty run id"),
-        case!("runId with a slash", |v| v["runId"] = json!("run/1"), "runId", "A-Z a-z 0-9 - _ . :"),
+        case!("runId with a slash", |v| v["runId"] = json!("run/1"), "runId", "A-Z a-z 0-9 . _ -"),
         case!(
             "negative maxRuntimeMin",
             |v| v["maxRuntimeMin"] = json!(-5),
@@ -303,6 +303,65 @@ fn cases() -> Vec<Case> {
             |v| v["selection"]["instances"][1]["threshold"] = json!("2026-11-27 10:05:00"),
             "selection.instances[1].threshold",
             "YYYY-MM-DDTHH:MM:SSZ"
+        ),
+        case!(
+            "unknown top-level field (a typo)",
+            |v| v["resourceClassConfg"] = json!({}),
+            "resourceClassConfg",
+            "did you mean `resourceClassConfig`?"
+        ),
+        case!(
+            "unknown instance field",
+            |v| v["creation"]["instances"][0]["usage_class"] = json!("spot"),
+            "creation.instances[0].usage_class",
+            "did you mean `usageClass`?"
+        ),
+        case!("runId with a key separator", |v| v["runId"] = json!("run#1"), "runId", "A-Z a-z 0-9 . _ -"),
+        case!(
+            "runAttempt out of range",
+            |v| v["runAttempt"] = json!(0),
+            "runAttempt",
+            "expected a run attempt from 1 to 10000, got 0"
+        ),
+        case!(
+            "1 MB instanceType",
+            |v| v["selection"]["instances"][0]["instanceType"] = json!("c".repeat(1_000_000)),
+            "selection.instances[0].instanceType",
+            "(1000000 bytes)"
+        ),
+        case!(
+            "5 MB instanceType (over the file limit)",
+            |v| v["selection"]["instances"][0]["instanceType"] = json!("c".repeat(5_000_000)),
+            "$",
+            "larger than the spec size limit of 2097152 bytes"
+        ),
+        case!(
+            "resource class over 64 bytes",
+            |v| v["selection"]["instances"][1]["resourceClass"] = json!("l".repeat(65)),
+            "selection.instances[1].resourceClass",
+            "at most 64 bytes"
+        ),
+        case!(
+            "class with cpu 0",
+            |v| v["resourceClassConfig"] = json!({"large": {"cpu": 0, "mmem": 4096, "queueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/pool-large"}}),
+            "resourceClassConfig.large.cpu",
+            "above 0"
+        ),
+        case!(
+            "instance contradicting its class",
+            |v| {
+                v["resourceClassConfig"] = json!({"large": {"cpu": 2, "mmem": 4096, "queueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/pool-large"}});
+                v["creation"]["instances"][0]["cpu"] = json!(4096);
+            },
+            "creation.instances[0].cpu",
+            "has cpu 2 in resourceClassConfig, but this instance of it has cpu 4096"
+        ),
+        case!(
+            "queue URL that is not SQS",
+            |v| v["resourceClassConfig"] =
+                json!({"large": {"cpu": 2, "mmem": 4096, "queueUrl": "https://evil.example/123456789012/pool-large"}}),
+            "resourceClassConfig.large.queueUrl",
+            "expected an SQS queue URL"
         ),
         case!(
             "threshold as epoch seconds",

@@ -50,8 +50,7 @@ impl Github {
 
     fn outputs(&self) -> std::collections::BTreeMap<String, String> {
         let text = std::fs::read_to_string(&self.output).expect("GITHUB_OUTPUT written");
-        let outputs: std::collections::BTreeMap<String, String> =
-            text.lines().filter_map(|line| line.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+        let outputs = parse_github_file(&text);
         assert!(outputs.contains_key("outcome"), "no outcome in GITHUB_OUTPUT: {text:?}");
         outputs
     }
@@ -59,6 +58,40 @@ impl Github {
     fn summary(&self) -> String {
         std::fs::read_to_string(&self.summary).expect("GITHUB_STEP_SUMMARY written")
     }
+}
+
+/// `$GITHUB_OUTPUT` (or `$GITHUB_ENV`) read as the Actions runner reads it: `name=value` lines,
+/// and `name<<DELIMITER` followed by the value's lines up to a line that is exactly `DELIMITER`.
+/// Panics on what the runner refuses (an unterminated entry).
+pub(crate) fn parse_github_file(text: &str) -> std::collections::BTreeMap<String, String> {
+    let mut entries = std::collections::BTreeMap::new();
+    let mut lines = text.split('\n').map(|line| line.strip_suffix('\r').unwrap_or(line));
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let heredoc = line.find("<<");
+        let equals = line.find('=');
+        match (heredoc, equals) {
+            (Some(at), equals) if equals.map_or(true, |e| at < e) => {
+                let (name, delimiter) = (&line[..at], &line[at + 2..]);
+                let mut value = Vec::new();
+                loop {
+                    let next = lines.next().unwrap_or_else(|| panic!("entry {name} has no end delimiter: {text}"));
+                    if next == delimiter {
+                        break;
+                    }
+                    value.push(next);
+                }
+                entries.insert(name.to_string(), value.join("\n"));
+            }
+            (_, Some(at)) => {
+                entries.insert(line[..at].to_string(), line[at + 1..].to_string());
+            }
+            _ => panic!("a line the runner refuses: {line:?}"),
+        }
+    }
+    entries
 }
 
 fn stdout(output: &Output) -> String {
@@ -144,7 +177,7 @@ async fn github_actions_cleanup_warns_about_what_it_left_alone() {
     );
 }
 
-fn validate(schema: &str, json: &[u8]) {
+pub(crate) fn validate(schema: &str, json: &[u8]) {
     let python = std::env::var("POST_PROVISION_PYTHON").expect("POST_PROVISION_PYTHON (set by scripts/test)");
     let schema_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas").join(schema);
     let mut child = Command::new(python)
@@ -263,6 +296,21 @@ async fn the_orchestrator_example_drives_a_run() {
     let refused =
         Command::new(&example).arg(bad.path()).env("POST_PROVISION_TABLE", &world.table).output().expect("example");
     assert_eq!(refused.status.code(), Some(65));
+    // Its exit codes are the CLI's: a missing table is 78, not a generic failure.
+    let missing = Command::new(&example)
+        .arg(file.path())
+        .env("POST_PROVISION_TABLE", format!("{}-missing", world.table))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("example");
+    assert_eq!(
+        missing.status.code(),
+        Some(post_provision::cli::EXIT_CONFIG),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    let usage = Command::new(&example).env("POST_PROVISION_TABLE", &world.table).output().expect("example");
+    assert_eq!(usage.status.code(), Some(post_provision::cli::EXIT_USAGE));
 }
 
 #[tokio::test]

@@ -14,3 +14,4 @@ mod paths;
 mod policy;
 mod scale;
 mod snapshots;
+mod trust;

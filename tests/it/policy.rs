@@ -1,7 +1,10 @@
 //! `docs/iam-policy.json` (runs) and `docs/iam-policy-init.json` (`init`) grant exactly the
 //! actions the code's AWS calls need: every SDK
 //! operation the adapters call (found in the source of src/aws/) maps to IAM actions, and the
-//! policy's actions are exactly the union. A new call without a policy change fails here.
+//! policy's actions are exactly the union. A new call without a policy change fails here. The
+//! conditions are checked too: DynamoDB writes only to the run, spec and instance partitions and
+//! reads only the run, spec and pool-configuration partitions (`dynamodb:LeadingKeys`), and
+//! `ec2:TerminateInstances` only on instances that carry the pool tag `InitialRunId`.
 
 use std::collections::BTreeSet;
 
@@ -57,11 +60,18 @@ fn operations_in_source() -> BTreeSet<(String, String)> {
 const INIT_ONLY: [&str; 5] =
     ["describe_table", "create_table", "describe_time_to_live", "update_time_to_live", "wait_until_table_exists"];
 
-fn granted(policy_file: &str) -> BTreeSet<String> {
+/// Calls the policy grants before this branch's source makes them: the pool-tag check before
+/// `TerminateInstances` (issue 13) calls `DescribeInstances`, in the branch that adds it. Once
+/// that call is in src/aws/ec2.rs, this entry changes nothing and can go.
+const PLANNED: [(&str, &str); 1] = [("ec2", "describe_instances")];
+
+fn policy(policy_file: &str) -> serde_json::Value {
     let path = format!("{}/docs/{policy_file}", env!("CARGO_MANIFEST_DIR"));
-    let policy: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("policy")).expect("policy is JSON");
-    policy["Statement"]
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("policy")).expect("policy is JSON")
+}
+
+fn granted(policy_file: &str) -> BTreeSet<String> {
+    policy(policy_file)["Statement"]
         .as_array()
         .expect("statements")
         .iter()
@@ -72,7 +82,8 @@ fn granted(policy_file: &str) -> BTreeSet<String> {
 
 #[test]
 fn the_iam_policies_grant_exactly_what_the_code_calls() {
-    let operations = operations_in_source();
+    let mut operations = operations_in_source();
+    operations.extend(PLANNED.iter().map(|(service, operation)| (service.to_string(), operation.to_string())));
     assert!(operations.contains(&("ec2".to_string(), "terminate_instances".to_string())), "{operations:?}");
     let (mut runtime, mut init) = (BTreeSet::new(), BTreeSet::new());
     for (service, operation) in &operations {
@@ -88,4 +99,71 @@ fn the_iam_policies_grant_exactly_what_the_code_calls() {
         granted("iam-policy.json").iter().chain(granted("iam-policy-init.json").iter()).all(|a| !a.contains('*')),
         "no wildcard actions"
     );
+}
+
+/// The statements of the run policy that grant `action`.
+fn statements_granting(action: &str) -> Vec<serde_json::Value> {
+    policy("iam-policy.json")["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .filter(|statement| statement["Action"].as_array().expect("actions").iter().any(|a| a == action))
+        .cloned()
+        .collect()
+}
+
+/// The partitions a statement's `dynamodb:LeadingKeys` condition allows; None without one.
+fn leading_keys(statement: &serde_json::Value) -> Option<BTreeSet<String>> {
+    let keys = statement["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"].as_array()?;
+    Some(keys.iter().map(|key| key.as_str().expect("key").to_string()).collect())
+}
+
+#[test]
+fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
+    let set = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
+    let writes = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#INSTANCE"]);
+    let reads = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#METADATA"]);
+    for (action, allowed) in [
+        ("dynamodb:PutItem", &writes),
+        ("dynamodb:UpdateItem", &writes),
+        ("dynamodb:DeleteItem", &writes),
+        ("dynamodb:GetItem", &reads),
+        ("dynamodb:Query", &reads),
+    ] {
+        let statements = statements_granting(action);
+        assert!(!statements.is_empty(), "{action} is granted");
+        for statement in statements {
+            let keys = leading_keys(&statement)
+                .unwrap_or_else(|| panic!("{action} is granted without a dynamodb:LeadingKeys condition: {statement}"));
+            assert_eq!(&keys, allowed, "{action}: {statement}");
+        }
+    }
+    // The source names exactly these partitions (`key("RUN", …)`, `s("TYPE#RUN")`): a new one
+    // needs a policy change.
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/aws/dynamodb.rs")).expect("source");
+    let mut used = BTreeSet::new();
+    for (prefix, stop) in [("key(\"", '"'), ("\"TYPE#", '"')] {
+        let mut rest = source.as_str();
+        while let Some(at) = rest.find(prefix) {
+            rest = &rest[at + prefix.len()..];
+            let name: String = rest.chars().take_while(|c| *c != stop).collect();
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase()) {
+                used.insert(format!("TYPE#{name}"));
+            }
+        }
+    }
+    let union: BTreeSet<String> = writes.union(&reads).cloned().collect();
+    assert!(!used.is_empty() && used.is_subset(&union), "partitions in the source {used:?}, in the policy {union:?}");
+}
+
+#[test]
+fn instances_are_terminated_only_when_they_carry_the_pool_tag() {
+    for statement in statements_granting("ec2:TerminateInstances") {
+        let tag = &statement["Condition"]["Null"]["aws:ResourceTag/InitialRunId"];
+        assert_eq!(tag, "false", "TerminateInstances without the InitialRunId tag condition: {statement}");
+    }
+    let describe = statements_granting("ec2:DescribeInstances");
+    assert_eq!(describe.len(), 1);
+    // DescribeInstances has no resource-level permissions: only "*" works.
+    assert_eq!(describe[0]["Resource"], "*");
 }
