@@ -182,7 +182,7 @@ fn main() {
         fleets.0, fleets.1, fleets.2
     );
     println!("  steps:            {} port calls (interleaving points)", stats.steps);
-    println!("  actor steps:      {}", join(&stats.actor_steps));
+    println!("  actor interleavings (steps that changed something, by kind): {}", join(&stats.actor_steps));
     println!("  faults:           {}", join(&stats.faults));
     println!("  drivers:          {}", join(&stats.events));
     println!("  outcomes by path: {}", join(&outcomes));
