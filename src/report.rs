@@ -38,6 +38,12 @@ pub fn instance_results(outcome: &RunOutcome) -> Vec<InstanceResult> {
             _ => {}
         }
     }
+    // EC2 refused some terminations: those instances live on, their records kept (marked).
+    for (id, finding) in &found {
+        if finding.starts_with("termination refused") {
+            terminated.remove(id);
+        }
+    }
     let sent: BTreeSet<&str> = outcome.record.messages_sent.iter().map(String::as_str).collect();
     let traced = !outcome.trace.is_empty();
     let idle_until = outcome.record.idle_threshold.map(|t| t.to_string()).unwrap_or_default();
