@@ -61,11 +61,14 @@
 //! See `docs/ARCHITECTURE.md` for the code map and the crash windows.
 #![deny(missing_docs)]
 
+#[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "aws")]
 pub mod cli;
 pub mod config;
 pub mod core;
 pub mod driver;
+#[cfg(feature = "aws")]
 pub mod engine;
 pub mod machine;
 pub mod ports;
@@ -75,5 +78,6 @@ pub mod spec;
 pub mod timestamp;
 
 pub use driver::{DriveError, OutcomeKind, RunOutcome};
+#[cfg(feature = "aws")]
 pub use engine::{Engine, EngineBuilder};
 pub use spec::Spec;

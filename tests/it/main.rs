@@ -6,6 +6,7 @@ mod harness;
 mod bad_input;
 mod cli;
 mod crash;
+mod differential;
 mod faults;
 mod github;
 mod interplay;
