@@ -14,6 +14,11 @@ pub const MAX_TRANSACTION_ITEMS: usize = 100;
 pub const MAX_MESSAGE_BATCH: usize = 10;
 /// Most ids in one EC2 `TerminateInstances` call.
 pub const MAX_TERMINATE_BATCH: usize = 1_000;
+/// How long after a record was marked `terminated` an instance EC2 does not know is still taken
+/// for a fresh one that eventual consistency hides (the run stalls, resumable, and tries again),
+/// rather than for one long gone (its record is deleted). EC2 hides fresh ids for seconds, and
+/// shows terminated instances for about an hour.
+pub const UNKNOWN_INSTANCE_GRACE_SECS: i64 = 600;
 /// `DelaySeconds` of every pool message, as the pool's other writers use.
 pub const POOL_MESSAGE_DELAY_SECS: i32 = 3;
 

@@ -46,7 +46,7 @@ impl<P: Ports> Driver<P> {
     }
 
     /// As [`Driver::run_transitions`], with each raw result (the record found, on a refusal).
-    async fn run_transition_results(
+    pub(super) async fn run_transition_results(
         &self,
         transitions: Vec<InstanceTransition>,
     ) -> Result<Vec<(InstanceTransition, WriteResult)>, StepError> {
@@ -353,17 +353,26 @@ impl<P: Ports> Driver<P> {
             warn!(instance = %id, error = %error, "termination refused: the record stays, marked terminated");
             self.record_event(TraceEvent::Found { id: id.clone(), finding: format!("termination refused: {error}") });
         }
-        // Only an instance EC2 terminated loses its record. One EC2 does not know (yet: eventual
-        // consistency hides fresh instances for seconds), a foreign one, or a refused termination
-        // keeps its marked record.
-        for id in termination.not_found.iter().chain(&membership.unknown).filter(|id| marked.contains(id)) {
-            warn!(instance = %id, "EC2 does not know this instance (yet): its record stays, marked terminated");
-            self.record_event(TraceEvent::Found {
-                id: id.clone(),
-                finding: "unknown to EC2: record kept, marked terminated".into(),
-            });
+        // An instance EC2 terminated loses its record. One EC2 does not know keeps it while it may
+        // be a fresh one that eventual consistency hides (the run then stalls and tries again); once
+        // the mark is older than that, the instance is long gone and the record goes too. A
+        // foreign instance or a refused termination keeps its marked record.
+        let fresh = self.clock.now().unix_secs() - marked_at.unix_secs() < core::UNKNOWN_INSTANCE_GRACE_SECS;
+        let unknown: Vec<&String> =
+            termination.not_found.iter().chain(&membership.unknown).filter(|id| marked.contains(id)).collect();
+        for id in &unknown {
+            let finding = if fresh {
+                "unknown to EC2 (yet): record kept, marked terminated"
+            } else {
+                "unknown to EC2 long after its mark: gone"
+            };
+            warn!(instance = %id, "{finding}");
+            self.record_event(TraceEvent::Found { id: (*id).clone(), finding: finding.into() });
         }
-        let gone: HashSet<&String> = termination.terminated.iter().collect();
+        let mut gone: HashSet<&String> = termination.terminated.iter().collect();
+        if !fresh {
+            gone.extend(unknown.iter().copied());
+        }
         let deletions: Vec<InstanceDeletion> = marked
             .iter()
             .filter(|id| gone.contains(id))
@@ -376,6 +385,13 @@ impl<P: Ports> Driver<P> {
                     warn!(instance = %deletion.instance_id, state = %found.state, run_id = %found.run_id, "record not removed: no longer this run's mark");
                 }
             }
+        }
+        if fresh && !unknown.is_empty() {
+            return Err(StepError::NotYet(format!(
+                "EC2 does not know {} instance(s) of this run yet (eventual consistency): {}; their records stay, marked terminated; resume to finish",
+                unknown.len(),
+                unknown.iter().map(|id| id.as_str()).collect::<Vec<_>>().join(", ")
+            )));
         }
         Ok(Retired { terminated: termination.terminated.len(), released: released_ids })
     }

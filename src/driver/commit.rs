@@ -3,7 +3,7 @@
 use tracing::warn;
 
 use super::{summarize, Driver, StepError, TraceEvent};
-use crate::core::{self, Finding};
+use crate::core::{self, Finding, WriteResult};
 use crate::ports::Ports;
 use crate::record::RunRecord;
 use crate::spec::Spec;
@@ -20,12 +20,23 @@ impl<P: Ports> Driver<P> {
     /// finding means the spec named an instance this run never held: the commit is refused, and
     /// emergency cleanup (isolation-checked) follows. So does it on a resume for an instance that
     /// already refused the run's one-transaction create (`refused_at_create`): this run never
-    /// held it. (A run created on the staged path without that attempt has no such evidence: a
+    /// held it; and on a resume where some instance was committed only now: the commit had not
+    /// landed before, so nothing was handed on since. (A run created on the staged path without that attempt has no such evidence: a
     /// spec naming another run's instance, with a crash between the record and the commit, would
     /// end `Done` without it, and that instance untouched. See ARCHITECTURE's known limitations.)
     pub(super) async fn commit(&self, spec: &Spec, record: &mut RunRecord, resumed: bool) -> Result<String, StepError> {
         let threshold = record.commit_threshold.expect("commit threshold is set on entering Committing");
-        let findings = self.run_transitions(core::commit_transitions(spec, threshold)).await?;
+        let results = self.run_transition_results(core::commit_transitions(spec, threshold)).await?;
+        // An instance committed only now was still waiting for this run's commit: the commit had
+        // not landed before the driver died, so nothing can have been handed on since either.
+        let applied_now = results.iter().any(|(_, result)| *result == WriteResult::Applied);
+        let findings: Vec<_> = results
+            .into_iter()
+            .map(|(transition, result)| {
+                let finding = core::classify_transition(&transition, &result).expect("cancelled writes were re-sent");
+                (transition, finding)
+            })
+            .collect();
         let mut committed = 0;
         let mut moved_on = Vec::new();
         let mut refused = Vec::new();
@@ -33,7 +44,7 @@ impl<P: Ports> Driver<P> {
             match finding {
                 Finding::Done => committed += 1,
                 Finding::OwnedByOther { .. }
-                    if resumed && !record.refused_at_create.contains(&transition.instance_id) =>
+                    if resumed && !applied_now && !record.refused_at_create.contains(&transition.instance_id) =>
                 {
                     warn!(instance = %transition.instance_id, found = %finding, "committed earlier and handed on since: left alone");
                     self.record_event(TraceEvent::Found {

@@ -257,6 +257,9 @@ enum StepError {
     /// Throttling outlasted the throttle budget. Load is not an unexpected error: the run always
     /// stops where it is, resumable, whatever `OnRetriesExhausted` says.
     Throttled(AwsError),
+    /// Something the run waits for has not happened yet (EC2 does not know an instance of this
+    /// run yet): the run stops where it is, resumable, whatever `OnRetriesExhausted` says.
+    NotYet(String),
     Stop(DriveError),
 }
 
@@ -898,6 +901,10 @@ impl<P: Ports> Driver<P> {
                     warn!(error = %message, "unexpected error; entering emergency cleanup");
                     let error = RunError { kind: "unexpected".into(), message: message.clone() };
                     self.enter(&mut record, &spec, Input::UnexpectedError, message, Some(error)).await?;
+                }
+                Err(StepError::NotYet(message)) => {
+                    warn!(error = %message, "waiting for AWS to catch up; the run stays resumable in its state");
+                    return Err(stalled(message));
                 }
                 Err(StepError::Throttled(error)) => {
                     warn!(error = %error, "AWS is throttling past the throttle budget; the run stays resumable in its state");
