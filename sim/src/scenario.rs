@@ -650,6 +650,7 @@ mod tests {
                 idle_threshold: None,
                 queue_urls: BTreeMap::new(),
                 messages_sent: Vec::new(),
+                refused_at_create: Vec::new(),
                 error: None,
                 lease: post_provision::record::Lease { owner: "x".into(), expires_at: now },
                 ttl: None,
