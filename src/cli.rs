@@ -62,12 +62,19 @@ Exit codes:
 The spec's format: docs/schemas/spec.schema.json (JSON Schema); check a spec offline with
 `post-provision validate --spec FILE`. Runbook: docs/operations.md.";
 
+/// The version `--version` shows: `scripts/release` sets `POST_PROVISION_VERSION` to the crate
+/// version and the commit; other builds show the crate version.
+const VERSION: &str = match option_env!("POST_PROVISION_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// The heading of the flags every subcommand takes, listed after a subcommand's own.
 const GLOBAL: &str = "Global options";
 
 /// Finishes provisioning of self-hosted runner pools: commit, roll back or clean up a run.
 #[derive(Debug, Parser)]
-#[command(name = "post-provision", version, about, after_help = EXIT_CODES_HELP)]
+#[command(name = "post-provision", version = VERSION, about, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// The pool's DynamoDB table.
     #[arg(long, env = "POST_PROVISION_TABLE", global = true, help_heading = GLOBAL)]

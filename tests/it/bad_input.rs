@@ -20,7 +20,7 @@ struct CliRun {
 }
 
 async fn run_cli(table: &str, spec_file: &Path, extra: &[&str]) -> CliRun {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_post-provision"))
+    let output = tokio::process::Command::new(crate::harness::cli_binary())
         .args(["--table", table])
         .args(extra)
         .args(["run", "--spec"])

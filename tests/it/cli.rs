@@ -14,7 +14,7 @@ const EXPIRED_LARGE: Seed = Seed { class: "large", state: Some("claimed"), owner
 const CREATED_RUNNING: Seed = Seed { class: "large", state: Some("running"), owner: Owner::Own, threshold_secs: 600 };
 
 fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_post-provision"));
+    let mut command = Command::new(crate::harness::cli_binary());
     command.env("RUST_LOG", "info").env_remove("POST_PROVISION_TEST_HOOK").env_remove("GITHUB_ACTIONS");
     command
 }

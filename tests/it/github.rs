@@ -13,7 +13,7 @@ const OTHERS: Seed =
     Seed { class: "large", state: Some("claimed"), owner: Owner::Other("someone-else"), threshold_secs: 240 };
 
 fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_post-provision"));
+    let mut command = Command::new(crate::harness::cli_binary());
     command.env_remove("POST_PROVISION_TEST_HOOK").env_remove("GITHUB_ACTIONS").env("RUST_LOG", "warn");
     command
 }
@@ -276,12 +276,16 @@ async fn the_orchestrator_example_drives_a_run() {
     let mut world = World::new("example").await;
     world.seed(&[CLAIMED_SMALL], &[]).await;
     // cargo test builds examples next to the test binaries' deps directory.
-    let example = std::env::current_exe()
-        .expect("test binary path")
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/orchestrator");
+    // `scripts/test` copies it beside the CLI binary (see `harness::cli_binary`).
+    let example = match std::env::var_os("POST_PROVISION_EXAMPLE") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::env::current_exe()
+            .expect("test binary path")
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("examples/orchestrator"),
+    };
     assert!(example.exists(), "{} is missing: run the full `scripts/test` (it builds the examples)", example.display());
     let file = spec_file(&world.spec_json("success", 0));
     let output = Command::new(&example)

@@ -26,6 +26,16 @@ pub fn endpoint() -> String {
     endpoint
 }
 
+/// The CLI binary under test. `scripts/test` copies it to a private path right after building
+/// and names it in `POST_PROVISION_BIN`: the target directory's `debug/post-provision` is shared
+/// by every worktree that uses the same `CARGO_TARGET_DIR`, and another worktree's build would
+/// replace it while these tests run.
+pub fn cli_binary() -> std::path::PathBuf {
+    std::env::var_os("POST_PROVISION_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_post-provision").into())
+}
+
 /// A clock the test moves by hand.
 #[derive(Debug)]
 pub struct TestClock(AtomicI64);

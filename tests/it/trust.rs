@@ -21,7 +21,7 @@ type Spoil = Box<dyn Fn(&mut Value)>;
 const INJECTION: &str = "x\n::warning title=pwn::INJECTED";
 
 fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_post-provision"));
+    let mut command = Command::new(crate::harness::cli_binary());
     command.env_remove("POST_PROVISION_TEST_HOOK").env_remove("GITHUB_ACTIONS").env("RUST_LOG", "warn");
     command
 }
