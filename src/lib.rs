@@ -61,6 +61,7 @@
 //! See `docs/ARCHITECTURE.md` for the code map and the crash windows.
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod aws;
 pub mod cli;
 pub mod config;
@@ -75,5 +76,5 @@ pub mod spec;
 pub mod timestamp;
 
 pub use driver::{DriveError, OutcomeKind, RunOutcome};
-pub use engine::{Engine, EngineBuilder};
+pub use engine::{Audit, AuditError, AuditOptions, Engine, EngineBuilder};
 pub use spec::Spec;
