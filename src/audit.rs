@@ -473,6 +473,150 @@ impl AuditReport {
     }
 }
 
+/// The audit as a table a person can act on. Every value from AWS or a record goes through
+/// [`crate::report::plain`], so no line can start a workflow command.
+pub fn text_table(report: &AuditReport) -> String {
+    let plain = |value: Option<&str>| crate::report::plain(value.unwrap_or("-"));
+    let mut rows = vec![[
+        "KIND".to_string(),
+        "INSTANCE".into(),
+        "RUN".into(),
+        "RECORD".into(),
+        "THRESHOLD".into(),
+        "EC2".into(),
+        "AGE".into(),
+        "REPAIR".into(),
+        "RESULT".into(),
+    ]];
+    for entry in &report.findings {
+        let finding = &entry.finding;
+        let run = match (&finding.run_id, finding.run_attempt) {
+            (Some(run), Some(attempt)) if attempt > 1 => Some(format!("{run}#{attempt}")),
+            (run, _) => run.clone(),
+        };
+        rows.push([
+            finding.kind.as_str().to_string(),
+            plain(finding.instance_id.as_deref().or(finding.resource_class.as_deref().map(|_| "(class)"))),
+            plain(run.as_deref()),
+            plain(finding.record_state.as_deref()),
+            plain(finding.record_threshold.as_deref()),
+            plain(finding.ec2_state.as_deref()),
+            finding.age_secs.map_or("-".into(), |age| format!("{age}s")),
+            finding.repair.as_str().to_string(),
+            match entry.outcome {
+                None => "-".into(),
+                Some(outcome) => {
+                    serde_json::to_value(outcome).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                }
+            },
+        ]);
+    }
+    let mut widths = [0usize; 9];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    if report.findings.is_empty() {
+        out.push_str("no findings: the pool is clean\n");
+    } else {
+        for row in &rows {
+            let cells: Vec<String> = row.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        out.push('\n');
+        for entry in &report.findings {
+            let name = entry
+                .finding
+                .instance_id
+                .as_deref()
+                .or(entry.finding.run_id.as_deref())
+                .or(entry.finding.resource_class.as_deref());
+            out.push_str(&format!(
+                "{} {}: {}",
+                entry.finding.kind.as_str(),
+                plain(name),
+                plain(Some(&entry.finding.detail))
+            ));
+            if let Some(reason) = &entry.reason {
+                out.push_str(&format!(" ({})", plain(Some(reason))));
+            }
+            out.push('\n');
+        }
+    }
+    let summary = &report.summary;
+    out.push_str(&format!(
+        "{} findings, {} hints ({} instance records, {} run records, {} EC2 instances read)",
+        summary.findings, summary.hints, summary.records, summary.runs, summary.instances
+    ));
+    if summary.fixed {
+        out.push_str(&format!(
+            "; repaired {}, skipped {}, failed {}",
+            summary.repaired, summary.skipped, summary.failed
+        ));
+    } else if summary.findings > 0 {
+        out.push_str("; `audit --fix` repairs them");
+    }
+    out.push('\n');
+    out
+}
+
+/// The audit as a Markdown job summary: one escaped table row per finding.
+pub fn step_summary(report: &AuditReport) -> String {
+    use crate::report::{markdown, markdown_code};
+    let cell = |value: Option<&str>| value.map_or("-".to_string(), markdown_code);
+    let mut out =
+        format!("## post-provision audit\n\n{} findings, {} hints\n\n", report.summary.findings, report.summary.hints);
+    if report.findings.is_empty() {
+        out.push_str("The pool is clean.\n");
+        return out;
+    }
+    out.push_str("| kind | instance | run | record | threshold | EC2 | repair | result | detail |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for entry in &report.findings {
+        let finding = &entry.finding;
+        let outcome =
+            entry.outcome.and_then(|o| serde_json::to_value(o).ok()).and_then(|v| v.as_str().map(String::from));
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            finding.kind.as_str(),
+            cell(finding.instance_id.as_deref().or(finding.resource_class.as_deref())),
+            cell(finding.run_id.as_deref()),
+            cell(finding.record_state.as_deref()),
+            cell(finding.record_threshold.as_deref()),
+            cell(finding.ec2_state.as_deref()),
+            finding.repair.as_str(),
+            cell(outcome.as_deref()),
+            markdown(&finding.detail),
+        ));
+    }
+    out
+}
+
+/// One `::warning` workflow command per finding, every part escaped by
+/// [`crate::report::workflow_command`].
+pub fn annotations(report: &AuditReport) -> Vec<String> {
+    report
+        .findings
+        .iter()
+        .map(|entry| {
+            let finding = &entry.finding;
+            let name =
+                finding.instance_id.as_deref().or(finding.run_id.as_deref()).or(finding.resource_class.as_deref());
+            let message = format!(
+                "{} {}: {} (repair: {})",
+                finding.kind.as_str(),
+                name.unwrap_or("-"),
+                finding.detail,
+                finding.repair.as_str()
+            );
+            crate::report::workflow_command("warning", &[("title", "post-provision audit")], &message)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,9 +819,35 @@ mod tests {
         assert_eq!(report.exit_code(), 3);
         let clean = AuditReport::new(&healthy(), Vec::new());
         assert_eq!(clean.exit_code(), 0);
+        assert!(text_table(&report).contains("orphan-instance  i-orphan"), "{}", text_table(&report));
+        assert!(text_table(&clean).contains("the pool is clean"));
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["findings"][0]["kind"], "orphan-instance");
         assert_eq!(json["findings"][0]["repair"], "terminate");
         assert_eq!(json["summary"]["byKind"]["orphan-instance"], 1);
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    /// Text from AWS or a record can never start a workflow command or break a table row.
+    #[test]
+    fn outputs_escape_what_records_hold() {
+        let hostile = "x\n::error::owned|<b>";
+        let mut finding = Finding::new(FindingKind::GhostRecord, Repair::DeleteRecord, hostile.into());
+        finding.instance_id = Some(hostile.into());
+        finding.run_id = Some(hostile.into());
+        let report = AuditReport::new(&Snapshot::default(), vec![finding]);
+        for line in text_table(&report).lines() {
+            assert!(!line.trim_start().starts_with("::"), "{line}");
+        }
+        let annotations = annotations(&report);
+        assert_eq!(annotations.len(), 1);
+        assert!(annotations[0].starts_with("::warning title=post-provision audit::") && !annotations[0].contains('\n'));
+        let summary = step_summary(&report);
+        assert!(summary.contains("\\|") && !summary.contains("<b>"), "{summary}");
+        assert!(summary.lines().all(|line| !line.starts_with("::")), "{summary}");
     }
 }
