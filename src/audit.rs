@@ -133,7 +133,8 @@ pub enum Repair {
     /// Delete the record as read; once that landed, terminate the instance if it carries the
     /// pool tag and is alive.
     DeleteRecordThenTerminate,
-    /// Send the instance's pool message.
+    /// Send the instance's pool message, then add the id to the releasing run's `messagesSent`
+    /// (so the next audit knows it was sent).
     SendPoolMessage,
     /// Resume the run.
     Resume,
@@ -248,13 +249,14 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
     for run in &snapshot.runs {
         *run_unfinished.entry(run.run_id.as_str()).or_default() |= !run.is_finished();
     }
-    // Idle thresholds of finished runs, and every id those runs know they announced.
-    let mut released_thresholds: HashSet<&str> = HashSet::new();
-    let mut announced: HashSet<&str> = HashSet::new();
+    // Idle thresholds of finished runs (the first such run names the finding), and every
+    // (threshold, id) those runs know they announced.
+    let mut released_by: HashMap<&str, &RunSnapshot> = HashMap::new();
+    let mut announced: HashSet<(&str, &str)> = HashSet::new();
     for run in snapshot.runs.iter().filter(|run| run.is_finished()) {
         if let Some(threshold) = run.idle_threshold.as_deref() {
-            released_thresholds.insert(threshold);
-            announced.extend(run.messages_sent.iter().map(String::as_str));
+            released_by.entry(threshold).or_insert(run);
+            announced.extend(run.messages_sent.iter().map(|id| (threshold, id.as_str())));
         }
     }
     let finished_or_absent = |run_id: &str| !run_unfinished.get(run_id).copied().unwrap_or(false);
@@ -294,10 +296,16 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
         }
         if record.state == "idle" && record.run_id.is_empty() && !expired {
             *unexpired_idle.entry(record.resource_class.as_str()).or_default() += 1;
-            if released_thresholds.contains(record.threshold.as_str()) && !announced.contains(record.id.as_str()) {
+            let releaser = released_by.get(record.threshold.as_str());
+            if let Some(run) =
+                releaser.filter(|_| !announced.contains(&(record.threshold.as_str(), record.id.as_str())))
+            {
                 let mut finding =
                     Finding::of_record(FindingKind::UnannouncedIdle, Repair::SendPoolMessage, record, now);
                 finding.ec2_state = Some(ec2_state.to_string());
+                // The run that released it: `--fix` adds the id to its `messagesSent`.
+                finding.run_id = Some(run.run_id.clone());
+                finding.run_attempt = Some(run.attempt);
                 finding.detail = "released by a finished run that did not record its pool message".into();
                 findings.push(finding);
             }

@@ -364,7 +364,19 @@ impl Engine {
                 };
                 let outgoing = OutgoingMessage { instance_id: record.id.clone(), body: message.body() };
                 match self.ports.send(&class.queue_url, &[outgoing]).await {
-                    Ok(failures) if failures.is_empty() => (RepairOutcome::Repaired, None),
+                    Ok(failures) if failures.is_empty() => {
+                        // Sent; now the run's record says so. If this write fails, the next
+                        // audit sends the message again, which the pool tolerates (a hint).
+                        let run_id = finding.run_id.as_deref().unwrap_or_default();
+                        match self
+                            .ports
+                            .audit_mark_announced(run_id, finding.run_attempt.unwrap_or(1), &record.id)
+                            .await
+                        {
+                            Ok(_) => (RepairOutcome::Repaired, None),
+                            Err(error) => failed(&error),
+                        }
+                    }
                     Ok(failures) => failed(&failures[0].1),
                     Err(error) => failed(&error),
                 }

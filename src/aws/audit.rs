@@ -53,6 +53,14 @@ fn text(item: &HashMap<String, AttributeValue>, name: &str) -> String {
     item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default()
 }
 
+/// The key of an item: `PK` = the partition, `SK` = `ID#<identifier>`.
+fn item_key(partition: &str, identifier: String) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        ("PK".to_string(), AttributeValue::S(partition.to_string())),
+        ("SK".to_string(), AttributeValue::S(format!("ID#{identifier}"))),
+    ])
+}
+
 fn too_many(operation: &'static str, what: &str) -> AwsError {
     AwsError {
         service: SERVICE,
@@ -215,6 +223,37 @@ impl AwsPorts {
             .map_or(0, |attributes| attributes.values().filter_map(|value| value.parse::<u64>().ok()).sum()))
     }
 
+    /// Adds `instance_id` to a finished run's `messagesSent` after the audit sent its pool
+    /// message, so the next audit does not send it again. Finished runs are never written by a
+    /// driver again, so the version stays. `Ok(false)`: the run is not finished (or is gone).
+    pub async fn audit_mark_announced(&self, run_id: &str, attempt: u32, instance_id: &str) -> Result<bool, AwsError> {
+        let result = self
+            .dynamodb
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(item_key("TYPE#RUN", crate::record::record_identifier(run_id, attempt))))
+            .update_expression("SET #sent = list_append(#sent, :ids)")
+            .condition_expression("#state IN (:done, :failed)")
+            .expression_attribute_names("#sent", "messagesSent")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":ids", AttributeValue::L(vec![AttributeValue::S(instance_id.into())]))
+            .expression_attribute_values(":done", AttributeValue::S("Done".into()))
+            .expression_attribute_values(":failed", AttributeValue::S("Failed".into()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(error) => {
+                let error = from_sdk(SERVICE, "UpdateItem", error);
+                if error.class == ErrorClass::ConditionFailed {
+                    Ok(false)
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
     /// Deletes an instance record only if it is exactly as the audit read it (state, runId,
     /// threshold). `Ok(false)`: it moved since, and nothing was deleted.
     pub async fn audit_delete_record(&self, record: &InstanceRecordSnapshot) -> Result<bool, AwsError> {
@@ -222,8 +261,7 @@ impl AwsPorts {
             .dynamodb
             .delete_item()
             .table_name(&self.table)
-            .key("PK", AttributeValue::S("TYPE#INSTANCE".into()))
-            .key("SK", AttributeValue::S(format!("ID#{}", record.id)))
+            .set_key(Some(item_key("TYPE#INSTANCE", record.id.clone())))
             .condition_expression("#state = :state AND #runId = :runId AND #threshold = :threshold")
             .expression_attribute_names("#state", "state")
             .expression_attribute_names("#runId", "runId")

@@ -1,0 +1,240 @@
+//! `audit` against moto: one stray of each kind beside healthy instances is named by kind, and
+//! nothing healthy; `--fix` repairs them and a second audit is clean; a record that moved
+//! between the read and the fix is left alone.
+//!
+//! The EC2 instances of moto are shared by every test, so each world tags its own instances
+//! with a value of its own and audits with `--instance-filter tag:InitialRunId=<that value>`.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use post_provision::audit::{FindingKind, RepairOutcome};
+use post_provision::aws::InstanceFilter;
+use post_provision::driver::{DriveError, Hooks};
+use post_provision::{AuditOptions, Engine};
+
+use crate::harness::{staged_limits, Owner, Seed, TestClock, World};
+
+/// The audit sees the world an hour after it was seeded: every instance is past the grace.
+const LATER_SECS: i64 = 3_600;
+
+fn options(world: &World) -> AuditOptions {
+    AuditOptions {
+        grace_secs: 600,
+        instance_filter: Some(InstanceFilter { name: "tag:InitialRunId".into(), values: vec![world.table.clone()] }),
+    }
+}
+
+async fn launch(world: &World, class: &str) -> String {
+    world.launch_tagged(class, Some(("InitialRunId", &world.table))).await
+}
+
+async fn terminate(world: &World, id: &str) {
+    world.clients.ec2.terminate_instances().instance_ids(id).send().await.expect("terminate");
+}
+
+/// A finished run record as a rollback leaves it, reduced to what the audit reads.
+async fn put_finished_rollback(world: &World, run_id: &str, idle_threshold: &str, messages_sent: &[&str]) {
+    let lease = AttributeValue::M(
+        [
+            ("owner".to_string(), AttributeValue::S(String::new())),
+            ("expiresAt".to_string(), AttributeValue::S(world.start.to_string())),
+        ]
+        .into(),
+    );
+    world
+        .clients
+        .dynamodb
+        .put_item()
+        .table_name(&world.table)
+        .item("PK", AttributeValue::S("TYPE#RUN".into()))
+        .item("SK", AttributeValue::S(format!("ID#{run_id}")))
+        .item("runId", AttributeValue::S(run_id.into()))
+        .item("runAttempt", AttributeValue::N("1".into()))
+        .item("state", AttributeValue::S("Failed".into()))
+        .item("idleThreshold", AttributeValue::S(idle_threshold.into()))
+        .item(
+            "messagesSent",
+            AttributeValue::L(messages_sent.iter().map(|id| AttributeValue::S(id.to_string())).collect()),
+        )
+        .item("lease", lease)
+        .send()
+        .await
+        .expect("put run record");
+}
+
+async fn send_pool_message(world: &World, class: &str, id: &str) {
+    let body = serde_json::json!({"id": id, "resourceClass": class}).to_string();
+    world.clients.sqs.send_message().queue_url(&world.queues[class]).message_body(body).send().await.expect("send");
+}
+
+/// (kind, name) of each finding: the instance, else the run, else the class of a hint.
+fn named(audit: &post_provision::Audit, world: &World, names: &BTreeMap<String, &str>) -> Vec<(FindingKind, String)> {
+    let mut found: Vec<(FindingKind, String)> = audit
+        .report
+        .findings
+        .iter()
+        .map(|entry| {
+            let finding = &entry.finding;
+            let name = match (&finding.instance_id, &finding.run_id, &finding.resource_class) {
+                (Some(id), _, _) => names.get(id).map(|n| n.to_string()).unwrap_or_else(|| id.clone()),
+                (None, Some(run), _) if *run == world.run_id => "the crashed run".into(),
+                (None, Some(run), _) => run.clone(),
+                (None, None, Some(class)) => format!("class {class}"),
+                _ => "?".into(),
+            };
+            (finding.kind, name)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn audit_names_each_stray_and_fix_repairs_them() {
+    let mut world = World::new("audit").await;
+    let later = world.start.plus_secs(LATER_SECS);
+    let clock = TestClock::at(later);
+    let mut names = BTreeMap::new();
+
+    // Healthy: running and unexpired, owned by a run with no run record (an older engine's);
+    // idle with its pool message in the queue.
+    let running = launch(&world, "large").await;
+    world.put_record(&running, "large", "running", "old-run", later.plus_secs(600)).await;
+    names.insert(running.clone(), "healthy running");
+    let idle = launch(&world, "large").await;
+    // (Released at another moment than the rollback below, so its threshold differs.)
+    world.put_record(&idle, "large", "idle", "", later.plus_secs(280)).await;
+    send_pool_message(&world, "large", &idle).await;
+    names.insert(idle.clone(), "healthy idle");
+
+    // orphan-instance: the pool's tag, alive, no record.
+    let orphan = launch(&world, "large").await;
+    names.insert(orphan.clone(), "orphan");
+    // ghost-record: an idle record whose instance is terminated.
+    let ghost = launch(&world, "large").await;
+    world.put_record(&ghost, "large", "idle", "", later.plus_secs(300)).await;
+    terminate(&world, &ghost).await;
+    names.insert(ghost.clone(), "ghost");
+    // created-leak and stale-claim: past their thresholds, their runs have no record.
+    let leak = launch(&world, "large").await;
+    world.put_record(&leak, "large", "created", "gone-run-1", later.plus_secs(-60)).await;
+    names.insert(leak.clone(), "leak");
+    let stale = launch(&world, "large").await;
+    world.put_record(&stale, "large", "claimed", "gone-run-2", later.plus_secs(-60)).await;
+    names.insert(stale.clone(), "stale");
+    // unannounced-idle: released by a finished rollback at its idle threshold, not in its
+    // messagesSent (which names another instance).
+    let quiet = launch(&world, "large").await;
+    let idle_threshold = later.plus_secs(300);
+    world.put_record(&quiet, "large", "idle", "", idle_threshold).await;
+    put_finished_rollback(&world, "rolled-back", &idle_threshold.to_string(), &["i-0000000000000000a"]).await;
+    names.insert(quiet.clone(), "quiet");
+    // unfinished-run: a real run whose driver died right after persisting its state.
+    world.seed(&[Seed { class: "small", state: Some("claimed"), owner: Owner::Own, threshold_secs: 4_200 }], &[]).await;
+    let crashing = world
+        .engine_with(clock.clone(), Hooks { crash_after_writes: Some(1), ..Hooks::default() }, staged_limits(), None)
+        .await;
+    let crashed = crashing.start(world.spec("success", 0)).await;
+    assert!(matches!(crashed, Err(DriveError::Crashed { .. })), "{crashed:?}");
+    names.insert(world.selected[0].id.clone(), "crashed run's claim");
+    clock.advance(120); // past the dead driver's lease
+
+    let engine = world.engine(clock.clone(), Hooks::default()).await;
+    let audit = engine.audit(&options(&world)).await.expect("audit");
+    let expected = vec![
+        (FindingKind::OrphanInstance, "orphan".to_string()),
+        (FindingKind::GhostRecord, "ghost".into()),
+        (FindingKind::CreatedLeak, "leak".into()),
+        (FindingKind::StaleClaim, "stale".into()),
+        (FindingKind::UnannouncedIdle, "class large".into()),
+        (FindingKind::UnannouncedIdle, "quiet".into()),
+        (FindingKind::UnfinishedRun, "the crashed run".into()),
+    ];
+    assert_eq!(named(&audit, &world, &names), expected, "{:#?}", audit.report);
+    assert_eq!(audit.report.exit_code(), 1);
+    // Without --fix nothing was written.
+    assert_eq!(world.ec2_state(&orphan).await, "running");
+    assert!(world.record(&ghost).await.is_some());
+
+    let mut audit = audit;
+    engine.audit_fix(&mut audit).await;
+    let outcomes: Vec<(FindingKind, Option<RepairOutcome>)> =
+        audit.report.findings.iter().map(|e| (e.finding.kind, e.outcome)).collect();
+    assert!(
+        outcomes.iter().all(|(kind, outcome)| match outcome {
+            Some(RepairOutcome::NotRepairable) => *kind == FindingKind::UnannouncedIdle,
+            other => other == &Some(RepairOutcome::Repaired),
+        }),
+        "{:#?}",
+        audit.report
+    );
+    assert_eq!(audit.report.exit_code(), 0);
+    assert_eq!(world.ec2_state(&orphan).await, "terminated");
+    assert!(world.record(&ghost).await.is_none());
+    for id in [&leak, &stale] {
+        assert!(world.record(id).await.is_none());
+        assert_eq!(world.ec2_state(id).await, "terminated");
+    }
+    let queued = world.queue_contents().await;
+    assert!(queued["large"].iter().any(|body| body.contains(&quiet)), "{queued:?}");
+    assert_eq!(engine.status(&world.run_id).await.expect("status").expect("record").state.to_string(), "Done");
+    // Healthy instances were left as they were.
+    assert_eq!(world.ec2_state(&running).await, "running");
+    assert_eq!(world.ec2_state(&idle).await, "running");
+    assert!(world.record(&running).await.is_some() && world.record(&idle).await.is_some());
+
+    let again = engine.audit(&options(&world)).await.expect("second audit");
+    assert_eq!(named(&again, &world, &names), Vec::new(), "{:#?}", again.report);
+    assert_eq!(again.report.exit_code(), 0);
+}
+
+#[tokio::test]
+async fn a_record_that_moved_since_the_audit_is_skipped() {
+    let world = World::new("audit-moved").await;
+    let later = world.start.plus_secs(LATER_SECS);
+    let clock = TestClock::at(later);
+    let leak = launch(&world, "large").await;
+    world.put_record(&leak, "large", "created", "gone-run", later.plus_secs(-60)).await;
+    let engine: Engine = world.engine(clock, Hooks::default()).await;
+    let mut audit = engine.audit(&options(&world)).await.expect("audit");
+    assert_eq!(audit.report.findings.len(), 1);
+    assert_eq!(audit.record(&leak).map(|r| r.state.as_str()), Some("created"));
+
+    // Creation's boot agent (or a re-run) moves the record between the read and the fix.
+    world.put_record(&leak, "large", "running", "gone-run", later.plus_secs(1_800)).await;
+    engine.audit_fix(&mut audit).await;
+    assert_eq!(audit.report.findings[0].outcome, Some(RepairOutcome::Skipped), "{:#?}", audit.report);
+    assert_eq!(audit.report.summary.skipped, 1);
+    assert_eq!(audit.report.exit_code(), 1);
+    assert!(world.record(&leak).await.is_some(), "the moved record is kept");
+    assert_eq!(world.ec2_state(&leak).await, "running", "its instance is not terminated");
+}
+
+#[tokio::test]
+async fn the_cli_prints_json_that_matches_its_schema_and_exits_1_on_findings() {
+    // Other worktrees build their own binary into the shared target directory: run a private copy.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = dir.path().join("post-provision");
+    std::fs::copy(env!("CARGO_BIN_EXE_post-provision"), &binary).expect("copy the binary");
+    let world = World::new("audit-cli").await;
+    let leak = launch(&world, "large").await;
+    // The CLI reads the system clock: a threshold already past, and no grace.
+    world.put_record(&leak, "large", "created", "gone-run", world.start.plus_secs(-3_600)).await;
+    let filter = format!("tag:InitialRunId={}", world.table);
+    let output = Command::new(&binary)
+        .env_remove("GITHUB_ACTIONS")
+        .env("RUST_LOG", "warn")
+        .args(["--output", "json", "--table", &world.table, "--region", "us-east-1"])
+        .args(["--endpoint-url", &crate::harness::endpoint()])
+        .args(["audit", "--grace-secs", "0", "--instance-filter", &filter])
+        .output()
+        .expect("CLI");
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    crate::github::validate("audit.schema.json", &output.stdout);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(json["findings"][0]["kind"], "created-leak");
+    assert_eq!(json["findings"][0]["instanceId"], leak.as_str());
+    assert_eq!(json["summary"]["findings"], 1);
+}
