@@ -5,7 +5,7 @@
 //! The EC2 instances of moto are shared by every test, so each world tags its own instances
 //! with a value of its own and audits with `--instance-filter tag:InitialRunId=<that value>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -237,4 +237,143 @@ async fn the_cli_prints_json_that_matches_its_schema_and_exits_1_on_findings() {
     assert_eq!(json["findings"][0]["kind"], "created-leak");
     assert_eq!(json["findings"][0]["instanceId"], leak.as_str());
     assert_eq!(json["summary"]["findings"], 1);
+}
+
+/// Instance records and pool instances of the scale test: `POST_PROVISION_AUDIT_SCALE`, default
+/// 1,000. The 10,000 is the same code with ten DescribeInstances pages, but on moto it
+/// takes far too long for the suite: seeding 10,000 instances took about 7 minutes on this
+/// machine, and moto then needed more than 300 s for the first filtered 1,000-instance page
+/// (see docs/benchmarks.md, *Audit*).
+fn audit_scale() -> usize {
+    std::env::var("POST_PROVISION_AUDIT_SCALE").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000)
+}
+
+/// The bound: a pool of 10,000 records and 10,000 instances audited in at most 150
+/// requests (paged Queries, DescribeInstances pages of 1,000, one GetQueueAttributes per class).
+const AUDIT_REQUEST_BOUND: u64 = 150;
+
+#[tokio::test]
+async fn a_large_pool_is_audited_in_pages_within_the_request_bound() {
+    use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+    use futures::stream::{self, StreamExt};
+
+    let count = audit_scale();
+    let world = World::new("audit-scale").await;
+    let later = world.start.plus_secs(LATER_SECS);
+    // Seeding: RunInstances of up to 1,000, each instance tagged with this world's value.
+    let mut ids = Vec::with_capacity(count);
+    while ids.len() < count {
+        let batch = (count - ids.len()).min(1_000) as i32;
+        let output = world
+            .clients
+            .ec2
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .instance_type(aws_sdk_ec2::types::InstanceType::from("c6i.large"))
+            .min_count(batch)
+            .max_count(batch)
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                    .tags(aws_sdk_ec2::types::Tag::builder().key("InitialRunId").value(&world.table).build())
+                    .build(),
+            )
+            // moto takes tens of seconds for a large launch on a busy machine; a retried launch
+            // would launch another batch.
+            .customize()
+            .config_override(
+                aws_sdk_ec2::config::Builder::default()
+                    .retry_config(aws_config::retry::RetryConfig::disabled())
+                    .timeout_config(
+                        aws_config::timeout::TimeoutConfig::builder()
+                            .operation_timeout(std::time::Duration::from_secs(600))
+                            .operation_attempt_timeout(std::time::Duration::from_secs(600))
+                            .build(),
+                    ),
+            )
+            .send()
+            .await
+            .expect("run instances");
+        ids.extend(output.instances().iter().map(|i| i.instance_id().expect("instance id").to_string()));
+    }
+    assert_eq!(ids.len(), count);
+    // One healthy `running` record per instance, BatchWriteItem of 25, four calls at once.
+    let threshold = later.plus_secs(1_800).to_string();
+    let s = |v: &str| AttributeValue::S(v.to_string());
+    let batches: Vec<Vec<WriteRequest>> = ids
+        .chunks(25)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|id| {
+                    let item = HashMap::from([
+                        ("PK".to_string(), s("TYPE#INSTANCE")),
+                        ("SK".to_string(), s(&format!("ID#{id}"))),
+                        ("entityType".to_string(), s("INSTANCE")),
+                        ("identifier".to_string(), s(id)),
+                        ("state".to_string(), s("running")),
+                        ("runId".to_string(), s("older-run")),
+                        ("threshold".to_string(), s(&threshold)),
+                        ("resourceClass".to_string(), s("large")),
+                        ("instanceType".to_string(), s("c6i.large")),
+                        ("usageClass".to_string(), s("on-demand")),
+                        ("updatedAt".to_string(), s(&world.start.to_string())),
+                    ]);
+                    WriteRequest::builder()
+                        .put_request(PutRequest::builder().set_item(Some(item)).build().expect("put"))
+                        .build()
+                })
+                .collect()
+        })
+        .collect();
+    stream::iter(batches)
+        .map(|mut requests| {
+            let world = &world;
+            async move {
+                for _ in 0..10 {
+                    let output = world
+                        .clients
+                        .dynamodb
+                        .batch_write_item()
+                        .request_items(world.table.clone(), requests)
+                        .send()
+                        .await
+                        .expect("batch write");
+                    requests =
+                        output.unprocessed_items().and_then(|u| u.get(&world.table)).cloned().unwrap_or_default();
+                    if requests.is_empty() {
+                        return;
+                    }
+                }
+                panic!("BatchWriteItem left {} items unprocessed after 10 calls", requests.len());
+            }
+        })
+        .buffer_unordered(4)
+        .collect::<Vec<()>>()
+        .await;
+
+    let limits = post_provision::config::Limits {
+        // moto filters and renders every instance it holds per page: slow, but not AWS's cost.
+        attempt_timeout: std::time::Duration::from_secs(600),
+        operation_timeout: std::time::Duration::from_secs(1_200),
+        ..crate::harness::test_limits()
+    };
+    let engine = world.engine_with(TestClock::at(later), Hooks::default(), limits, None).await;
+    let started = std::time::Instant::now();
+    let audit = engine.audit(&options(&world)).await.expect("audit");
+    let elapsed = started.elapsed();
+    let requests = engine.requests().snapshot();
+    let total = engine.requests().total();
+    println!("audit of {count} records and {count} instances: {total} requests {requests:?} in {elapsed:?}");
+    assert_eq!(audit.report.summary.records, count);
+    assert_eq!(audit.report.summary.instances, count);
+    assert!(audit.report.findings.is_empty(), "{:#?}", audit.report.summary);
+    assert!(total <= AUDIT_REQUEST_BOUND, "{total} requests: {requests:?}");
+    // Exactly the calls the design names: pages, not requests per item.
+    assert_eq!(
+        requests.get("EC2.DescribeInstances").copied(),
+        Some(count.div_ceil(1_000).max(1) as u64),
+        "{requests:?}"
+    );
+    assert_eq!(requests.get("SQS.GetQueueAttributes").copied(), Some(2), "{requests:?}");
 }
