@@ -764,6 +764,7 @@ mod tests {
             ]
         );
         assert_eq!(all[2].ec2_state.as_deref(), Some("unknown"));
+        assert_eq!((all[6].run_id.as_deref(), all[6].run_attempt), (Some("r3"), Some(1)), "the releasing run");
         assert_eq!(all[3].record_state.as_deref(), Some("created"));
         assert_eq!(all[0].age_secs, Some(3_600));
     }
