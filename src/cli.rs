@@ -58,6 +58,7 @@ Exit codes:
   70  internal error (corrupt run record, invalid transition)
   77  permission denied (IAM) or no usable AWS credentials
   78  configuration: the table does not exist, or init failed
+  audit: 0 clean (or all repaired), 1 findings remain, 3 a repair could not be done now
 
 The spec's format: docs/schemas/spec.schema.json (JSON Schema); check a spec offline with
 `post-provision validate --spec FILE`. Runbook: docs/operations.md.";
