@@ -328,7 +328,14 @@ impl Engine {
         let record = audit.records.get(&instance_id);
         match finding.repair {
             Repair::None => (RepairOutcome::NotRepairable, None),
-            Repair::Terminate => self.terminate_pool_instance(audit, &instance_id).await,
+            Repair::Terminate => match self.ports.audit_record_exists(&instance_id).await {
+                // A record written since the read (a late creation, another tool): no orphan.
+                Ok(true) => {
+                    (RepairOutcome::Skipped, Some("a record for the instance appeared since the audit read".into()))
+                }
+                Ok(false) => self.terminate_pool_instance(audit, &instance_id).await,
+                Err(error) => failed(&error),
+            },
             Repair::DeleteRecord | Repair::DeleteRecordThenTerminate => {
                 let Some(record) = record else {
                     return (RepairOutcome::Failed, Some("the record was not kept with the audit".into()));

@@ -223,6 +223,22 @@ impl AwsPorts {
             .map_or(0, |attributes| attributes.values().filter_map(|value| value.parse::<u64>().ok()).sum()))
     }
 
+    /// Whether an instance record exists now (a consistent read): the last check before an
+    /// orphan is terminated, since the audit's listing was read a while before.
+    pub async fn audit_record_exists(&self, instance_id: &str) -> Result<bool, AwsError> {
+        let output = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(item_key("TYPE#INSTANCE", instance_id.to_string())))
+            .projection_expression("SK")
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|error| from_sdk(SERVICE, "GetItem", error))?;
+        Ok(output.item().is_some_and(|item| !item.is_empty()))
+    }
+
     /// Adds `instance_id` to a finished run's `messagesSent` after the audit sent its pool
     /// message, so the next audit does not send it again. Finished runs are never written by a
     /// driver again, so the version stays. `Ok(false)`: the run is not finished (or is gone).

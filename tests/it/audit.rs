@@ -213,6 +213,22 @@ async fn a_record_that_moved_since_the_audit_is_skipped() {
 }
 
 #[tokio::test]
+async fn an_orphan_whose_record_appeared_since_the_audit_is_not_terminated() {
+    let world = World::new("audit-late-record").await;
+    let later = world.start.plus_secs(LATER_SECS);
+    let orphan = launch(&world, "large").await;
+    let engine = world.engine(TestClock::at(later), Hooks::default()).await;
+    let mut audit = engine.audit(&options(&world)).await.expect("audit");
+    assert_eq!(audit.report.findings.len(), 1);
+    assert_eq!(audit.report.findings[0].finding.kind, FindingKind::OrphanInstance);
+    // Creation (late) writes the instance's record between the read and the fix.
+    world.put_record(&orphan, "large", "created", "late-run", later.plus_secs(300)).await;
+    engine.audit_fix(&mut audit).await;
+    assert_eq!(audit.report.findings[0].outcome, Some(RepairOutcome::Skipped), "{:#?}", audit.report);
+    assert_eq!(world.ec2_state(&orphan).await, "running");
+}
+
+#[tokio::test]
 async fn the_cli_prints_json_that_matches_its_schema_and_exits_1_on_findings() {
     // Other worktrees build their own binary into the shared target directory: run a private copy.
     let dir = tempfile::tempdir().expect("temp dir");
