@@ -58,6 +58,7 @@ Exit codes:
   70  internal error (corrupt run record, invalid transition)
   77  permission denied (IAM) or no usable AWS credentials
   78  configuration: the table does not exist, or init failed
+  audit: 0 clean (or all repaired), 1 findings remain, 3 a repair could not be done now
 
 The spec's format: docs/schemas/spec.schema.json (JSON Schema); check a spec offline with
 `post-provision validate --spec FILE`. Runbook: docs/operations.md.";
@@ -229,7 +230,33 @@ enum Command {
     },
     /// Create the pool table if it is missing; check an existing one's key schema.
     Init,
+    /// Find what no run will finish (orphan instances, ghost records, leaked creations, stale
+    /// claims, unannounced idle instances, unfinished runs); repair them with --fix.
+    #[command(after_help = AUDIT_EXIT_CODES_HELP)]
+    Audit {
+        /// Repair each finding: every record write is conditional on the record as read.
+        #[arg(long)]
+        fix: bool,
+        /// Instances and records younger than this are not reported as orphans or ghosts.
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(i64).range(0..=604_800))]
+        grace_secs: i64,
+        /// Which EC2 instances are the pool's, as one DescribeInstances filter NAME=VALUE[,VALUE...]
+        /// (default: tag-key=<the pool tag key>), e.g. tag:InitialRunId=9876543210.
+        #[arg(long)]
+        instance_filter: Option<String>,
+    },
 }
+
+/// The exit codes of `audit`, printed at the end of its `--help`.
+const AUDIT_EXIT_CODES_HELP: &str = "\
+Exit codes of audit:
+  0   the pool is clean, or --fix repaired every finding (hints never count)
+  1   findings remain (without --fix, or a record moved since it was read: audit again)
+  3   a repair could not be done now (AWS failed, a run is busy); repeat audit --fix
+  64  bad usage
+  69  AWS could not be read; nothing was written
+  77  permission denied (IAM) or no usable AWS credentials
+  78  the table does not exist";
 
 /// A run as reported by `run`, `resume` and `status`.
 #[derive(Debug, Serialize)]
@@ -699,6 +726,15 @@ pub async fn run(args: Vec<String>) -> i32 {
         Command::Resume { run_id: Some(run_id), .. } | Command::Status { run_id, .. } => Some(run_id),
         _ => None,
     };
+    let instance_filter = match &cli.command {
+        Command::Audit { instance_filter: Some(text), .. } => match crate::aws::InstanceFilter::parse(text) {
+            Ok(filter) => Some(filter),
+            Err(problem) => {
+                return printer.error(EXIT_USAGE, "usage", format!("invalid --instance-filter: {problem}"), None)
+            }
+        },
+        _ => None,
+    };
     if let Some(run_id) = run_id_argument {
         if let Err(problem) = crate::spec::validate_run_id(run_id) {
             return printer.error(EXIT_USAGE, "usage", format!("invalid RUN_ID argument: {problem}"), None);
@@ -889,6 +925,29 @@ pub async fn run(args: Vec<String>) -> i32 {
                 0
             }
         },
+        Command::Audit { fix, grace_secs, .. } => {
+            let options = crate::engine::AuditOptions { grace_secs, instance_filter };
+            let mut audit = match engine.audit(&options).await {
+                Ok(audit) => audit,
+                Err(crate::engine::AuditError::Aws(aws)) => {
+                    let (code, kind) = classify_aws_error(&aws);
+                    return printer.error(code, kind, format!("could not read the pool: {aws}"), None);
+                }
+                Err(error @ crate::engine::AuditError::Store(_)) => {
+                    return printer.error(EXIT_INTERNAL, "internal", error.to_string(), None)
+                }
+            };
+            if fix {
+                engine.audit_fix(&mut audit).await;
+            }
+            printer.value(&audit.report, || crate::audit::text_table(&audit.report));
+            if printer.github() {
+                if let Err(io) = write_github_audit(&audit.report, &mut *printer.annotations()) {
+                    eprintln!("warning: could not write GitHub Actions outputs: {}", plain(&io.to_string()));
+                }
+            }
+            audit.report.exit_code()
+        }
         Command::Init => {
             let client = engine.ports().dynamodb();
             let table = engine.ports().table().to_string();
@@ -930,6 +989,19 @@ pub async fn run(args: Vec<String>) -> i32 {
             0
         }
     }
+}
+
+/// The audit's job summary and one warning annotation per finding.
+fn write_github_audit(report: &crate::audit::AuditReport, annotations: &mut dyn std::io::Write) -> std::io::Result<()> {
+    if let Ok(path) = std::env::var("GITHUB_STEP_SUMMARY") {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        file.write_all(crate::audit::step_summary(report).as_bytes())?;
+    }
+    for line in crate::audit::annotations(report) {
+        writeln!(annotations, "{line}")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,15 +1,19 @@
 //! The library API: an [`Engine`] built once per process, driving runs without the CLI.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use aws_config::SdkConfig;
 
+use crate::audit::{AuditReport, Ec2Snapshot, Finding, InstanceRecordSnapshot, Repair, RepairOutcome, Snapshot};
 use crate::aws::{self, AwsPorts, Connection, RequestCounter};
 use crate::config::Limits;
+use crate::core::PoolMessage;
 use crate::driver::{Clock, DriveError, Driver, Hooks, RunOutcome, SystemClock};
-use crate::ports::{RunStore, StoreError};
+use crate::ports::{Compute, OutgoingMessage, PoolQueues, RunStore, StoreError};
 use crate::record::RunRecord;
 use crate::spec::Spec;
+use crate::timestamp::Timestamp;
 
 /// Why an engine could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -205,5 +209,207 @@ impl Engine {
     /// The clock drivers read.
     pub fn now(&self) -> crate::timestamp::Timestamp {
         self.clock.now()
+    }
+}
+
+/// How [`Engine::audit`] reads the pool.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// Instances and records younger than this are left out of the findings that a phase still
+    /// at work could explain (default 600).
+    pub grace_secs: i64,
+    /// Which EC2 instances are the pool's; `None`: those carrying `Limits::pool_tag_key`.
+    pub instance_filter: Option<aws::InstanceFilter>,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions { grace_secs: 600, instance_filter: None }
+    }
+}
+
+/// An audit's findings, with what `--fix` needs to repair exactly what was read.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    /// The findings and their counts.
+    pub report: AuditReport,
+    /// The records the findings name, as read (the conditions of their repairs).
+    records: HashMap<String, InstanceRecordSnapshot>,
+    /// The instances the findings name, as EC2 described them.
+    instances: HashMap<String, Ec2Snapshot>,
+    /// The pool's configuration (pool queues, `cpu`/`mmem` of each class), if the table has one.
+    config: Option<crate::spec::ResourceClassConfig>,
+}
+
+impl Audit {
+    /// The record a finding names, as read (tests change it to make a record move).
+    pub fn record(&self, instance_id: &str) -> Option<&InstanceRecordSnapshot> {
+        self.records.get(instance_id)
+    }
+}
+
+/// Why an audit could not read the pool.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// AWS failed after its retries (or refused: see the error's class).
+    #[error(transparent)]
+    Aws(#[from] crate::ports::AwsError),
+    /// The pool's configuration item could not be read as one.
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+impl Engine {
+    /// Reads the whole pool (instance and run records, the pool's EC2 instances, the pool
+    /// queues' counts) and classifies what no run will finish. Writes nothing.
+    pub async fn audit(&self, options: &AuditOptions) -> Result<Audit, AuditError> {
+        let now = self.clock.now();
+        let config = match self.ports.load_resource_class_config().await {
+            Ok(config) => config,
+            Err(StoreError::Aws(aws)) => return Err(AuditError::Aws(aws)),
+            Err(other) => return Err(AuditError::Store(other)),
+        };
+        let records = self.ports.audit_instance_records().await?;
+        let runs = self.ports.audit_run_records().await?;
+        let filter =
+            options.instance_filter.clone().unwrap_or_else(|| aws::InstanceFilter::tag_key(&self.limits.pool_tag_key));
+        let mut instances = self.ports.audit_pool_instances(&filter).await?;
+        // Records whose instance the listing did not show: terminated long ago, not the pool's,
+        // or outside the caller's filter. Looked up by id, so only they cost requests.
+        let listed: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        let missing: Vec<String> =
+            records.iter().filter(|r| !listed.contains(r.id.as_str())).map(|r| r.id.clone()).collect();
+        instances.extend(self.ports.audit_instances_by_id(&missing).await?);
+        let mut queued_messages = std::collections::BTreeMap::new();
+        for (class, settings) in config.iter().flatten() {
+            queued_messages.insert(class.clone(), self.ports.audit_queue_messages(&settings.queue_url).await?);
+        }
+        let snapshot = Snapshot { records, runs, instances, queued_messages };
+        let findings = crate::audit::classify(&snapshot, now, options.grace_secs);
+        let named: HashSet<&str> = findings.iter().filter_map(|f| f.instance_id.as_deref()).collect();
+        let records = snapshot
+            .records
+            .iter()
+            .filter(|r| named.contains(r.id.as_str()))
+            .map(|r| (r.id.clone(), r.clone()))
+            .collect();
+        let instances = snapshot
+            .instances
+            .iter()
+            .filter(|i| named.contains(i.id.as_str()))
+            .map(|i| (i.id.clone(), i.clone()))
+            .collect();
+        let report = AuditReport::new(&snapshot, findings);
+        Ok(Audit { report, records, instances, config })
+    }
+
+    /// Repairs each finding of `audit` (see [`Repair`]), one at a time, and records the outcome
+    /// in its entry. A record is only ever written exactly as the audit read it; an instance is
+    /// terminated only once its record's delete landed, or when it had no record, and only if
+    /// it carries the pool tag.
+    pub async fn audit_fix(&self, audit: &mut Audit) {
+        for index in 0..audit.report.findings.len() {
+            let finding = audit.report.findings[index].finding.clone();
+            let (outcome, reason) = self.repair(audit, &finding).await;
+            let entry = &mut audit.report.findings[index];
+            entry.outcome = Some(outcome);
+            entry.reason = reason;
+        }
+        audit.report.summary.fixed = true;
+        audit.report.recount();
+    }
+
+    async fn repair(&self, audit: &Audit, finding: &Finding) -> (RepairOutcome, Option<String>) {
+        let failed = |error: &dyn std::fmt::Display| (RepairOutcome::Failed, Some(error.to_string()));
+        let instance_id = finding.instance_id.clone().unwrap_or_default();
+        let record = audit.records.get(&instance_id);
+        match finding.repair {
+            Repair::None => (RepairOutcome::NotRepairable, None),
+            Repair::Terminate => match self.ports.audit_record_exists(&instance_id).await {
+                // A record written since the read (a late creation, another tool): no orphan.
+                Ok(true) => {
+                    (RepairOutcome::Skipped, Some("a record for the instance appeared since the audit read".into()))
+                }
+                Ok(false) => self.terminate_pool_instance(audit, &instance_id).await,
+                Err(error) => failed(&error),
+            },
+            Repair::DeleteRecord | Repair::DeleteRecordThenTerminate => {
+                let Some(record) = record else {
+                    return (RepairOutcome::Failed, Some("the record was not kept with the audit".into()));
+                };
+                match self.ports.audit_delete_record(record).await {
+                    Ok(true) if finding.repair == Repair::DeleteRecordThenTerminate => {
+                        self.terminate_pool_instance(audit, &instance_id).await
+                    }
+                    Ok(true) => (RepairOutcome::Repaired, None),
+                    Ok(false) => (RepairOutcome::Skipped, Some("the record changed since the audit read it".into())),
+                    Err(error) => failed(&error),
+                }
+            }
+            Repair::SendPoolMessage => {
+                let Some(record) = record else {
+                    return (RepairOutcome::Failed, Some("the record was not kept with the audit".into()));
+                };
+                let class = audit.config.as_ref().and_then(|config| config.get(&record.resource_class));
+                let (Some(class), Ok(threshold)) = (class, Timestamp::parse(&record.threshold)) else {
+                    return (
+                        RepairOutcome::Skipped,
+                        Some("the record's class has no pool queue, or its threshold is unreadable".into()),
+                    );
+                };
+                let message = PoolMessage {
+                    id: record.id.clone(),
+                    resource_class: record.resource_class.clone(),
+                    instance_type: record.instance_type.clone(),
+                    cpu: class.cpu,
+                    mmem: class.mmem,
+                    usage_class: if record.usage_class == "spot" { "spot" } else { "on-demand" },
+                    threshold,
+                };
+                let outgoing = OutgoingMessage { instance_id: record.id.clone(), body: message.body() };
+                match self.ports.send(&class.queue_url, &[outgoing]).await {
+                    Ok(failures) if failures.is_empty() => {
+                        // Sent; now the run's record says so. If this write fails, the next
+                        // audit sends the message again, which the pool tolerates (a hint).
+                        let run_id = finding.run_id.as_deref().unwrap_or_default();
+                        match self
+                            .ports
+                            .audit_mark_announced(run_id, finding.run_attempt.unwrap_or(1), &record.id)
+                            .await
+                        {
+                            Ok(_) => (RepairOutcome::Repaired, None),
+                            Err(error) => failed(&error),
+                        }
+                    }
+                    Ok(failures) => failed(&failures[0].1),
+                    Err(error) => failed(&error),
+                }
+            }
+            Repair::Resume => {
+                let run_id = finding.run_id.clone().unwrap_or_default();
+                match self.resume_attempt(&run_id, finding.run_attempt, false).await {
+                    Ok(_) => (RepairOutcome::Repaired, None),
+                    Err(DriveError::Busy { .. }) => {
+                        (RepairOutcome::Skipped, Some("another driver took the run since the audit read it".into()))
+                    }
+                    Err(error) => failed(&error),
+                }
+            }
+        }
+    }
+
+    /// Terminates one instance the audit saw, only if it carries the pool tag and is alive.
+    async fn terminate_pool_instance(&self, audit: &Audit, instance_id: &str) -> (RepairOutcome, Option<String>) {
+        let Some(instance) = audit.instances.get(instance_id).filter(|i| i.pool_tagged) else {
+            return (RepairOutcome::Repaired, Some("record deleted; the instance has no pool tag or is gone".into()));
+        };
+        if matches!(instance.state.as_str(), "terminated" | "shutting-down") {
+            return (RepairOutcome::Repaired, None);
+        }
+        match self.ports.terminate(&[instance_id.to_string()]).await {
+            Ok(result) if result.refused.is_empty() => (RepairOutcome::Repaired, None),
+            Ok(result) => (RepairOutcome::Failed, Some(result.refused[0].1.to_string())),
+            Err(error) => (RepairOutcome::Failed, Some(error.to_string())),
+        }
     }
 }

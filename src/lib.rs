@@ -61,6 +61,7 @@
 //! See `docs/ARCHITECTURE.md` for the code map and the crash windows.
 #![deny(missing_docs)]
 
+pub mod audit;
 #[cfg(feature = "aws")]
 pub mod aws;
 #[cfg(feature = "aws")]
@@ -79,5 +80,5 @@ pub mod timestamp;
 
 pub use driver::{DriveError, OutcomeKind, RunOutcome};
 #[cfg(feature = "aws")]
-pub use engine::{Engine, EngineBuilder};
+pub use engine::{Audit, AuditError, AuditOptions, Engine, EngineBuilder};
 pub use spec::Spec;

@@ -1,12 +1,14 @@
 //! The only code that talks to AWS: one thin adapter per service, implementing the traits of
 //! [`crate::ports`] with the real aws-sdk-rust clients.
 
+mod audit;
 mod dynamodb;
 mod ec2;
 mod errors;
 mod metrics;
 mod sqs;
 
+pub use audit::{InstanceFilter, MAX_AUDITED_ITEMS};
 pub use errors::classify_code;
 pub use metrics::RequestCounter;
 

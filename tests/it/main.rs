@@ -4,6 +4,7 @@
 mod harness;
 
 mod action;
+mod audit;
 mod bad_input;
 mod cli;
 mod crash;

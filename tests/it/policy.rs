@@ -3,7 +3,8 @@
 //! operation the adapters call (found in the source of src/aws/) maps to IAM actions, and the
 //! policy's actions are exactly the union. A new call without a policy change fails here. The
 //! conditions are checked too: DynamoDB writes only to the run, spec and instance partitions and
-//! reads only the run, spec and pool-configuration partitions (`dynamodb:LeadingKeys`), and
+//! reads only the run, spec, pool-configuration and (for `audit`) instance partitions
+//! (`dynamodb:LeadingKeys`), and
 //! `ec2:TerminateInstances` only on instances that carry the pool tag `InitialRunId`.
 
 use std::collections::BTreeSet;
@@ -14,6 +15,7 @@ fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
     let actions: &[&str] = match (service, operation) {
         ("dynamodb", "get_item") => &["dynamodb:GetItem"],
         ("dynamodb", "put_item") => &["dynamodb:PutItem"],
+        ("dynamodb", "delete_item") => &["dynamodb:DeleteItem"],
         ("dynamodb", "query") => &["dynamodb:Query"],
         ("dynamodb", "update_item") => &["dynamodb:UpdateItem"],
         ("dynamodb", "transact_write_items") => &["dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:PutItem"],
@@ -23,6 +25,7 @@ fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
         ("dynamodb", "describe_time_to_live") => &["dynamodb:DescribeTimeToLive"],
         ("dynamodb", "update_time_to_live") => &["dynamodb:UpdateTimeToLive"],
         ("sqs", "send_message_batch") => &["sqs:SendMessage"],
+        ("sqs", "get_queue_attributes") => &["sqs:GetQueueAttributes"],
         ("ec2", "terminate_instances") => &["ec2:TerminateInstances"],
         ("ec2", "describe_instances") => &["ec2:DescribeInstances"],
         _ => return None,
@@ -117,7 +120,8 @@ fn leading_keys(statement: &serde_json::Value) -> Option<BTreeSet<String>> {
 fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
     let set = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
     let writes = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#INSTANCE"]);
-    let reads = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#METADATA"]);
+    // `audit` reads the instance partition too (one paged Query of TYPE#INSTANCE).
+    let reads = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#METADATA", "TYPE#INSTANCE"]);
     for (action, allowed) in [
         ("dynamodb:PutItem", &writes),
         ("dynamodb:UpdateItem", &writes),
@@ -135,7 +139,11 @@ fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
     }
     // The source names exactly these partitions (`key("RUN", …)`, `s("TYPE#RUN")`): a new one
     // needs a policy change.
-    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/aws/dynamodb.rs")).expect("source");
+    let source = ["/src/aws/dynamodb.rs", "/src/aws/audit.rs"]
+        .iter()
+        .map(|file| std::fs::read_to_string(format!("{}{file}", env!("CARGO_MANIFEST_DIR"))).expect("source"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut used = BTreeSet::new();
     for (prefix, stop) in [("key(\"", '"'), ("\"TYPE#", '"')] {
         let mut rest = source.as_str();
