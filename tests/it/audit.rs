@@ -293,41 +293,7 @@ async fn a_large_pool_is_audited_in_pages_within_the_request_bound() {
     let world = World::new("audit-scale").await;
     let later = world.start.plus_secs(LATER_SECS);
     // Seeding: RunInstances of up to 1,000, each instance tagged with this world's value.
-    let mut ids = Vec::with_capacity(count);
-    while ids.len() < count {
-        let batch = (count - ids.len()).min(1_000) as i32;
-        let output = world
-            .clients
-            .ec2
-            .run_instances()
-            .image_id("ami-12c6146b")
-            .instance_type(aws_sdk_ec2::types::InstanceType::from("c6i.large"))
-            .min_count(batch)
-            .max_count(batch)
-            .tag_specifications(
-                aws_sdk_ec2::types::TagSpecification::builder()
-                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
-                    .tags(aws_sdk_ec2::types::Tag::builder().key("InitialRunId").value(&world.table).build())
-                    .build(),
-            )
-            // moto takes tens of seconds for a large launch on a busy machine; a retried launch
-            // would launch another batch.
-            .customize()
-            .config_override(
-                aws_sdk_ec2::config::Builder::default()
-                    .retry_config(aws_config::retry::RetryConfig::disabled())
-                    .timeout_config(
-                        aws_config::timeout::TimeoutConfig::builder()
-                            .operation_timeout(std::time::Duration::from_secs(600))
-                            .operation_attempt_timeout(std::time::Duration::from_secs(600))
-                            .build(),
-                    ),
-            )
-            .send()
-            .await
-            .expect("run instances");
-        ids.extend(output.instances().iter().map(|i| i.instance_id().expect("instance id").to_string()));
-    }
+    let ids = world.launch_many(count, &world.table).await;
     assert_eq!(ids.len(), count);
     // One healthy `running` record per instance, BatchWriteItem of 25, four calls at once.
     let threshold = later.plus_secs(1_800).to_string();

@@ -36,6 +36,14 @@ pub fn cli_binary() -> std::path::PathBuf {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_post-provision").into())
 }
 
+/// The tag specification of a launched instance: one tag.
+pub fn instance_tag(key: &str, value: &str) -> aws_sdk_ec2::types::TagSpecification {
+    aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+        .tags(aws_sdk_ec2::types::Tag::builder().key(key).value(value).build())
+        .build()
+}
+
 /// A clock the test moves by hand.
 #[derive(Debug)]
 pub struct TestClock(AtomicI64);
@@ -219,15 +227,47 @@ impl World {
             .min_count(1)
             .max_count(1);
         if let Some((key, value)) = tag {
-            request = request.tag_specifications(
-                aws_sdk_ec2::types::TagSpecification::builder()
-                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
-                    .tags(aws_sdk_ec2::types::Tag::builder().key(key).value(value).build())
-                    .build(),
-            );
+            request = request.tag_specifications(instance_tag(key, value));
         }
         let output = request.send().await.expect("run instances");
         output.instances()[0].instance_id().expect("instance id").to_string()
+    }
+
+    /// Launches `count` pool instances (tag `InitialRunId = tag_value`) in as few RunInstances
+    /// calls as allowed, without retries: a retried launch would launch another batch.
+    pub async fn launch_many(&self, count: usize, tag_value: &str) -> Vec<String> {
+        const RUN_INSTANCES_MAX: usize = 1_000;
+        let mut ids = Vec::with_capacity(count);
+        while ids.len() < count {
+            let batch = (count - ids.len()).min(RUN_INSTANCES_MAX) as i32;
+            let output = self
+                .clients
+                .ec2
+                .run_instances()
+                .image_id("ami-12c6146b")
+                .instance_type(aws_sdk_ec2::types::InstanceType::from("c6i.large"))
+                .min_count(batch)
+                .max_count(batch)
+                .tag_specifications(instance_tag("InitialRunId", tag_value))
+                // moto takes tens of seconds for a large launch on a busy machine.
+                .customize()
+                .config_override(
+                    aws_sdk_ec2::config::Builder::default()
+                        .retry_config(aws_config::retry::RetryConfig::disabled())
+                        .timeout_config(
+                            aws_config::timeout::TimeoutConfig::builder()
+                                .operation_timeout(std::time::Duration::from_secs(600))
+                                .operation_attempt_timeout(std::time::Duration::from_secs(600))
+                                .build(),
+                        ),
+                )
+                .send()
+                .await
+                .expect("run instances");
+            ids.extend(output.instances().iter().map(|i| i.instance_id().expect("instance id").to_string()));
+        }
+        assert_eq!(ids.len(), count, "RunInstances launched a different number of instances");
+        ids
     }
 
     pub async fn put_record(&self, id: &str, class: &str, state: &str, run_id: &str, threshold: Timestamp) {

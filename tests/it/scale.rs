@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use aws_config::retry::RetryConfig;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use futures::stream::{self, StreamExt};
 use post_provision::aws::{load_sdk_config, Connection};
@@ -21,7 +20,6 @@ const ITEM_LIMIT_BYTES: usize = 400 * 1024;
 /// Most items in one BatchWriteItem call (moto accepts more; AWS does not).
 const BATCH_WRITE_ITEMS: usize = 25;
 /// Most instances in one RunInstances call of these tests.
-const RUN_INSTANCES_MAX: usize = 1_000;
 
 /// Clients for moto at this scale. Two things differ from AWS and are compensated here:
 /// - Cost: moto's TransactWriteItems deep-copies the whole table once per action (about 4 s for
@@ -145,37 +143,6 @@ struct RecordSeed {
     threshold: Timestamp,
 }
 
-/// Launches `count` instances in as few RunInstances calls as allowed.
-async fn launch_many(world: &World, count: usize) -> Vec<String> {
-    let mut ids = Vec::with_capacity(count);
-    while ids.len() < count {
-        let batch = (count - ids.len()).min(RUN_INSTANCES_MAX) as i32;
-        let output = world
-            .clients
-            .ec2
-            .run_instances()
-            .image_id("ami-12c6146b")
-            .instance_type(aws_sdk_ec2::types::InstanceType::from("c6i.large"))
-            .min_count(batch)
-            .max_count(batch)
-            .tag_specifications(
-                aws_sdk_ec2::types::TagSpecification::builder()
-                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
-                    .tags(aws_sdk_ec2::types::Tag::builder().key("InitialRunId").value("100000000").build())
-                    .build(),
-            )
-            // A retried launch would launch another batch.
-            .customize()
-            .config_override(aws_sdk_ec2::config::Builder::default().retry_config(RetryConfig::disabled()))
-            .send()
-            .await
-            .expect("run instances");
-        ids.extend(output.instances().iter().map(|i| i.instance_id().expect("instance id").to_string()));
-    }
-    assert_eq!(ids.len(), count, "RunInstances launched a different number of instances");
-    ids
-}
-
 fn instance_item(world: &World, seed: &RecordSeed) -> HashMap<String, AttributeValue> {
     let instance_type = CLASSES.iter().find(|c| c.0 == seed.class).map(|c| c.1).expect("known class");
     let s = |v: &str| AttributeValue::S(v.to_string());
@@ -263,7 +230,7 @@ fn class_of(index: usize) -> &'static str {
 /// Seeds `count` instances for the world's run: the first half selected (`claimed`), the rest
 /// created (`running`), classes alternating, claims unexpired.
 async fn seed_own_run(world: &mut World, count: usize) {
-    let ids = launch_many(world, count).await;
+    let ids = world.launch_many(count, "100000000").await;
     let selected_count = count.div_ceil(2);
     let mut seeds = Vec::with_capacity(count);
     for (index, id) in ids.into_iter().enumerate() {
@@ -564,7 +531,7 @@ async fn fifty_runs_at_once_on_one_table_each_instance_ends_in_exactly_one_runs_
     for run in 0..RUNS {
         worlds.push(if shares_nothing(run) { Arc::new(scale_world("scale-alone").await) } else { shared.clone() });
     }
-    let ids = launch_many(&shared, RUNS * PER_RUN).await;
+    let ids = shared.launch_many(RUNS * PER_RUN, "100000000").await;
     let run_ids: Vec<String> = (0..RUNS).map(|run| format!("{}-{run:02}", shared.run_id)).collect();
     let mut owned: Vec<(Vec<Seeded>, Vec<Seeded>)> = Vec::new();
     let mut owner_of: BTreeMap<String, usize> = BTreeMap::new();
