@@ -351,7 +351,7 @@ impl RunReport {
             ));
         }
         if let Some(error) = &self.error {
-            out.push_str(&format!("  error ({}): {}\n", plain(&error.kind), plain(&error.message)));
+            out.push_str(&format!("  error ({}): {}\n", plain(error.kind.as_str()), plain(&error.message)));
         }
         if self.outcome.is_none() {
             out.push_str(&format!("  lease: {} until {}\n", plain(&self.lease.owner), self.lease.expires_at));

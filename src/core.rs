@@ -8,17 +8,14 @@ use crate::machine::Input;
 use crate::spec::{CreationState, PoolInstance, Role, Spec};
 use crate::timestamp::Timestamp;
 
-/// Most actions in one DynamoDB `TransactWriteItems` call.
-pub const MAX_TRANSACTION_ITEMS: usize = 100;
+pub use crate::spec::MAX_TRANSACTION_ITEMS;
+/// Most instance items in one fenced transaction: the rest of [`MAX_TRANSACTION_ITEMS`] after the
+/// `ConditionCheck` on the run record.
+pub const MAX_FENCED_BATCH: usize = MAX_TRANSACTION_ITEMS - 1;
 /// Most entries in one SQS `SendMessageBatch` call.
 pub const MAX_MESSAGE_BATCH: usize = 10;
 /// Most ids in one EC2 `TerminateInstances` call.
 pub const MAX_TERMINATE_BATCH: usize = 1_000;
-/// How long after a record was marked `terminated` an instance EC2 does not know is still taken
-/// for a fresh one that eventual consistency hides (the run stalls, resumable, and tries again),
-/// rather than for one long gone (its record is deleted). EC2 hides fresh ids for seconds, and
-/// shows terminated instances for about an hour.
-pub const UNKNOWN_INSTANCE_GRACE_SECS: i64 = 600;
 /// `DelaySeconds` of every pool message, as the pool's other writers use.
 pub const POOL_MESSAGE_DELAY_SECS: i32 = 3;
 
@@ -164,6 +161,9 @@ pub enum WriteResult {
     /// `ProvisionedThroughputExceeded`): load, not an error. Re-sent with backoff within the
     /// throttle budget, and never a reason for emergency cleanup.
     Throttled,
+    /// Not written because the run record's fence refused the whole transaction: another driver
+    /// took the run over, or it finished. The driver stops.
+    Fenced,
 }
 
 /// The meaning of a conditional write's result, relative to what this run wanted.
@@ -220,7 +220,7 @@ pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult
         WriteResult::Applied => return Some(Finding::Done),
         WriteResult::Rejected(None) => return Some(Finding::Missing),
         WriteResult::Rejected(Some(observed)) => observed,
-        WriteResult::Cancelled | WriteResult::Throttled => return None,
+        WriteResult::Cancelled | WriteResult::Throttled | WriteResult::Fenced => return None,
     };
     // Thresholds are computed once at state entry and reused on resume, so an earlier attempt of
     // this very transition left exactly these three values behind.
@@ -238,162 +238,6 @@ pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult
         return Some(Finding::WrongState { state: observed.state.clone() });
     }
     Some(Finding::Expired { state: observed.state.clone(), threshold: observed.threshold.clone() })
-}
-
-/// The commit transitions: selected `claimed → running`, created `running|created → running`,
-/// all keeping the runId and taking the commit threshold.
-pub fn commit_transitions(spec: &Spec, commit_threshold: Timestamp) -> Vec<InstanceTransition> {
-    spec.instances()
-        .map(|(role, instance)| InstanceTransition {
-            instance_id: instance.id.clone(),
-            role,
-            expected: vec![Expectation {
-                states: match role {
-                    Role::Selected => vec![InstanceState::Claimed],
-                    Role::Created => vec![InstanceState::Running, InstanceState::Created],
-                },
-                run_id: spec.run_id.clone(),
-                threshold: ThresholdCondition::Unexpired,
-            }],
-            new_state: InstanceState::Running,
-            new_run_id: spec.run_id.clone(),
-            new_threshold: commit_threshold,
-        })
-        .collect()
-}
-
-/// The rollback transitions: selected `claimed → idle` and created `running → idle`, runId `""`,
-/// the idle threshold. Created instances still in `created` are not returnable; their transition
-/// is rejected as `WrongState` and [`rollback_disposition`] retires them.
-///
-/// Instances whose pool message this run already sent (`already_sent`) are left out: they were
-/// released and announced, and the pool may have handed them to somebody since, possibly a
-/// later attempt of the same run id, whose claim carries the same runId.
-pub fn release_transitions(
-    spec: &Spec,
-    idle_threshold: Timestamp,
-    already_sent: &std::collections::HashSet<String>,
-) -> Vec<InstanceTransition> {
-    spec.instances()
-        .filter(|(_, instance)| !already_sent.contains(&instance.id))
-        .map(|(role, instance)| InstanceTransition {
-            instance_id: instance.id.clone(),
-            role,
-            expected: vec![Expectation {
-                states: match role {
-                    Role::Selected => vec![InstanceState::Claimed],
-                    Role::Created => vec![InstanceState::Running],
-                },
-                run_id: spec.run_id.clone(),
-                threshold: ThresholdCondition::Unexpired,
-            }],
-            new_state: InstanceState::Idle,
-            new_run_id: String::new(),
-            new_threshold: idle_threshold,
-        })
-        .collect()
-}
-
-/// What rollback does with one instance after its release transition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RollbackDisposition {
-    /// Released (now or earlier): its pool message must be sent unless it is known sent.
-    ReturnToPool,
-    /// Owned by this run but not returnable (expired, still `created`, already `terminated`) or
-    /// without a record: terminate it and remove its record, so nothing is left stranded.
-    Retire,
-    /// Somebody else has it (another run, or the pool after a later release): leave it alone.
-    LeaveAlone,
-}
-
-/// Rollback's rule for each finding.
-pub fn rollback_disposition(finding: &Finding) -> RollbackDisposition {
-    match finding {
-        Finding::Done => RollbackDisposition::ReturnToPool,
-        Finding::Missing | Finding::Expired { .. } | Finding::WrongState { .. } => RollbackDisposition::Retire,
-        Finding::OwnedByOther { .. } => RollbackDisposition::LeaveAlone,
-    }
-}
-
-/// The marks that take instances out of the pool before they are terminated: each record this
-/// run holds, in any state, becomes `terminated` (runId kept, threshold `marked_at`). Once
-/// marked, no other actor moves the record (selection takes `idle`, release `running`, refresh
-/// `idle`/`claimed`/`running`), so terminating the instance next cannot hit an instance that
-/// somebody else holds. Refresh's own mark (`terminated`, same runId) is accepted too.
-///
-/// With `released_unsent`, a record this run released to the pool at that threshold (idle,
-/// runId `""`) is marked as well: its pool message was never sent, so nothing would ever claim it.
-pub fn retire_marks(
-    run_id: &str,
-    instances: &[(Role, &PoolInstance)],
-    released_unsent: Option<Timestamp>,
-    marked_at: Timestamp,
-) -> Vec<InstanceTransition> {
-    instances
-        .iter()
-        .map(|(role, instance)| {
-            let mut expected = vec![Expectation {
-                states: vec![
-                    InstanceState::Claimed,
-                    InstanceState::Running,
-                    InstanceState::Created,
-                    InstanceState::Terminated,
-                ],
-                run_id: run_id.to_string(),
-                threshold: ThresholdCondition::Any,
-            }];
-            if let Some(threshold) = released_unsent {
-                expected.push(Expectation {
-                    states: vec![InstanceState::Idle],
-                    run_id: String::new(),
-                    threshold: ThresholdCondition::Exactly(threshold),
-                });
-            }
-            InstanceTransition {
-                instance_id: instance.id.clone(),
-                role: *role,
-                expected,
-                new_state: InstanceState::Terminated,
-                new_run_id: run_id.to_string(),
-                new_threshold: marked_at,
-            }
-        })
-        .collect()
-}
-
-/// The instances emergency cleanup retires, as the design says, made safe for a pool that moves:
-/// every instance of the spec except those this run returned to the pool (message sent), which
-/// stay there. Whether each one is really this run's is decided by [`retire_marks`]' conditions,
-/// for selected and created instances alike: a created instance this run released may since
-/// belong to another run.
-pub fn cleanup_instances<'a>(
-    spec: &'a Spec,
-    messages_sent: &std::collections::HashSet<String>,
-) -> Vec<(Role, &'a PoolInstance)> {
-    spec.instances().filter(|(_, instance)| !messages_sent.contains(&instance.id)).collect()
-}
-
-/// What retiring does with one instance after its mark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetireDisposition {
-    /// Marked by this run (now or earlier): terminate the instance, then delete the record.
-    TerminateThenDelete,
-    /// No record: nothing can ever claim it again, so it is terminated (if it is a pool
-    /// instance), or it would leak.
-    TerminateOnly,
-    /// Somebody else holds it, or it is in a state this run does not retire: leave it alone.
-    LeaveAlone,
-}
-
-/// The rule for each mark's finding.
-pub fn retire_disposition(finding: &Finding) -> RetireDisposition {
-    match finding {
-        Finding::Done => RetireDisposition::TerminateThenDelete,
-        Finding::Missing => RetireDisposition::TerminateOnly,
-        Finding::OwnedByOther { .. } | Finding::Expired { .. } | Finding::WrongState { .. } => {
-            RetireDisposition::LeaveAlone
-        }
-    }
 }
 
 /// A pool message: its body exactly as the pool's consumers read it.
@@ -494,7 +338,7 @@ mod tests {
         let spec = spec_with(|_| {});
         let now = Timestamp::parse("2026-11-27T10:00:00Z").unwrap();
         let threshold = now.plus_secs(1800);
-        let transitions = commit_transitions(&spec, threshold);
+        let transitions = crate::run::commit::transitions(&spec, threshold);
         let selected = &transitions[0];
         assert_eq!(classify_transition(selected, &WriteResult::Applied), Some(Finding::Done));
         assert_eq!(classify_transition(selected, &WriteResult::Cancelled), None);
@@ -521,77 +365,6 @@ mod tests {
         assert_eq!(
             classify_transition(selected, &observed("running", "9876543210", "2026-11-27T11:00:00Z")),
             Some(Finding::WrongState { state: "running".into() })
-        );
-    }
-
-    #[test]
-    fn rollback_rules() {
-        assert_eq!(rollback_disposition(&Finding::Done), RollbackDisposition::ReturnToPool);
-        assert_eq!(rollback_disposition(&Finding::Missing), RollbackDisposition::Retire);
-        assert_eq!(rollback_disposition(&Finding::WrongState { state: "created".into() }), RollbackDisposition::Retire);
-        assert_eq!(
-            rollback_disposition(&Finding::OwnedByOther { run_id: "x".into(), state: "claimed".into() }),
-            RollbackDisposition::LeaveAlone
-        );
-    }
-
-    #[test]
-    fn release_plans_idle_with_empty_run_id() {
-        let spec = spec_with(|_| {});
-        let now = Timestamp::parse("2026-11-27T10:00:00Z").unwrap();
-        let none_sent = std::collections::HashSet::new();
-        let transitions = release_transitions(&spec, now.plus_secs(300), &none_sent);
-        assert!(transitions.iter().all(|t| t.new_state == InstanceState::Idle && t.new_run_id.is_empty()));
-        assert_eq!(transitions[1].expected[0].states, vec![InstanceState::Running]);
-        assert_eq!(transitions[1].expected[0].threshold, ThresholdCondition::Unexpired);
-        // An instance already released and announced is not released again: the pool may have
-        // handed it to a later attempt of the same run id since.
-        let sent: std::collections::HashSet<String> = ["i-0aaaaaaaaaaaaaaaa".to_string()].into();
-        let transitions = release_transitions(&spec, now.plus_secs(300), &sent);
-        assert_eq!(transitions.len(), 1);
-        assert_eq!(transitions[0].instance_id, "i-0bbbbbbbbbbbbbbbb");
-    }
-
-    #[test]
-    fn cleanup_keeps_what_was_returned_and_marks_only_what_this_run_holds() {
-        let spec = spec_with(|_| {});
-        let released = Timestamp::parse("2026-11-27T10:05:00Z").unwrap();
-        let marked_at = Timestamp::parse("2026-11-27T10:06:00Z").unwrap();
-        let none_sent = std::collections::HashSet::new();
-        let instances = cleanup_instances(&spec, &none_sent);
-        assert_eq!(instances.len(), 2);
-        let marks = retire_marks(&spec.run_id, &instances, Some(released), marked_at);
-        for mark in &marks {
-            // Selected and created alike: only a record this run holds, or one it released
-            // without announcing it. A created instance released earlier may be another run's now.
-            assert_eq!(mark.expected[0].run_id, "9876543210");
-            assert_eq!(mark.expected[0].threshold, ThresholdCondition::Any);
-            assert!(mark.expected[0].states.contains(&InstanceState::Terminated));
-            assert!(!mark.expected[0].states.contains(&InstanceState::Idle));
-            assert_eq!(
-                mark.expected[1],
-                Expectation {
-                    states: vec![InstanceState::Idle],
-                    run_id: String::new(),
-                    threshold: ThresholdCondition::Exactly(released)
-                }
-            );
-            assert_eq!((mark.new_state, mark.new_run_id.as_str()), (InstanceState::Terminated, "9876543210"));
-        }
-        let sent: std::collections::HashSet<String> = ["i-0aaaaaaaaaaaaaaaa".to_string()].into();
-        let instances = cleanup_instances(&spec, &sent);
-        assert_eq!(instances.len(), 1, "an instance returned to the pool stays there");
-        assert_eq!(instances[0].1.id, "i-0bbbbbbbbbbbbbbbb");
-        assert_eq!(retire_disposition(&Finding::Done), RetireDisposition::TerminateThenDelete);
-        assert_eq!(retire_disposition(&Finding::Missing), RetireDisposition::TerminateOnly);
-        let pool = Finding::OwnedByOther { run_id: String::new(), state: "idle".into() };
-        assert_eq!(retire_disposition(&pool), RetireDisposition::LeaveAlone);
-        let mark = &retire_marks(&spec.run_id, &instances, None, marked_at)[0];
-        assert_eq!(mark.expected.len(), 1);
-        assert_eq!(classify_transition(mark, &observed("idle", "", "2026-11-27T10:05:00Z")), Some(pool));
-        assert_eq!(
-            classify_transition(mark, &observed("terminated", "9876543210", "2026-11-27T10:06:00Z")),
-            Some(Finding::Done)
         );
     }
 

@@ -75,6 +75,7 @@ pub mod machine;
 pub mod ports;
 pub mod record;
 pub mod report;
+pub mod run;
 pub mod spec;
 pub mod timestamp;
 

@@ -181,6 +181,34 @@ pub trait RunStore: Send + Sync {
     ) -> impl Future<Output = Result<Option<ResourceClassConfig>, StoreError>> + Send;
 }
 
+/// The fencing token a driver's instance writes carry: the run record they are checked against
+/// (`ConditionCheck` in the same transaction) and what it must hold. A driver that was taken over
+/// (another owner, a bumped epoch) or whose run finished has every such write refused by the
+/// store ([`WriteResult::Fenced`]), whatever the clocks say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The run id.
+    pub run_id: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// The lease owner the record must name.
+    pub owner: String,
+    /// The fencing epoch the record must carry.
+    pub epoch: u64,
+}
+
+impl Fence {
+    /// The fence of `record` as this driver holds it.
+    pub fn of(record: &RunRecord) -> Fence {
+        Fence {
+            run_id: record.run_id.clone(),
+            attempt: record.run_attempt,
+            owner: record.lease.owner.clone(),
+            epoch: record.fencing_epoch,
+        }
+    }
+}
+
 /// The instance records, changed in atomic batches.
 pub trait InstanceStore: Send + Sync {
     /// Applies up to [`crate::core::MAX_TRANSACTION_ITEMS`] transitions atomically, one result
@@ -192,9 +220,14 @@ pub trait InstanceStore: Send + Sync {
         &self,
         batch: &[InstanceTransition],
         now: Timestamp,
+        fence: &Fence,
     ) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
-    /// Deletes up to [`crate::core::MAX_TRANSACTION_ITEMS`] records atomically, same results.
-    fn delete(&self, batch: &[InstanceDeletion]) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
+    /// Deletes up to [`crate::core::MAX_FENCED_BATCH`] records atomically, fenced, same results.
+    fn delete(
+        &self,
+        batch: &[InstanceDeletion],
+        fence: &Fence,
+    ) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
 }
 
 /// One pool message to send.

@@ -13,7 +13,7 @@ use crate::timestamp::Timestamp;
 
 /// The schema version this build writes. Older versions it can still read are listed in
 /// `docs/schema.md`; a newer one is refused rather than misread.
-pub const RUN_RECORD_SCHEMA_VERSION: u32 = 2;
+pub const RUN_RECORD_SCHEMA_VERSION: u32 = 3;
 
 /// The most attempts of one run id read by [`crate::ports::RunStore::load_attempts`].
 pub const MAX_ATTEMPTS_READ: usize = 1_000;
@@ -89,6 +89,12 @@ pub struct RunRecord {
     pub error: Option<RunError>,
     /// The driver allowed to write this record, and until when.
     pub lease: Lease,
+    /// The fencing token (schema version 3): bumped by every take-over, and checked by DynamoDB
+    /// in every transaction that changes this run's instance records, together with the lease
+    /// owner and an unfinished state. A driver that was taken over is refused by the store
+    /// itself, whatever its clock says. A version 2 record reads as epoch 0.
+    #[serde(default)]
+    pub fencing_epoch: u64,
     /// Epoch seconds after which DynamoDB TTL may delete the record: the retention after the run
     /// finished, or, while unfinished, twice the retention after it started (the same as its
     /// spec chunks, so an abandoned run's record and spec go together).
@@ -113,13 +119,38 @@ pub struct HistoryEntry {
     pub reason: String,
 }
 
+/// The kind of a run's error, persisted as `shortfall` or `unexpected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunErrorKind {
+    /// A capacity shortfall: graceful rollback.
+    Shortfall,
+    /// The error that sent the run to emergency cleanup.
+    Unexpected,
+}
+
+impl RunErrorKind {
+    /// The persisted name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunErrorKind::Shortfall => "shortfall",
+            RunErrorKind::Unexpected => "unexpected",
+        }
+    }
+}
+
+impl std::fmt::Display for RunErrorKind {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
 /// Why a run failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunError {
-    /// `shortfall` (graceful rollback) or `unexpected` (the error that sent the run to emergency
-    /// cleanup).
-    pub kind: String,
+    /// Which kind of failure.
+    pub kind: RunErrorKind,
     /// The message, as the CLI prints it.
     pub message: String,
 }

@@ -210,7 +210,7 @@ pub fn step_summary(outcome: &RunOutcome) -> String {
         ));
     }
     if let Some(error) = &record.error {
-        out.push_str(&format!("\n**Error ({}):** {}\n", markdown(&error.kind), markdown(&error.message)));
+        out.push_str(&format!("\n**Error ({}):** {}\n", markdown(error.kind.as_str()), markdown(&error.message)));
     }
     out
 }

@@ -113,6 +113,18 @@ pub struct Table {
 }
 
 impl Table {
+    /// The `ConditionCheck` every fenced transaction carries on the run record: the lease owner
+    /// and fencing epoch are the fence's, and the run is not finished (as
+    /// `src/aws/dynamodb.rs`'s `fence_check` phrases it; the differential test keeps them equal).
+    pub fn fence_holds(&self, fence: &post_provision::ports::Fence) -> bool {
+        let identifier = post_provision::record::record_identifier(&fence.run_id, fence.attempt);
+        let Some(record) = self.runs.get(&identifier) else { return false };
+        let owner = record.pointer("/lease/owner").and_then(|v| v.as_str());
+        let epoch = record.get("fencingEpoch").and_then(|v| v.as_u64());
+        let state = record.get("state").and_then(|v| v.as_str()).unwrap_or("");
+        owner == Some(fence.owner.as_str()) && epoch == Some(fence.epoch) && !matches!(state, "Done" | "Failed")
+    }
+
     /// `TransactWriteItems` of instance actions, with `injected` cancellation codes the simulation
     /// adds for some items (load or conflicts, by item index). All or nothing.
     pub fn transact(

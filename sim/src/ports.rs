@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use post_provision::core::{InstanceDeletion, InstanceTransition, ObservedRecord, WriteResult};
 use post_provision::ports::{
+    Fence,
     AwsError, Compute, CreateOutcome, ErrorClass, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues, RunStore,
     StoreError, Termination,
 };
@@ -505,9 +506,18 @@ impl RunStore for SimPorts {
 }
 
 impl InstanceStore for SimPorts {
-    async fn transition(&self, batch: &[InstanceTransition], now: Timestamp) -> Result<Vec<WriteResult>, AwsError> {
-        assert!(batch.len() <= post_provision::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
+    async fn transition(
+        &self,
+        batch: &[InstanceTransition],
+        now: Timestamp,
+        fence: &Fence,
+    ) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= post_provision::core::MAX_FENCED_BATCH, "transaction batch too large");
         self.call("DynamoDB", "TransactWriteItems", true, |world| {
+            if !world.table.fence_holds(fence) {
+                world.log(|| format!("  transition {}: refused by the run record's fence", batch.len()));
+                return Ok(vec![WriteResult::Fenced; batch.len()]);
+            }
             let injected =
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
             self.note_acting_attempt(world, batch.iter().map(|t| &t.instance_id));
@@ -536,9 +546,13 @@ impl InstanceStore for SimPorts {
         .await?
     }
 
-    async fn delete(&self, batch: &[InstanceDeletion]) -> Result<Vec<WriteResult>, AwsError> {
-        assert!(batch.len() <= post_provision::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
+    async fn delete(&self, batch: &[InstanceDeletion], fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= post_provision::core::MAX_FENCED_BATCH, "transaction batch too large");
         self.call("DynamoDB", "TransactWriteItems", true, |world| {
+            if !world.table.fence_holds(fence) {
+                world.log(|| format!("  delete {}: refused by the run record's fence", batch.len()));
+                return Ok(vec![WriteResult::Fenced; batch.len()]);
+            }
             let injected =
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
             self.note_acting_attempt(world, batch.iter().map(|d| &d.instance_id));

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType, Put,
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType, Put,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
@@ -13,7 +13,7 @@ use super::AwsPorts;
 use crate::core::{
     InstanceDeletion, InstanceState, InstanceTransition, ObservedRecord, ThresholdCondition, WriteResult,
 };
-use crate::ports::{AwsError, CreateOutcome, ErrorClass, InstanceStore, RunStore, StoreError};
+use crate::ports::{AwsError, CreateOutcome, ErrorClass, Fence, InstanceStore, RunStore, StoreError};
 use crate::record::{self, RunRecord};
 use crate::spec::ResourceClassConfig;
 use crate::timestamp::Timestamp;
@@ -143,13 +143,16 @@ fn fresh_token() -> String {
 }
 
 impl AwsPorts {
-    async fn transact(&self, items: Vec<TransactWriteItem>, token: String) -> Result<Vec<WriteResult>, AwsError> {
+    /// One fenced transaction: `items`, then the [`Fence`]'s `ConditionCheck` on the run record.
+    /// Refused by the fence, every item comes back [`WriteResult::Fenced`].
+    async fn transact(&self, mut items: Vec<TransactWriteItem>, fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {
         let count = items.len();
+        items.push(self.fence_check(fence)?);
         let result = self
             .dynamodb
             .transact_write_items()
             .set_transact_items(Some(items))
-            .client_request_token(token)
+            .client_request_token(fresh_token())
             .send()
             .await;
         match result {
@@ -158,11 +161,39 @@ impl AwsPorts {
                 if let Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(cancelled)) =
                     error.as_service_error()
                 {
-                    return cancellation_results(cancelled.cancellation_reasons(), count);
+                    let reasons = cancelled.cancellation_reasons();
+                    if reasons.get(count).and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+                        return Ok(vec![WriteResult::Fenced; count]);
+                    }
+                    let mut results = cancellation_results(reasons, count + 1)?;
+                    results.truncate(count);
+                    return Ok(results);
                 }
                 Err(from_sdk(SERVICE, "TransactWriteItems", error))
             }
         }
+    }
+
+    /// The fence: this driver holds the lease, its epoch is unchanged, and the run is not
+    /// finished. No clock is involved: the lease's expiry is not part of it.
+    fn fence_check(&self, fence: &Fence) -> Result<TransactWriteItem, AwsError> {
+        let check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(key("RUN", &crate::record::record_identifier(&fence.run_id, fence.attempt))))
+            .condition_expression(
+                "#lease.#owner = :fenceOwner AND #epoch = :fenceEpoch AND NOT (#state IN (:done, :failed))",
+            )
+            .expression_attribute_names("#lease", "lease")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#epoch", "fencingEpoch")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":fenceOwner", s(fence.owner.clone()))
+            .expression_attribute_values(":fenceEpoch", AttributeValue::N(fence.epoch.to_string()))
+            .expression_attribute_values(":done", s("Done"))
+            .expression_attribute_values(":failed", s("Failed"))
+            .build()
+            .map_err(|error| build_error("TransactWriteItems", error))?;
+        Ok(TransactWriteItem::builder().condition_check(check).build())
     }
 }
 
@@ -171,14 +202,19 @@ fn build_error(operation: &'static str, error: impl std::fmt::Display) -> AwsErr
 }
 
 impl InstanceStore for AwsPorts {
-    async fn transition(&self, batch: &[InstanceTransition], now: Timestamp) -> Result<Vec<WriteResult>, AwsError> {
-        assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
+    async fn transition(
+        &self,
+        batch: &[InstanceTransition],
+        now: Timestamp,
+        fence: &Fence,
+    ) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
         let items = batch.iter().map(|t| self.transition_item(t, now)).collect::<Result<Vec<_>, _>>()?;
-        self.transact(items, fresh_token()).await
+        self.transact(items, fence).await
     }
 
-    async fn delete(&self, batch: &[InstanceDeletion]) -> Result<Vec<WriteResult>, AwsError> {
-        assert!(batch.len() <= crate::core::MAX_TRANSACTION_ITEMS, "transaction batch too large");
+    async fn delete(&self, batch: &[InstanceDeletion], fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
         let mut items = Vec::with_capacity(batch.len());
         for deletion in batch {
             // Only a record this run marked: see `core::InstanceDeletion`.
@@ -198,7 +234,7 @@ impl InstanceStore for AwsPorts {
                 .map_err(|error| build_error("TransactWriteItems", error))?;
             items.push(TransactWriteItem::builder().delete(delete).build());
         }
-        self.transact(items, fresh_token()).await
+        self.transact(items, fence).await
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
-use super::{DriveError, Driver, StepError};
+use super::{DriveError, Driver};
 use crate::ports::Ports;
 use crate::record::RunRecord;
 
@@ -47,7 +47,8 @@ impl<P: Ports> Driver<P> {
     /// to make. A driver that cannot confirm stops (`LeaseLost`, resumable) instead of acting
     /// beside a driver that may have taken over.
     pub(super) async fn revalidate_lease(&self) -> Result<(), DriveError> {
-        let Some((run_id, attempt)) = self.leased_run.lock().expect("lease lock").clone() else {
+        let Some(crate::ports::Fence { run_id, attempt, .. }) = self.leased_run.lock().expect("lease lock").clone()
+        else {
             return Ok(());
         };
         let expires_at = self.clock.now().plus_secs(self.limits.lease_secs);
@@ -87,7 +88,7 @@ impl<P: Ports> Driver<P> {
     }
 
     /// Renews the lease when less than half of it is left; refused when another driver took over.
-    pub(super) async fn checkpoint(&self, record: &mut RunRecord) -> Result<(), StepError> {
+    pub(super) async fn checkpoint(&self, record: &mut RunRecord) -> Result<(), DriveError> {
         let now = self.clock.now();
         if record.lease.expires_at.unix_secs() - now.unix_secs() > self.limits.lease_secs / 2 {
             return Ok(());
@@ -96,6 +97,6 @@ impl<P: Ports> Driver<P> {
         next.version += 1;
         next.updated_at = now;
         next.lease.expires_at = now.plus_secs(self.limits.lease_secs);
-        self.persist(record, next).await.map_err(StepError::Stop)
+        self.persist(record, next).await
     }
 }

@@ -1,0 +1,352 @@
+//! Creating a run: reconcile, build its first record, and create it (with its first effects, on
+//! the one-transaction path of a small run), or rejoin the run that already has that id.
+
+use std::collections::{BTreeMap, HashSet};
+
+use tracing::{info, info_span, Instrument};
+
+use super::drive::Start;
+use super::*;
+use crate::config::OnRetriesExhausted;
+use crate::core::{self, InstanceTransition};
+use crate::machine::{self, Input, State};
+use crate::ports::{AwsError, CreateOutcome, ErrorClass, StoreError};
+use crate::record::{self, HistoryEntry, Lease, RunError, RunErrorKind, RunRecord, RUN_RECORD_SCHEMA_VERSION};
+use crate::run;
+use crate::spec::{Spec, SpecError};
+use crate::timestamp::Timestamp;
+
+impl<P: Ports> Driver<P> {
+    /// Starts a run from its spec; for a run id and attempt that already have a record, continues
+    /// that run (same spec) or refuses (different spec).
+    pub async fn start(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
+        let span = info_span!("run", run_id = %spec.run_id, attempt = spec.attempt());
+        Box::pin(self.start_inner(spec).instrument(span)).await
+    }
+
+    async fn start_inner(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
+        let canonical = spec.to_canonical_json();
+        let spec_digest = record::digest(&canonical);
+        let first = match self.first_state(&spec, &spec_digest).await? {
+            Ok(first) => first,
+            Err(existing) => return existing,
+        };
+        // Read after the pool's configuration: that read may take long, and `now` fixes the
+        // thresholds and the lease the first write carries.
+        let now = self.clock.now();
+        let mut record = self.first_record(&spec, spec_digest.clone(), first, now);
+        let chunks = record::split_spec(&canonical);
+        record.spec_chunks = chunks.len() as u32;
+        let unfinished_ttl = record.ttl.expect("an unfinished record expires");
+        // No read first: creating the record is conditional, and a run id that already has one
+        // gets it back from the refused create (one round trip either way).
+        //
+        // The fast path: when they fit in one transaction, the record is created together with
+        // its state's transitions, so the state is persisted *with* its first effects, not
+        // before them, and a crash leaves both or neither. A commit is then created already
+        // `Done`: one request for the whole run. If an instance refuses, nothing was written,
+        // and the staged path below finds and handles the refusal as it always did.
+        if let Some((fast, transitions)) = self.fast_path(&record, &spec, chunks.len(), now) {
+            match Box::pin(self.create(&fast, &chunks, unfinished_ttl, &transitions, now, &spec_digest)).await? {
+                Created::Landed(landed) => return self.landed_with(landed, spec, &transitions).await,
+                Created::Other(outcome) => return outcome,
+                Created::Refused(refused) => {
+                    info!(refused = ?refused, "the one-transaction path was refused; taking the staged path");
+                    record.refused_at_create = refused;
+                }
+            }
+        }
+        match Box::pin(self.create(&record, &chunks, unfinished_ttl, &[], now, &spec_digest)).await? {
+            Created::Landed(landed) => record = landed,
+            Created::Other(outcome) => return outcome,
+            Created::Refused(_) => unreachable!("no transition rode along"),
+        }
+        self.hold_lease(&record);
+        self.record_event(TraceEvent::Persisted { state: record.state });
+        info!(state = %record.state, "run persisted");
+        Box::pin(self.drive(record, spec, Start::Fresh, None)).await
+    }
+
+    /// A run created together with its first transitions: finished (a commit), or driven on
+    /// without sending them again (a rollback).
+    async fn landed_with(
+        &self,
+        landed: RunRecord,
+        spec: Spec,
+        transitions: &[InstanceTransition],
+    ) -> Result<RunOutcome, DriveError> {
+        self.hold_lease(&landed);
+        self.record_event(TraceEvent::CreatedWith {
+            state: landed.state,
+            to: transitions[0].new_state,
+            ids: transitions.iter().map(|t| t.instance_id.clone()).collect(),
+        });
+        info!(state = %landed.state, transitions = transitions.len(), "run persisted with its transitions");
+        if landed.state.is_terminal() {
+            info!(state = %landed.state, "run finished");
+            return Ok(self.outcome(landed, spec));
+        }
+        Box::pin(self.drive(landed, spec, Start::Preapplied, None)).await
+    }
+
+    /// Reconciles, and for a rollback resolves the pool queues. `Err` holds the outcome of a
+    /// run that already exists with this id (a repeated `run`).
+    async fn first_state(
+        &self,
+        spec: &Spec,
+        spec_digest: &str,
+    ) -> Result<Result<FirstState, Result<RunOutcome, DriveError>>, DriveError> {
+        let reconciliation = core::reconcile(spec);
+        info!(outcome = ?reconciliation.input, reason = %reconciliation.reason, "reconciled");
+        let mut first = FirstState {
+            input: reconciliation.input,
+            reason: reconciliation.reason,
+            queue_urls: BTreeMap::new(),
+            error: None,
+        };
+        if first.input != Input::ReconciledShortfall {
+            return Ok(Ok(first));
+        }
+        match self.resolve_queues(spec).await {
+            Ok(urls) => first.queue_urls = urls,
+            Err(ResolveError::Spec(error)) => {
+                // A repeated `run` of an existing run reports that run, even if the pool's
+                // configuration changed since.
+                if let Some(existing) = self.ports.load_run(&spec.run_id, spec.attempt()).await.map_err(not_started)? {
+                    return Ok(Err(Box::pin(self.rejoin(existing, spec_digest)).await));
+                }
+                return Err(DriveError::InvalidSpec(error));
+            }
+            // Nothing is written yet: a missing table, AWS under load, or AWS unavailable for
+            // now under `Stall`, is reported as such, and the same `run` can be repeated.
+            Err(ResolveError::Aws(aws))
+                if aws.class == ErrorClass::NotFound
+                    || aws.class == ErrorClass::Throttling
+                    || aws.class == ErrorClass::Permission
+                    || (aws.class.is_retryable() && self.limits.on_retries_exhausted == OnRetriesExhausted::Stall) =>
+            {
+                return Err(DriveError::NotStarted(aws));
+            }
+            Err(ResolveError::Aws(aws)) => {
+                // The pool's configuration could not be read: an unexpected error in
+                // Reconciling, which the design sends to emergency cleanup.
+                first.input = Input::UnexpectedError;
+                first.reason = format!("could not read the pool configuration: {aws}");
+                first.error = Some(RunError { kind: RunErrorKind::Unexpected, message: first.reason.clone() });
+            }
+        }
+        Ok(Ok(first))
+    }
+
+    /// The run's first record, in the state reconciliation chose, with that state's thresholds.
+    fn first_record(&self, spec: &Spec, spec_digest: String, first: FirstState, now: Timestamp) -> RunRecord {
+        let (state, _) = machine::next(State::Reconciling, first.input).expect("Reconciling declares every outcome");
+        // An abandoned run's record and spec chunks expire together, long after any resume.
+        let unfinished_ttl = now.plus_secs(2 * self.limits.retention_days * 86_400).unix_secs();
+        let mut record = RunRecord {
+            schema_version: RUN_RECORD_SCHEMA_VERSION,
+            run_id: spec.run_id.clone(),
+            run_attempt: spec.attempt(),
+            version: 1,
+            state,
+            spec_digest,
+            spec_chunks: 0,
+            instance_count: spec.instance_count() as u32,
+            created_at: now,
+            updated_at: now,
+            // Reconciling has no side effects: it completes in memory, and the first write
+            // records it together with the state it chose.
+            history: vec![
+                HistoryEntry { state: State::Reconciling, at: now, reason: "run started".into() },
+                HistoryEntry { state, at: now, reason: first.reason },
+            ],
+            commit_threshold: None,
+            idle_threshold: None,
+            queue_urls: first.queue_urls,
+            messages_sent: Vec::new(),
+            refused_at_create: Vec::new(),
+            error: first.error,
+            lease: Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) },
+            fencing_epoch: 1,
+            ttl: Some(unfinished_ttl),
+        };
+        set_entry_thresholds(&mut record, spec, now);
+        record
+    }
+
+    /// The one-transaction form of a new run, when it fits: a commit created already `Done` with
+    /// every commit transition, or a rollback created in `RollingBack` with every release.
+    fn fast_path(
+        &self,
+        record: &RunRecord,
+        spec: &Spec,
+        chunks: usize,
+        now: Timestamp,
+    ) -> Option<(RunRecord, Vec<InstanceTransition>)> {
+        let count = spec.instance_count();
+        // A later attempt acts only after the earlier ones have finished (`attempts_in_order`),
+        // which it cannot know before it has read them: it takes the staged path.
+        if record.run_attempt > 1
+            || count == 0
+            || count > self.limits.one_transaction_max_instances
+            || chunks + 1 + count > core::MAX_TRANSACTION_ITEMS
+        {
+            return None;
+        }
+        match record.state {
+            State::Committing => {
+                let threshold = record.commit_threshold.expect("set at entry");
+                let mut done = record.clone();
+                done.state = State::Done;
+                done.history.push(HistoryEntry {
+                    state: State::Done,
+                    at: now,
+                    reason: format!("{count} instances committed"),
+                });
+                done.ttl = Some(now.plus_secs(self.limits.retention_days * 86_400).unix_secs());
+                done.lease.expires_at = now;
+                Some((done, run::commit::transitions(spec, threshold)))
+            }
+            State::RollingBack => {
+                let threshold = record.idle_threshold.expect("set at entry");
+                Some((record.clone(), run::rollback::transitions(spec, threshold, &HashSet::new())))
+            }
+            _ => None,
+        }
+    }
+
+    /// Creates `record` (with `transitions` riding along), telling a landed create from an
+    /// existing run and from a refused transition. A create whose answer was lost is read back
+    /// before the run reports that nothing was written.
+    async fn create(
+        &self,
+        record: &RunRecord,
+        chunks: &[String],
+        ttl: i64,
+        transitions: &[InstanceTransition],
+        now: Timestamp,
+        spec_digest: &str,
+    ) -> Result<Created, DriveError> {
+        let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
+        match created {
+            Ok(CreateOutcome::Created) => Ok(Created::Landed(record.clone())),
+            Ok(CreateOutcome::Exists(existing)) => {
+                Ok(Created::Other(Box::pin(self.rejoin(*existing, spec_digest)).await))
+            }
+            Ok(CreateOutcome::EffectsRefused(results)) => Ok(Created::Refused(
+                transitions
+                    .iter()
+                    .zip(results)
+                    .filter(|(_, result)| matches!(result, crate::core::WriteResult::Rejected(_)))
+                    .map(|(transition, _)| transition.instance_id.clone())
+                    .collect(),
+            )),
+            Err(StoreError::Aws(aws)) if aws.class.is_retryable() => {
+                // The create may have landed with its answer lost: look before saying that
+                // nothing was written.
+                match self.ports.load_run(&record.run_id, record.run_attempt).await {
+                    Ok(Some(existing)) if existing.lease.owner == self.owner && existing.version == 1 => {
+                        info!("the create landed although its answer was lost");
+                        Ok(Created::Landed(existing))
+                    }
+                    Ok(Some(existing)) => Ok(Created::Other(Box::pin(self.rejoin(existing, spec_digest)).await)),
+                    Ok(None) if !transitions.is_empty() => Ok(Created::Refused(Vec::new())),
+                    Ok(None) => Err(DriveError::NotStarted(aws)),
+                    Err(check) => Err(DriveError::Uncertain { run_id: record.display_name(), error: aws, check }),
+                }
+            }
+            Err(other) => Err(not_started(other)),
+        }
+    }
+
+    /// A `run` for an existing run id and attempt: same spec continues or reports it; another
+    /// spec is refused.
+    async fn rejoin(&self, existing: RunRecord, spec_digest: &str) -> Result<RunOutcome, DriveError> {
+        if existing.spec_digest != spec_digest {
+            return Err(DriveError::SpecMismatch { run_id: existing.display_name() });
+        }
+        self.resume_record(existing, false).await
+    }
+
+    /// Continues the latest attempt of an unfinished run from its persisted state; a finished
+    /// one reports its outcome.
+
+    async fn resolve_queues(&self, spec: &Spec) -> Result<BTreeMap<String, String>, ResolveError> {
+        // The table's configuration is read even when the spec carries its own: the pool's item
+        // is the authority, and a spec's config that disagrees with it is refused (issue 13).
+        let pool = self.ports.load_resource_class_config().await.map_err(|error| match error {
+            StoreError::Aws(aws) => ResolveError::Aws(aws),
+            other => ResolveError::Spec(SpecError {
+                field: "resourceClassConfig".into(),
+                problem: format!("the table's metadata item is unusable: {other}"),
+            }),
+        })?;
+        spec.check_config_against_pool(pool.as_ref(), self.limits.queue_urls).map_err(ResolveError::Spec)?;
+        let config = spec.resource_class_config.clone().or(pool);
+        let mut urls = BTreeMap::new();
+        let lists = [("selection", &spec.selection.instances), ("creation", &spec.creation.instances)];
+        for (list, instances) in lists {
+            for (index, instance) in instances.iter().enumerate() {
+                match config.as_ref().and_then(|config| config.get(&instance.resource_class)) {
+                    Some(class) => {
+                        urls.insert(instance.resource_class.clone(), class.queue_url.clone());
+                    }
+                    None => {
+                        return Err(ResolveError::Spec(SpecError {
+                            field: format!("{list}.instances[{index}].resourceClass"),
+                            problem: format!(
+                                "resource class {:?} has no pool queue in resourceClassConfig{}; returning the instance to its pool needs one",
+                                instance.resource_class,
+                                if spec.resource_class_config.is_none() { " (read from the table's TYPE#METADATA resource_class_config item)" } else { "" }
+                            ),
+                        }))
+                    }
+                }
+            }
+        }
+        Ok(urls)
+    }
+}
+
+/// What reconciliation chose, before anything is written.
+struct FirstState {
+    input: Input,
+    reason: String,
+    queue_urls: BTreeMap<String, String>,
+    error: Option<RunError>,
+}
+
+enum Created {
+    /// The record (with any transitions that rode along) is in the table, as given.
+    Landed(RunRecord),
+    /// The run id and attempt already had a record: that run's outcome (continued or reported).
+    Other(Result<RunOutcome, DriveError>),
+    /// A transition that rode along was refused (or the transaction failed): nothing was
+    /// written. The instances whose conditions failed.
+    Refused(Vec<String>),
+}
+
+enum ResolveError {
+    Spec(SpecError),
+    Aws(AwsError),
+}
+
+fn not_started(error: StoreError) -> DriveError {
+    match error {
+        StoreError::Aws(error) => DriveError::NotStarted(error),
+        other => DriveError::Store(other),
+    }
+}
+
+/// Thresholds are computed once, when their state is entered, and stored with it.
+pub(super) fn set_entry_thresholds(record: &mut RunRecord, spec: &Spec, now: Timestamp) {
+    match record.state {
+        State::Committing if record.commit_threshold.is_none() => {
+            record.commit_threshold = Some(now.plus_secs(spec.max_runtime_min * 60));
+        }
+        State::RollingBack if record.idle_threshold.is_none() => {
+            record.idle_threshold = Some(now.plus_secs(spec.idle_time_sec));
+        }
+        _ => {}
+    }
+}

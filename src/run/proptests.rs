@@ -1,0 +1,283 @@
+//! Property tests of the stages, with no tokio and no AWS: a model table answers each effect the
+//! way DynamoDB, SQS and EC2 would (with arbitrary failures, memberships and terminations), for
+//! arbitrary starting records. Whatever happens, a stage never writes a record without its
+//! ownership condition, never terminates an instance it has not marked (or that has no record)
+//! or that lacks the pool tag, announces only what it released, and reaches a verdict.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::cleanup::Cleanup;
+use super::commit::Commit;
+use super::rollback::Rollback;
+use super::{Effect, EffectResult, Failure, Outcome, Poll, Stage};
+use crate::core::{InstanceState, ObservedRecord, ThresholdCondition, WriteResult};
+use crate::ports::{AwsError, ErrorClass, PoolMembership, Termination};
+use crate::spec::Spec;
+use crate::timestamp::Timestamp;
+
+const RUN: &str = "9876543210";
+
+#[derive(Debug, Clone)]
+struct Record {
+    state: &'static str,
+    run_id: String,
+    threshold: Timestamp,
+}
+
+/// One instance's arbitrary world: its record, and what EC2 says of it.
+#[derive(Debug, Clone)]
+struct Instance {
+    record: Option<Record>,
+    tagged: bool,
+    known_to_ec2: bool,
+    refuse_termination: bool,
+}
+
+fn start() -> Timestamp {
+    Timestamp::parse("2026-11-30T12:00:00Z").unwrap()
+}
+
+fn instance() -> impl Strategy<Value = Instance> {
+    let state = prop::sample::select(vec!["created", "running", "idle", "claimed", "terminated"]);
+    let owner = prop::sample::select(vec![RUN.to_string(), "1111".to_string(), String::new()]);
+    let threshold = prop::sample::select(vec![-100i64, 1_000, 300, 1_800]);
+    let record = prop::option::weighted(0.85, (state, owner, threshold))
+        .prop_map(|r| r.map(|(state, run_id, offset)| Record { state, run_id, threshold: start().plus_secs(offset) }));
+    (record, prop::bool::weighted(0.9), prop::bool::weighted(0.9), prop::bool::weighted(0.1)).prop_map(
+        |(record, tagged, known_to_ec2, refuse_termination)| Instance { record, tagged, known_to_ec2, refuse_termination },
+    )
+}
+
+/// A spec with `selected` claimed and `created` launched instances, ids `i-0…` in order.
+fn spec(selected: usize, created: usize, success: bool) -> Spec {
+    let instance = |n: usize| crate::spec::tests::instance_json(&format!("i-{n:017x}"), "large");
+    let value = serde_json::json!({
+        "runId": RUN, "maxRuntimeMin": 30, "idleTimeSec": 300,
+        "selection": {"numInstancesSelected": selected, "numInstancesRequired": selected + created,
+                      "instances": (0..selected).map(instance).collect::<Vec<_>>()},
+        "creation": {"state": if success { "success" } else { "failed" }, "numInstancesCreated": created,
+                     "instances": (selected..selected + created).map(instance).collect::<Vec<_>>()},
+    });
+    Spec::from_json(&value.to_string()).expect("a valid spec")
+}
+
+struct Model {
+    instances: BTreeMap<String, Instance>,
+    now: Timestamp,
+    /// One entry per effect: fail it (and how), or not.
+    faults: Vec<u8>,
+    next_fault: usize,
+    /// Members of the last pool check.
+    members: Vec<String>,
+    idle_threshold: Option<Timestamp>,
+}
+
+impl Model {
+    fn fault(&mut self) -> Option<Failure> {
+        let choice = self.faults.get(self.next_fault).copied().unwrap_or(0);
+        self.next_fault += 1;
+        let aws = |class| AwsError { service: "X", operation: "Y", code: None, message: "injected".into(), class };
+        match choice {
+            1 => Some(Failure::Unavailable(aws(ErrorClass::Transient))),
+            2 => Some(Failure::Throttled(aws(ErrorClass::Throttling))),
+            3 => Some(Failure::Unexpected("injected".into())),
+            _ => None,
+        }
+    }
+
+    fn write(&mut self, id: &str, holds: bool, apply: impl FnOnce(&mut Option<Record>)) -> WriteResult {
+        let instance = self.instances.get_mut(id).expect("the spec's instances are modelled");
+        if holds {
+            apply(&mut instance.record);
+            return WriteResult::Applied;
+        }
+        WriteResult::Rejected(instance.record.as_ref().map(|r| ObservedRecord {
+            state: r.state.to_string(),
+            run_id: r.run_id.clone(),
+            threshold: r.threshold.to_string(),
+        }))
+    }
+
+    fn answer(&mut self, effect: Effect) -> Outcome {
+        if !matches!(effect, Effect::Checkpoint) {
+            if let Some(failure) = self.fault() {
+                return Err(failure);
+            }
+        }
+        Ok(match effect {
+            Effect::Transition(transitions) => EffectResult::Transitioned(
+                transitions
+                    .into_iter()
+                    .map(|t| {
+                        for expected in &t.expected {
+                            let owned = expected.run_id == RUN
+                                || (expected.run_id.is_empty()
+                                    && expected.states == [InstanceState::Idle]
+                                    && matches!(expected.threshold, ThresholdCondition::Exactly(_)));
+                            assert!(owned, "a write without its ownership condition: {t:?}");
+                        }
+                        let now = self.now;
+                        let record = self.instances[&t.instance_id].record.clone();
+                        let holds = record.as_ref().is_some_and(|r| {
+                            t.expected.iter().any(|e| {
+                                e.states.iter().any(|s| s.as_str() == r.state)
+                                    && e.run_id == r.run_id
+                                    && match e.threshold {
+                                        ThresholdCondition::Unexpired => r.threshold > now,
+                                        ThresholdCondition::Exactly(at) => r.threshold == at,
+                                        ThresholdCondition::Any => true,
+                                    }
+                            })
+                        });
+                        let (state, run_id, threshold) = (t.new_state.as_str(), t.new_run_id.clone(), t.new_threshold);
+                        let result = self.write(&t.instance_id, holds, |r| *r = Some(Record { state, run_id, threshold }));
+                        (t, result)
+                    })
+                    .collect(),
+            ),
+            Effect::Delete(deletions) => EffectResult::Deleted(
+                deletions
+                    .into_iter()
+                    .map(|d| {
+                        assert_eq!(d.owner_run_id, RUN, "a deletion of another run's mark");
+                        let record = self.instances[&d.instance_id].record.clone();
+                        let holds = record.is_some_and(|r| r.state == "terminated" && r.run_id == RUN);
+                        let result = self.write(&d.instance_id, holds, |r| *r = None);
+                        (d, result)
+                    })
+                    .collect(),
+            ),
+            Effect::Send(announcements) => {
+                for a in &announcements {
+                    let record = self.instances[&a.instance.id].record.clone().expect("an announced record exists");
+                    assert_eq!((record.state, record.run_id.as_str()), ("idle", ""), "announced but not released");
+                    assert_eq!(Some(record.threshold), self.idle_threshold, "announced at another threshold");
+                    assert_eq!(a.threshold, record.threshold, "the message's threshold is the record's");
+                }
+                let delivered = announcements.iter().map(|a| a.instance.id.clone()).collect();
+                EffectResult::Sent { delivered, failure: None }
+            }
+            Effect::CheckPool(ids) => {
+                let mut membership = PoolMembership::default();
+                for id in ids {
+                    let instance = &self.instances[&id];
+                    match (instance.known_to_ec2, instance.tagged) {
+                        (false, _) => membership.unknown.push(id),
+                        (true, true) => membership.members.push(id),
+                        (true, false) => membership.foreign.push(id),
+                    }
+                }
+                self.members = membership.members.clone();
+                EffectResult::Checked(membership)
+            }
+            Effect::Terminate(ids) => {
+                let mut termination = Termination::default();
+                for id in ids {
+                    assert!(self.members.contains(&id), "terminated without the pool tag: {id}");
+                    let instance = &self.instances[&id];
+                    let marked = instance.record.as_ref().is_none_or(|r| r.state == "terminated" && r.run_id == RUN);
+                    assert!(marked, "terminated before its mark: {id} {:?}", instance.record);
+                    if instance.refuse_termination {
+                        let error = AwsError {
+                            service: "EC2",
+                            operation: "TerminateInstances",
+                            code: Some("OperationNotPermitted".into()),
+                            message: "refused".into(),
+                            class: ErrorClass::Permission,
+                        };
+                        termination.refused.push((id, error));
+                    } else {
+                        termination.terminated.push(id);
+                    }
+                }
+                EffectResult::Terminated(termination)
+            }
+            Effect::Checkpoint => EffectResult::Checkpointed,
+        })
+    }
+}
+
+/// Runs a stage against the model; returns its verdict.
+fn drive<S: Stage>(mut stage: S, model: &mut Model) -> Result<S::Verdict, Failure> {
+    let mut results = Vec::new();
+    for _ in 0..50 {
+        let poll = stage.advance(model.now, std::mem::take(&mut results));
+        stage.drain_found();
+        match poll {
+            Poll::Finished(verdict) => return verdict,
+            Poll::Run(effects) => results = effects.into_iter().map(|e| model.answer(e)).collect(),
+        }
+    }
+    panic!("the stage reached no verdict in 50 steps");
+}
+
+fn world(selected: usize, instances: Vec<Instance>, faults: Vec<u8>) -> (Spec, Model) {
+    let spec = spec(selected, instances.len() - selected, true);
+    let ids = spec.instances().map(|(_, i)| i.id.clone());
+    let model = Model {
+        instances: ids.zip(instances).collect(),
+        now: start(),
+        faults,
+        next_fault: 0,
+        members: Vec::new(),
+        idle_threshold: None,
+    };
+    (spec, model)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn commit_writes_only_its_own_and_reports_only_what_it_found(
+        instances in prop::collection::vec(instance(), 1..6),
+        selected in 0usize..6,
+        faults in prop::collection::vec(0u8..6, 0..4),
+        resumed: bool,
+    ) {
+        let selected = selected.min(instances.len());
+        let (spec, mut model) = world(selected, instances, faults);
+        let threshold = start().plus_secs(1_800);
+        if let Ok(_reason) = drive(Commit::new(&spec, threshold, resumed, &[]), &mut model) {
+            for (_, instance) in spec.instances() {
+                let record = model.instances[&instance.id].record.clone();
+                let committed = record.as_ref().is_some_and(|r| r.state == "running" && r.run_id == RUN && r.threshold == threshold);
+                // Only a resume may count an instance handed on after an earlier commit.
+                prop_assert!(committed || resumed, "Done without {} committed: {:?}", instance.id, record);
+            }
+        }
+    }
+
+    #[test]
+    fn rollback_announces_only_what_it_released_and_terminates_only_what_it_marked(
+        instances in prop::collection::vec(instance(), 1..6),
+        selected in 0usize..6,
+        faults in prop::collection::vec(0u8..6, 0..8),
+    ) {
+        let selected = selected.min(instances.len());
+        let (spec, mut model) = world(selected, instances, faults);
+        let idle = start().plus_secs(300);
+        model.idle_threshold = Some(idle);
+        let _ = drive(Rollback::new(&spec, idle, &[], false, start()), &mut model);
+    }
+
+    #[test]
+    fn cleanup_terminates_only_what_it_marked_and_keeps_what_it_announced(
+        instances in prop::collection::vec(instance(), 1..6),
+        selected in 0usize..6,
+        faults in prop::collection::vec(0u8..6, 0..8),
+        rolled_back: bool,
+    ) {
+        let selected = selected.min(instances.len());
+        let (spec, mut model) = world(selected, instances, faults);
+        let idle = rolled_back.then(|| start().plus_secs(300));
+        model.idle_threshold = idle;
+        let sent = vec![spec.instances().next().map(|(_, i)| i.id.clone()).unwrap_or_default()];
+        let before = model.instances[&sent[0]].record.clone();
+        let _ = drive(Cleanup::new(&spec, &sent, idle, start()), &mut model);
+        let after = model.instances[&sent[0]].record.clone();
+        prop_assert_eq!(before.map(|r| (r.state, r.run_id)), after.map(|r| (r.state, r.run_id)), "an announced instance was touched");
+    }
+}

@@ -1,0 +1,289 @@
+//! The retire protocol, shared by rollback and emergency cleanup: mark → pool check →
+//! terminate → delete.
+//!
+//! 1. **Mark.** Each record this run holds, in any state, becomes `terminated` (runId kept,
+//!    threshold `marked_at`); refresh's own mark is accepted too. Once marked, no other actor
+//!    moves the record (selection takes `idle`, release `running`, refresh
+//!    `idle`/`claimed`/`running`), so terminating the instance next cannot hit one somebody else
+//!    holds. With `released_unsent`, a record this run released at that threshold and never
+//!    announced is marked as well: nothing would ever claim it.
+//! 2. **Pool check.** Only instances with the pool tag are terminated; one without it is
+//!    reported and never terminated.
+//! 3. **Terminate.** A refused termination keeps the marked record (and is reported).
+//! 4. **Delete** the marked records of the instances EC2 terminated, conditional on the mark. A
+//!    record never disappears while its instance may live on. An instance EC2 does not know yet
+//!    keeps its record while the mark is younger than [`UNKNOWN_INSTANCE_GRACE_SECS`] (the run
+//!    then waits, [`Failure::NotYet`]); after that, it is long gone and its record goes too.
+//!
+//! Architecture invariant: a record is deleted only after its mark landed and EC2 terminated
+//! the instance (or long forgot it); an instance is terminated only after its mark landed (or
+//! it has no record) and only with the pool tag.
+
+use std::collections::HashSet;
+
+use super::effect::{single, Effect, EffectResult, Failure, Found, Outcome, Poll};
+use super::Stage;
+use crate::core::{
+    classify_transition, Expectation, Finding, InstanceDeletion, InstanceState, InstanceTransition,
+    ThresholdCondition, WriteResult,
+};
+use crate::ports::{PoolMembership, Termination};
+use crate::spec::{PoolInstance, Role};
+use crate::timestamp::Timestamp;
+
+/// How long after a record was marked `terminated` an instance EC2 does not know is still taken
+/// for a fresh one that eventual consistency hides (the run stalls, resumable, and tries again),
+/// rather than for one long gone (its record is deleted). EC2 hides fresh ids for seconds, and
+/// shows terminated instances for about an hour.
+pub const UNKNOWN_INSTANCE_GRACE_SECS: i64 = 600;
+
+/// What retiring a set of instances did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Retired {
+    /// Instances terminated.
+    pub terminated: usize,
+    /// Instances whose mark found them in the pool exactly as this run released them (idle,
+    /// runId `""`, the run's idle threshold): announced or not, this run cannot tell.
+    pub released: Vec<String>,
+}
+
+/// What retiring does with one instance after its mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Marked by this run (now or earlier): terminate the instance, then delete the record.
+    TerminateThenDelete,
+    /// No record: nothing can ever claim it again, so it is terminated (if it is a pool
+    /// instance), or it would leak.
+    TerminateOnly,
+    /// Found exactly as this run's rollback released it: the caller decides (announce again).
+    Released,
+    /// Somebody else holds it, or it is in a state this run does not retire: leave it alone.
+    LeaveAlone,
+}
+
+/// The marks: see the module docs.
+pub fn marks(
+    run_id: &str,
+    instances: &[(Role, &PoolInstance)],
+    released_unsent: Option<Timestamp>,
+    marked_at: Timestamp,
+) -> Vec<InstanceTransition> {
+    let held = Expectation {
+        states: vec![InstanceState::Claimed, InstanceState::Running, InstanceState::Created, InstanceState::Terminated],
+        run_id: run_id.to_string(),
+        threshold: ThresholdCondition::Any,
+    };
+    let released = released_unsent.map(|threshold| Expectation {
+        states: vec![InstanceState::Idle],
+        run_id: String::new(),
+        threshold: ThresholdCondition::Exactly(threshold),
+    });
+    instances
+        .iter()
+        .map(|(role, instance)| InstanceTransition {
+            instance_id: instance.id.clone(),
+            role: *role,
+            expected: std::iter::once(held.clone()).chain(released.clone()).collect(),
+            new_state: InstanceState::Terminated,
+            new_run_id: run_id.to_string(),
+            new_threshold: marked_at,
+        })
+        .collect()
+}
+
+/// The rule for one mark's result. `released`: the idle threshold this run released records
+/// at, when a record found exactly so is the caller's to decide.
+pub fn disposition(mark: &InstanceTransition, result: &WriteResult, released: Option<Timestamp>) -> (Disposition, Finding) {
+    let finding = classify_transition(mark, result).expect("cancelled writes were re-sent");
+    if let (Some(threshold), WriteResult::Rejected(Some(found))) = (released, result) {
+        if found.state == InstanceState::Idle.as_str() && found.run_id.is_empty() && found.threshold == threshold.to_string()
+        {
+            return (Disposition::Released, finding);
+        }
+    }
+    let disposition = match finding {
+        Finding::Done => Disposition::TerminateThenDelete,
+        Finding::Missing => Disposition::TerminateOnly,
+        Finding::OwnedByOther { .. } | Finding::Expired { .. } | Finding::WrongState { .. } => Disposition::LeaveAlone,
+    };
+    (disposition, finding)
+}
+
+/// What the stage waits for: the result of the effect it returned last.
+enum Phase {
+    Start,
+    Marks,
+    Checkpoint,
+    PoolCheck,
+    Termination,
+    DeleteCheckpoint(Vec<InstanceDeletion>),
+    Deletions,
+    Over,
+}
+
+/// The retire stage for a set of instances.
+pub struct Retire {
+    run_id: String,
+    marked_at: Timestamp,
+    released: Option<Timestamp>,
+    marks: Vec<InstanceTransition>,
+    phase: Phase,
+    marked: Vec<String>,
+    unrecorded: Vec<String>,
+    released_ids: Vec<String>,
+    terminated: Vec<String>,
+    /// Marked instances EC2 does not know: while the mark is fresh, the run waits for them.
+    unknown_fresh: Vec<String>,
+    /// Marked instances DescribeInstances did not know, until termination adds its own.
+    unknown_marked: Vec<String>,
+    found: Vec<Found>,
+}
+
+impl Retire {
+    /// Retires `instances` of run `run_id`; `released_unsent` and `released` as in [`marks`] and
+    /// [`disposition`]; `marked_at` is when the run entered the retiring state (a stable
+    /// threshold for the marks, the same on every resume).
+    pub fn new(
+        run_id: &str,
+        instances: &[(Role, &PoolInstance)],
+        released_unsent: Option<Timestamp>,
+        released: Option<Timestamp>,
+        marked_at: Timestamp,
+    ) -> Retire {
+        Retire {
+            run_id: run_id.to_string(),
+            marked_at,
+            released,
+            marks: marks(run_id, instances, released_unsent, marked_at),
+            phase: Phase::Start,
+            marked: Vec::new(),
+            unrecorded: Vec::new(),
+            released_ids: Vec::new(),
+            terminated: Vec::new(),
+            unknown_fresh: Vec::new(),
+            unknown_marked: Vec::new(),
+            found: Vec::new(),
+        }
+    }
+
+    fn handle_marks(&mut self, results: Vec<(InstanceTransition, WriteResult)>) {
+        for (mark, result) in &results {
+            let id = mark.instance_id.clone();
+            match disposition(mark, result, self.released) {
+                (Disposition::TerminateThenDelete, _) => self.marked.push(id),
+                (Disposition::TerminateOnly, _) => self.unrecorded.push(id),
+                (Disposition::Released, _) => self.released_ids.push(id),
+                (Disposition::LeaveAlone, finding) => self.found.push(Found::new(id, finding.to_string())),
+            }
+        }
+    }
+
+    fn handle_pool(&mut self, membership: PoolMembership) -> Vec<String> {
+        for id in &membership.foreign {
+            self.found.push(Found::new(id, "not a pool instance"));
+        }
+        for id in membership.unknown.iter().filter(|id| !self.marked.contains(id)) {
+            self.found.push(Found::new(id, "no instance record and unknown to EC2: nothing to terminate"));
+        }
+        self.unknown_marked = membership.unknown.into_iter().filter(|id| self.marked.contains(id)).collect();
+        membership.members
+    }
+
+    /// After termination: the deletions due now. An instance EC2 does not know keeps its record
+    /// while the mark is fresh; a foreign instance or a refused termination keeps it for good.
+    fn handle_termination(&mut self, now: Timestamp, termination: Termination) -> Vec<InstanceDeletion> {
+        for (id, error) in &termination.refused {
+            self.found.push(Found::new(id, format!("termination refused: {error}")));
+        }
+        let fresh = now.unix_secs() - self.marked_at.unix_secs() < UNKNOWN_INSTANCE_GRACE_SECS;
+        let mut unknown: Vec<String> = termination.not_found.into_iter().filter(|id| self.marked.contains(id)).collect();
+        unknown.append(&mut self.unknown_marked);
+        let finding = if fresh {
+            "unknown to EC2 (yet): record kept, marked terminated"
+        } else {
+            "unknown to EC2 long after its mark: gone"
+        };
+        self.found.extend(unknown.iter().map(|id| Found::new(id, finding)));
+        let mut gone: HashSet<&String> = termination.terminated.iter().collect();
+        if !fresh {
+            gone.extend(unknown.iter());
+        }
+        let deletions = self
+            .marked
+            .iter()
+            .filter(|id| gone.contains(id))
+            .map(|id| InstanceDeletion { instance_id: id.clone(), owner_run_id: self.run_id.clone() })
+            .collect();
+        self.terminated = termination.terminated;
+        if fresh {
+            self.unknown_fresh = unknown;
+        }
+        deletions
+    }
+
+    fn verdict(&mut self) -> Poll<Retired> {
+        self.phase = Phase::Over;
+        if !self.unknown_fresh.is_empty() {
+            return Poll::Finished(Err(Failure::NotYet(format!(
+                "EC2 does not know {} instance(s) of this run yet (eventual consistency): {}; their records stay, marked terminated; resume to finish",
+                self.unknown_fresh.len(),
+                self.unknown_fresh.join(", ")
+            ))));
+        }
+        Poll::Finished(Ok(Retired { terminated: self.terminated.len(), released: std::mem::take(&mut self.released_ids) }))
+    }
+}
+
+impl Stage for Retire {
+    type Verdict = Retired;
+
+    /// The protocol, top to bottom: each arm takes the result of the step before it.
+    fn advance(&mut self, now: Timestamp, results: Vec<Outcome>) -> Poll<Retired> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Over);
+        let next = match phase {
+            Phase::Start if self.marks.is_empty() => return self.verdict(),
+            Phase::Start => Ok((Phase::Marks, Effect::Transition(std::mem::take(&mut self.marks)))),
+            Phase::Marks => single(results, EffectResult::into_transitioned).map(|marks| {
+                self.handle_marks(marks);
+                (Phase::Checkpoint, Effect::Checkpoint)
+            }),
+            Phase::Checkpoint => single(results, EffectResult::into_checkpointed).map(|()| {
+                let candidates = self.marked.iter().chain(&self.unrecorded).cloned().collect();
+                (Phase::PoolCheck, Effect::CheckPool(candidates))
+            }),
+            Phase::PoolCheck => single(results, EffectResult::into_checked)
+                .map(|membership| (Phase::Termination, Effect::Terminate(self.handle_pool(membership)))),
+            Phase::Termination => match single(results, EffectResult::into_terminated) {
+                Ok(termination) => {
+                    let deletions = self.handle_termination(now, termination);
+                    if deletions.is_empty() {
+                        return self.verdict();
+                    }
+                    Ok((Phase::DeleteCheckpoint(deletions), Effect::Checkpoint))
+                }
+                Err(failure) => Err(failure),
+            },
+            Phase::DeleteCheckpoint(deletions) => {
+                single(results, EffectResult::into_checkpointed).map(|()| (Phase::Deletions, Effect::Delete(deletions)))
+            }
+            // A deletion refused because the record is no longer this run's mark changes nothing:
+            // the record stays for its new owner.
+            Phase::Deletions => match single(results, EffectResult::into_deleted) {
+                Ok(_) => return self.verdict(),
+                Err(failure) => Err(failure),
+            },
+            Phase::Over => unreachable!("a finished stage is not advanced"),
+        };
+        match next {
+            Ok((phase, effect)) => {
+                self.phase = phase;
+                Poll::Run(vec![effect])
+            }
+            Err(failure) => Poll::Finished(Err(failure)),
+        }
+    }
+
+    fn drain_found(&mut self) -> Vec<Found> {
+        std::mem::take(&mut self.found)
+    }
+}
