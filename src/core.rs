@@ -1,6 +1,7 @@
-//! The pure core: reconciliation, the planning of every side effect, and the reading of their
-//! outcomes. Nothing here does I/O or reads a clock: time comes in as a parameter, so tests and
-//! resumes are deterministic.
+//! The pure vocabulary every path shares: reconciliation, the instance states, conditional writes
+//! as data (`Expectation`, `ThresholdCondition`, `InstanceTransition`), their results and how a
+//! refusal is read (`classify_transition` → `Finding`), the pool message body, and the batch
+//! limits. The paths' own rules are in `crate::run`. Nothing here does I/O or reads a clock.
 
 use serde::{Deserialize, Serialize};
 

@@ -9,7 +9,7 @@ use crate::audit::{AuditReport, Ec2Snapshot, Finding, InstanceRecordSnapshot, Re
 use crate::aws::{self, AwsPorts, Connection, RequestCounter};
 use crate::config::Limits;
 use crate::core::PoolMessage;
-use crate::driver::{Clock, DriveError, Driver, Hooks, RunOutcome, SystemClock};
+use crate::driver::{Clock, DriveError, Driver, Hooked, Hooks, RunOutcome, SystemClock};
 use crate::ports::{Compute, OutgoingMessage, PoolQueues, RunStore, StoreError};
 use crate::record::RunRecord;
 use crate::spec::Spec;
@@ -110,10 +110,10 @@ impl EngineBuilder {
         };
         let ports = Arc::new(ports);
         Ok(Engine {
+            hooked: Arc::new(Hooked::new(ports.clone(), self.hooks)),
             ports,
             limits: self.limits,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
-            hooks: self.hooks,
         })
     }
 }
@@ -121,9 +121,10 @@ impl EngineBuilder {
 /// Drives post-provision runs against one pool table.
 pub struct Engine {
     ports: Arc<AwsPorts>,
+    /// The same ports with the engine's test hooks (none in production): what drivers use.
+    hooked: Arc<Hooked<AwsPorts>>,
     limits: Limits,
     clock: Arc<dyn Clock>,
-    hooks: Hooks,
 }
 
 /// One run's result from [`Engine::resume_all`].
@@ -136,18 +137,31 @@ impl Engine {
     }
 
     /// A new driver (each has its own lease owner id).
-    pub fn driver(&self) -> Driver<AwsPorts> {
-        Driver::new(self.ports.clone(), self.limits.clone(), self.clock.clone(), self.hooks.clone())
+    pub fn driver(&self) -> Driver<Hooked<AwsPorts>> {
+        Driver::new(self.hooked.clone(), self.limits.clone(), self.clock.clone())
+    }
+
+    /// Runs a driver's work, ended as [`DriveError::Crashed`] if a crash hook's point is reached
+    /// (the driver is dropped wherever it waits, as a process that dies).
+    async fn guarded(
+        &self,
+        work: impl std::future::Future<Output = Result<RunOutcome, DriveError>>,
+    ) -> Result<RunOutcome, DriveError> {
+        tokio::select! {
+            biased;
+            writes = self.hooked.crashed() => Err(DriveError::Crashed { writes }),
+            result = work => result,
+        }
     }
 
     /// Starts a run (or continues/reports the run with the same id and spec).
     pub async fn start(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
-        self.driver().start(spec).await
+        self.guarded(self.driver().start(spec)).await
     }
 
     /// Continues the latest attempt of an unfinished run; reports a finished one.
     pub async fn resume(&self, run_id: &str) -> Result<RunOutcome, DriveError> {
-        self.driver().resume(run_id).await
+        self.guarded(self.driver().resume(run_id)).await
     }
 
     /// Continues one attempt of a run (`None`: the latest); with `force`, as
@@ -158,13 +172,13 @@ impl Engine {
         attempt: Option<u32>,
         force: bool,
     ) -> Result<RunOutcome, DriveError> {
-        self.driver().resume_attempt(run_id, attempt, force).await
+        self.guarded(self.driver().resume_attempt(run_id, attempt, force)).await
     }
 
     /// Continues an unfinished run, taking its lease even though it has not ended: only for a
     /// run whose driver is known to be dead (see [`Driver::resume_with`]).
     pub async fn resume_forced(&self, run_id: &str) -> Result<RunOutcome, DriveError> {
-        self.driver().resume_with(run_id, true).await
+        self.guarded(self.driver().resume_with(run_id, true)).await
     }
 
     /// The record of the run's latest attempt, if it exists.

@@ -211,10 +211,11 @@ impl Fence {
 
 /// The instance records, changed in atomic batches.
 pub trait InstanceStore: Send + Sync {
-    /// Applies up to [`crate::core::MAX_TRANSACTION_ITEMS`] transitions atomically, one result
-    /// per transition in order. When any condition fails nothing is written: the rejected ones
-    /// come back as `Rejected` with the record found, throttled ones as `Throttled`, the others
-    /// as `Cancelled`. `now` is both the `updatedAt` written and the `:now` of
+    /// Applies up to [`crate::core::MAX_FENCED_BATCH`] transitions atomically, with `fence`'s
+    /// `ConditionCheck` on the run record in the same transaction, one result per transition in
+    /// order. When the fence fails, every result is `Fenced`. When any condition fails nothing
+    /// is written: the rejected ones come back as `Rejected` with the record found, throttled
+    /// ones as `Throttled`, the others as `Cancelled`. `now` is both the `updatedAt` written and the `:now` of
     /// [`crate::core::ThresholdCondition::Unexpired`].
     fn transition(
         &self,

@@ -244,6 +244,30 @@ impl Spec {
 
     /// Checks everything that can be checked without AWS.
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_numbers()?;
+        if let Some(config) = &self.resource_class_config {
+            validate_config(config)?;
+        }
+        let mut seen: HashSet<&str> = HashSet::new();
+        let lists = [("selection", &self.selection.instances), ("creation", &self.creation.instances)];
+        for (list, instances) in lists {
+            for (index, instance) in instances.iter().enumerate() {
+                let at = |field: &str| format!("{list}.instances[{index}].{field}");
+                validate_instance_id(&instance.id).map_err(|problem| SpecError::new(at("id"), problem))?;
+                if !seen.insert(instance.id.as_str()) {
+                    return Err(SpecError::new(
+                        at("id"),
+                        format!("instance {} appears more than once (each instance may be listed once, in selection or in creation)", instance.id),
+                    ));
+                }
+                self.validate_instance(instance, at)?;
+            }
+        }
+        self.validate_stored_size()
+    }
+
+    /// The run id, the attempt, the times and the counts.
+    fn validate_numbers(&self) -> Result<(), SpecError> {
         validate_run_id(&self.run_id).map_err(|problem| SpecError::new("runId", problem))?;
         if let Some(attempt) = self.run_attempt {
             if !(1..=MAX_RUN_ATTEMPT).contains(&attempt) {
@@ -265,25 +289,17 @@ impl Spec {
                 format!("expected whole seconds from 1 to {MAX_IDLE_TIME_SEC}, got {}", self.idle_time_sec),
             ));
         }
-        if self.selection.num_instances_selected as usize != self.selection.instances.len() {
-            return Err(SpecError::new(
-                "selection.numInstancesSelected",
-                format!(
-                    "expected the number of entries in selection.instances ({}), got {}",
-                    self.selection.instances.len(),
-                    self.selection.num_instances_selected
-                ),
-            ));
-        }
-        if self.creation.num_instances_created as usize != self.creation.instances.len() {
-            return Err(SpecError::new(
-                "creation.numInstancesCreated",
-                format!(
-                    "expected the number of entries in creation.instances ({}), got {}",
-                    self.creation.instances.len(),
-                    self.creation.num_instances_created
-                ),
-            ));
+        let counts = [
+            ("selection", "numInstancesSelected", self.selection.num_instances_selected, self.selection.instances.len()),
+            ("creation", "numInstancesCreated", self.creation.num_instances_created, self.creation.instances.len()),
+        ];
+        for (list, field, stated, listed) in counts {
+            if stated as usize != listed {
+                return Err(SpecError::new(
+                    format!("{list}.{field}"),
+                    format!("expected the number of entries in {list}.instances ({listed}), got {stated}"),
+                ));
+            }
         }
         if self.instance_count() > MAX_INSTANCES_PER_RUN {
             return Err(SpecError::new(
@@ -291,43 +307,35 @@ impl Spec {
                 format!("a run may act on at most {MAX_INSTANCES_PER_RUN} instances, got {}", self.instance_count()),
             ));
         }
-        if let Some(config) = &self.resource_class_config {
-            validate_config(config)?;
+        Ok(())
+    }
+
+    /// One instance's class and type, and its `cpu`/`mmem` against its class.
+    fn validate_instance(&self, instance: &PoolInstance, at: impl Fn(&str) -> String) -> Result<(), SpecError> {
+        validate_resource_class(&instance.resource_class)
+            .map_err(|problem| SpecError::new(at("resourceClass"), problem))?;
+        validate_instance_type(&instance.instance_type).map_err(|problem| SpecError::new(at("instanceType"), problem))?;
+        let Some(class) = self.resource_class_config.as_ref().and_then(|c| c.get(&instance.resource_class)) else {
+            return Ok(());
+        };
+        let name = &instance.resource_class;
+        if instance.cpu != class.cpu {
+            return Err(SpecError::new(
+                at("cpu"),
+                format!("resource class {name:?} has cpu {} in resourceClassConfig, but this instance of it has cpu {}", class.cpu, instance.cpu),
+            ));
         }
-        let mut seen: HashSet<&str> = HashSet::new();
-        let lists = [("selection", &self.selection.instances), ("creation", &self.creation.instances)];
-        for (list, instances) in lists {
-            for (index, instance) in instances.iter().enumerate() {
-                let at = |field: &str| format!("{list}.instances[{index}].{field}");
-                validate_instance_id(&instance.id).map_err(|problem| SpecError::new(at("id"), problem))?;
-                if !seen.insert(instance.id.as_str()) {
-                    return Err(SpecError::new(
-                        at("id"),
-                        format!("instance {} appears more than once (each instance may be listed once, in selection or in creation)", instance.id),
-                    ));
-                }
-                validate_resource_class(&instance.resource_class)
-                    .map_err(|problem| SpecError::new(at("resourceClass"), problem))?;
-                validate_instance_type(&instance.instance_type)
-                    .map_err(|problem| SpecError::new(at("instanceType"), problem))?;
-                let class = self.resource_class_config.as_ref().and_then(|c| c.get(&instance.resource_class));
-                if let Some(class) = class {
-                    let name = &instance.resource_class;
-                    if instance.cpu != class.cpu {
-                        return Err(SpecError::new(
-                            at("cpu"),
-                            format!("resource class {name:?} has cpu {} in resourceClassConfig, but this instance of it has cpu {}", class.cpu, instance.cpu),
-                        ));
-                    }
-                    if instance.mmem != class.mmem {
-                        return Err(SpecError::new(
-                            at("mmem"),
-                            format!("resource class {name:?} has mmem {} in resourceClassConfig, but this instance of it has mmem {}", class.mmem, instance.mmem),
-                        ));
-                    }
-                }
-            }
+        if instance.mmem != class.mmem {
+            return Err(SpecError::new(
+                at("mmem"),
+                format!("resource class {name:?} has mmem {} in resourceClassConfig, but this instance of it has mmem {}", class.mmem, instance.mmem),
+            ));
         }
+        Ok(())
+    }
+
+    /// The run record and the creating transaction stay within DynamoDB's limits.
+    fn validate_stored_size(&self) -> Result<(), SpecError> {
         let size = stored_size_bound(self);
         if size.record_bytes > crate::record::MAX_RECORD_BYTES {
             return Err(SpecError::new(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use post_provision::config::{Limits, OnRetriesExhausted};
-use post_provision::driver::{Clock, DriveError, Driver, Hooks, OutcomeKind};
+use post_provision::driver::{Clock, DriveError, Driver, OutcomeKind};
 use post_provision::record;
 use post_provision::spec::{Creation, CreationState, PoolInstance, ResourceClass, Selection, Spec, UsageClass};
 use post_provision::timestamp::Timestamp;
@@ -299,7 +299,7 @@ impl Sim {
             not_found_retries: self.limits.not_found_retries,
             not_found_delay: self.limits.not_found_delay,
         });
-        (Driver::new(ports, self.limits.clone(), self.clock.clone(), Hooks::default()), crashed, paused, client)
+        (Driver::new(ports, self.limits.clone(), self.clock.clone()), crashed, paused, client)
     }
 
     fn finished(&self, attempt: u32) -> Option<OutcomeKind> {
@@ -653,6 +653,7 @@ mod tests {
                 refused_at_create: Vec::new(),
                 error: None,
                 lease: post_provision::record::Lease { owner: "x".into(), expires_at: now },
+                fencing_epoch: 1,
                 ttl: None,
             };
             world.table.runs.insert(world.spec.run_id.clone(), serde_json::to_value(&record).unwrap());

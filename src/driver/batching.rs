@@ -21,14 +21,17 @@ impl<P: Ports> Driver<P> {
         transitions: Vec<InstanceTransition>,
         fence: &Fence,
     ) -> Result<Vec<(InstanceTransition, WriteResult)>, StepError> {
-        self.run_batched(
-            transitions,
-            "transition",
-            |t| &t.instance_id,
-            |batch| TraceEvent::TransitionInstances {
+        let kind = Kind {
+            what: "transition",
+            id: |t: &InstanceTransition| &t.instance_id,
+            event: |batch: &[InstanceTransition]| TraceEvent::TransitionInstances {
                 to: batch[0].new_state,
                 ids: batch.iter().map(|t| t.instance_id.clone()).collect(),
             },
+        };
+        self.run_batched(
+            transitions,
+            kind,
             move |batch| async move { self.write(self.ports.transition(&batch, self.clock.now(), fence)).await },
         )
         .await
@@ -40,30 +43,25 @@ impl<P: Ports> Driver<P> {
         deletions: Vec<InstanceDeletion>,
         fence: &Fence,
     ) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
+        let kind = Kind {
+            what: "deletion",
+            id: |d: &InstanceDeletion| &d.instance_id,
+            event: |batch: &[InstanceDeletion]| TraceEvent::DeleteRecords {
+                ids: batch.iter().map(|d| d.instance_id.clone()).collect(),
+            },
+        };
         self.run_batched(
             deletions,
-            "deletion",
-            |d| &d.instance_id,
-            |batch| TraceEvent::DeleteRecords { ids: batch.iter().map(|d| d.instance_id.clone()).collect() },
+            kind,
             move |batch| async move { self.write(self.ports.delete(&batch, fence)).await },
         )
         .await
     }
 
     /// The batching both kinds of instance-record writes share: up to
-    /// [`core::MAX_TRANSACTION_ITEMS`] items per atomic transaction, at most `concurrency`
-    /// transactions at once. Items a cancelled transaction did not write are re-sent alone, with
-    /// backoff: after a conflict (or another item's failed condition) for at most `batch_rounds`
-    /// rounds, after throttling (per item, or of the whole request) for as long as the throttle
-    /// budget lasts. Returns every item with its result, never `Cancelled` or `Throttled`.
-    async fn run_batched<T, Call, Fut>(
-        &self,
-        items: Vec<T>,
-        what: &'static str,
-        id: fn(&T) -> &String,
-        event: fn(&[T]) -> TraceEvent,
-        call: Call,
-    ) -> Result<Vec<(T, WriteResult)>, StepError>
+    /// [`core::MAX_FENCED_BATCH`] items per fenced atomic transaction, at most `concurrency`
+    /// transactions at once. Returns every item with its result, never `Cancelled` or `Throttled`.
+    async fn run_batched<T, Call, Fut>(&self, items: Vec<T>, kind: Kind<T>, call: Call) -> Result<Vec<(T, WriteResult)>, StepError>
     where
         T: Clone,
         Call: Fn(Vec<T>) -> Fut,
@@ -72,104 +70,83 @@ impl<P: Ports> Driver<P> {
         let batches: Vec<Vec<T>> = items.chunks(core::MAX_FENCED_BATCH).map(<[_]>::to_vec).collect();
         let total = batches.len();
         let done = &AtomicU64::new(0);
-        let call = &call;
+        let (call, kind) = (&call, &kind);
         let results: Vec<Vec<(T, WriteResult)>> = stream::iter(batches)
             .map(|batch| async move {
-                let mut pending = batch;
-                let mut outcomes = Vec::with_capacity(pending.len());
-                let mut conflict_rounds = 0;
-                let mut throttled_since: Option<tokio::time::Instant> = None;
-                let mut round = 0;
-                // A batch cancelled only because some of its items failed their conditions is
-                // not contended: the rest go again at once, without backoff.
-                let mut contended = false;
-                while !pending.is_empty() {
-                    if round > 0 && contended {
-                        tokio::time::sleep(self.backoff(round)).await;
-                    }
-                    round += 1;
-                    self.record_event(event(&pending));
-                    let results = match call(pending.clone()).await? {
-                        Ok(results) => results,
-                        Err(error) if error.class == ErrorClass::Throttling => {
-                            let since = *throttled_since.get_or_insert_with(tokio::time::Instant::now);
-                            if since.elapsed() >= self.limits.throttle_budget {
-                                return Err(StepError::Failed(Failure::Throttled(error)));
-                            }
-                            warn!(error = %error, "{what} batch throttled; re-sending within the throttle budget");
-                            contended = true;
-                            continue;
-                        }
-                        Err(error) => return Err(StepError::Failed(Failure::from_aws(error))),
-                    };
-                    info!(ids = ?pending.iter().map(id).collect::<Vec<_>>(), "{what} batch written");
-                    let (mut conflicted, mut throttled, mut rejected) = (false, false, false);
-                    let mut retry = Vec::new();
-                    if results.iter().any(|result| *result == WriteResult::Fenced) {
-                        // The store refused this driver: another one took the run over.
-                        return Err(StepError::Stop(DriveError::LeaseLost { run_id: String::new() }));
-                    }
-                    for (item, result) in pending.into_iter().zip(results) {
-                        match result {
-                            WriteResult::Cancelled => {
-                                conflicted = true;
-                                retry.push(item);
-                            }
-                            WriteResult::Throttled => {
-                                throttled = true;
-                                retry.push(item);
-                            }
-                            other => {
-                                rejected |= matches!(other, WriteResult::Rejected(_));
-                                outcomes.push((item, other));
-                            }
-                        }
-                    }
-                    pending = retry;
-                    contended = throttled || (conflicted && !rejected);
-                    if throttled {
-                        let since = *throttled_since.get_or_insert_with(tokio::time::Instant::now);
-                        if since.elapsed() >= self.limits.throttle_budget {
-                            return Err(StepError::Failed(Failure::Throttled(AwsError {
-                                service: "DynamoDB",
-                                operation: "TransactWriteItems",
-                                code: Some("ThrottlingError".into()),
-                                message: format!(
-                                    "{} instance {what}s still throttled after {} s",
-                                    pending.len(),
-                                    self.limits.throttle_budget.as_secs()
-                                ),
-                                class: ErrorClass::Throttling,
-                            })));
-                        }
-                    } else if contended {
-                        // Transaction conflicts are contention with other writers of the same
-                        // records: load, like throttling, never a reason for emergency cleanup.
-                        conflict_rounds += 1;
-                        if conflict_rounds >= self.limits.batch_rounds {
-                            return Err(StepError::Failed(Failure::Throttled(AwsError {
-                                service: "DynamoDB",
-                                operation: "TransactWriteItems",
-                                code: Some("TransactionConflict".into()),
-                                message: format!(
-                                    "{} instance {what}s still conflicting after {} rounds: {}",
-                                    pending.len(),
-                                    self.limits.batch_rounds,
-                                    pending.iter().map(|item| id(item).as_str()).collect::<Vec<_>>().join(", ")
-                                ),
-                                class: ErrorClass::Throttling,
-                            })));
-                        }
-                    }
-                }
+                let outcomes = self.run_batch(batch, kind, call).await?;
                 let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
-                info!(batches_done = finished, batches = total, "{what} batches progress");
-                Ok(outcomes)
+                info!(batches_done = finished, batches = total, "{} batches progress", kind.what);
+                Ok::<_, StepError>(outcomes)
             })
             .buffer_unordered(self.limits.concurrency)
             .try_collect()
             .await?;
         Ok(results.into_iter().flatten().collect())
+    }
+
+    /// One batch to its end. Items a cancelled transaction did not write are re-sent alone, with
+    /// backoff: after a conflict (or another item's failed condition) for at most `batch_rounds`
+    /// rounds, after throttling (per item, or of the whole request) for as long as the throttle
+    /// budget lasts. A transaction the run record's fence refused stops the driver.
+    async fn run_batch<T, Call, Fut>(&self, batch: Vec<T>, kind: &Kind<T>, call: &Call) -> Result<Vec<(T, WriteResult)>, StepError>
+    where
+        T: Clone,
+        Call: Fn(Vec<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<Vec<WriteResult>, AwsError>, DriveError>>,
+    {
+        let mut pending = batch;
+        let mut outcomes = Vec::with_capacity(pending.len());
+        let mut rounds = Rounds::default();
+        while !pending.is_empty() {
+            if rounds.round > 0 && rounds.contended {
+                tokio::time::sleep(self.backoff(rounds.round)).await;
+            }
+            rounds.round += 1;
+            self.record_event((kind.event)(&pending));
+            let results = match call(pending.clone()).await? {
+                Ok(results) => results,
+                Err(error) if error.class == ErrorClass::Throttling => {
+                    rounds.throttled(self.limits.throttle_budget).map_err(|()| Failure::Throttled(error.clone()))?;
+                    warn!(error = %error, "{} batch throttled; re-sending within the throttle budget", kind.what);
+                    continue;
+                }
+                Err(error) => return Err(StepError::Failed(Failure::from_aws(error))),
+            };
+            if results.iter().any(|result| *result == WriteResult::Fenced) {
+                // The store refused this driver: another one took the run over, or it finished.
+                return Err(StepError::Stop(DriveError::LeaseLost { run_id: String::new() }));
+            }
+            info!(ids = ?pending.iter().map(kind.id).collect::<Vec<_>>(), "{} batch written", kind.what);
+            let (retry, throttled, conflicted) = sort_results(pending, results, &mut outcomes);
+            pending = retry;
+            if throttled {
+                rounds.throttled(self.limits.throttle_budget).map_err(|()| {
+                    let message = format!(
+                        "{} instance {}s still throttled after {} s",
+                        pending.len(),
+                        kind.what,
+                        self.limits.throttle_budget.as_secs()
+                    );
+                    Failure::Throttled(load_error("ThrottlingError", message))
+                })?;
+            } else if conflicted {
+                // Transaction conflicts are contention with other writers of the same records:
+                // load, like throttling, never a reason for emergency cleanup.
+                rounds.conflicted(self.limits.batch_rounds).map_err(|()| {
+                    let ids = pending.iter().map(|item| (kind.id)(item).as_str()).collect::<Vec<_>>().join(", ");
+                    let message = format!(
+                        "{} instance {}s still conflicting after {} rounds: {ids}",
+                        pending.len(),
+                        kind.what,
+                        self.limits.batch_rounds
+                    );
+                    Failure::Throttled(load_error("TransactionConflict", message))
+                })?;
+            } else {
+                rounds.contended = false;
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Exponential backoff with full jitter for re-sent batch items, bounded by the limits. The
@@ -178,5 +155,84 @@ impl<P: Ports> Driver<P> {
         let ceiling = self.limits.initial_backoff.saturating_mul(1 << round.min(10)).min(self.limits.max_backoff);
         let millis = ceiling.as_millis().max(1) as u64;
         std::time::Duration::from_millis(self.clock.random_u64() % (millis + 1))
+    }
+}
+
+/// What a batch writes, for its logs and trace events.
+struct Kind<T> {
+    what: &'static str,
+    id: fn(&T) -> &String,
+    event: fn(&[T]) -> TraceEvent,
+}
+
+/// A batch's re-send rounds and their budgets.
+#[derive(Default)]
+struct Rounds {
+    round: u32,
+    conflict_rounds: u32,
+    throttled_since: Option<tokio::time::Instant>,
+    /// The last round was cancelled for load or conflicts (not merely because some items failed
+    /// their conditions, when the rest go again at once): the next one waits first.
+    contended: bool,
+}
+
+impl Rounds {
+    /// Throttled again: `Err` once the throttle budget, counted from the first throttling, is spent.
+    fn throttled(&mut self, budget: std::time::Duration) -> Result<(), ()> {
+        self.contended = true;
+        let since = *self.throttled_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= budget {
+            return Err(());
+        }
+        Ok(())
+    }
+
+    /// Conflicted again: `Err` after `limit` conflicted rounds.
+    fn conflicted(&mut self, limit: u32) -> Result<(), ()> {
+        self.contended = true;
+        self.conflict_rounds += 1;
+        if self.conflict_rounds >= limit {
+            return Err(());
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the final results in `outcomes`; returns the items to re-send, whether some were
+/// throttled, and whether the batch was cancelled by a conflict rather than by some items'
+/// failed conditions.
+fn sort_results<T>(
+    pending: Vec<T>,
+    results: Vec<WriteResult>,
+    outcomes: &mut Vec<(T, WriteResult)>,
+) -> (Vec<T>, bool, bool) {
+    let (mut cancelled, mut throttled, mut rejected) = (false, false, false);
+    let mut retry = Vec::new();
+    for (item, result) in pending.into_iter().zip(results) {
+        match result {
+            WriteResult::Cancelled => {
+                cancelled = true;
+                retry.push(item);
+            }
+            WriteResult::Throttled => {
+                throttled = true;
+                retry.push(item);
+            }
+            other => {
+                rejected |= matches!(other, WriteResult::Rejected(_));
+                outcomes.push((item, other));
+            }
+        }
+    }
+    (retry, throttled, cancelled && !rejected)
+}
+
+fn load_error(code: &str, message: String) -> AwsError {
+    AwsError {
+        service: "DynamoDB",
+        operation: "TransactWriteItems",
+        code: Some(code.into()),
+        message,
+        class: ErrorClass::Throttling,
     }
 }

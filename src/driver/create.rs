@@ -268,9 +268,7 @@ impl<P: Ports> Driver<P> {
         self.resume_record(existing, false).await
     }
 
-    /// Continues the latest attempt of an unfinished run from its persisted state; a finished
-    /// one reports its outcome.
-
+    /// The pool queue of each resource class the run's instances belong to.
     async fn resolve_queues(&self, spec: &Spec) -> Result<BTreeMap<String, String>, ResolveError> {
         // The table's configuration is read even when the spec carries its own: the pool's item
         // is the authority, and a spec's config that disagrees with it is refused (issue 13).

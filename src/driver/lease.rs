@@ -18,9 +18,6 @@ impl<P: Ports> Driver<P> {
         let period = std::time::Duration::from_secs((self.limits.lease_secs / 3).max(1) as u64);
         loop {
             tokio::time::sleep(period).await;
-            if self.paused.load(Ordering::SeqCst) || self.crashed.load(Ordering::SeqCst) {
-                continue;
-            }
             let expires_at = self.clock.now().plus_secs(self.limits.lease_secs);
             let renewal = self.ports.renew_lease(run_id, attempt, &self.owner, expires_at);
             match tokio::time::timeout(period, renewal).await {
@@ -71,7 +68,7 @@ impl<P: Ports> Driver<P> {
     /// attempt), so that the `resume` its exit code asks for is not refused for the lease's
     /// length. Best effort: if this fails too, the lease simply runs out.
     pub(super) async fn release_lease(&self, run_id: &str, attempt: u32) {
-        if self.crashed.load(Ordering::SeqCst) || self.lease_lost.load(Ordering::SeqCst) {
+        if self.lease_lost.load(Ordering::SeqCst) {
             return;
         }
         let now = self.clock.now();

@@ -19,6 +19,7 @@ mod batching;
 mod create;
 mod drive;
 mod exec;
+mod hooks;
 mod lease;
 mod take_over;
 
@@ -37,6 +38,7 @@ use crate::spec::{Spec, SpecError};
 use crate::timestamp::Timestamp;
 
 pub use crate::run::step::OutcomeKind;
+pub use hooks::{Hooked, Hooks};
 
 /// Where the driver reads the time. Tests and simulations supply their own.
 /// It is also where the driver draws its randomness (backoff jitter, lease owner ids), so a
@@ -58,17 +60,6 @@ impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         Timestamp::now_utc()
     }
-}
-
-/// Test hooks: stop (as if the process died) or pause after the n-th AWS write of this driver.
-/// Counting covers every write: run-record writes, spec chunks and every side-effecting call.
-#[derive(Debug, Clone, Default)]
-pub struct Hooks {
-    /// Return [`DriveError::Crashed`] right after the n-th write (1-based), doing nothing more.
-    pub crash_after_writes: Option<u64>,
-    /// After the n-th write, signal `paused` and wait for `resume`, like a process stopped by
-    /// SIGSTOP: nothing is renewed meanwhile.
-    pub pause_after_writes: Option<(u64, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>,
 }
 
 /// One thing the driver did, for traces, logs and reports.
@@ -222,6 +213,12 @@ enum StepError {
     Stop(DriveError),
 }
 
+impl From<crate::run::Failure> for StepError {
+    fn from(failure: crate::run::Failure) -> StepError {
+        StepError::Failed(failure)
+    }
+}
+
 impl From<DriveError> for StepError {
     fn from(error: DriveError) -> StepError {
         StepError::Stop(error)
@@ -234,11 +231,7 @@ pub struct Driver<P: Ports> {
     limits: Limits,
     clock: Arc<dyn Clock>,
     owner: String,
-    hooks: Hooks,
     writes: AtomicU64,
-    crashed: AtomicBool,
-    /// Set while a pause hook holds the driver: a stopped process renews nothing.
-    paused: AtomicBool,
     /// Set when the lease renewer found another driver holding the run.
     lease_lost: AtomicBool,
     /// Until when (epoch seconds) this driver knows its lease holds: the expiry of its last
@@ -254,17 +247,14 @@ pub struct Driver<P: Ports> {
 
 impl<P: Ports> Driver<P> {
     /// A driver with a fresh, unique lease owner id.
-    pub fn new(ports: Arc<P>, limits: Limits, clock: Arc<dyn Clock>, hooks: Hooks) -> Driver<P> {
+    pub fn new(ports: Arc<P>, limits: Limits, clock: Arc<dyn Clock>) -> Driver<P> {
         let owner = format!("pid{}-{:012x}", std::process::id(), clock.random_u64() & 0xffff_ffff_ffff);
         Driver {
             ports,
             limits,
             clock,
             owner,
-            hooks,
             writes: AtomicU64::new(0),
-            crashed: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
             lease_lost: AtomicBool::new(false),
             lease_valid_until: AtomicI64::new(i64::MAX),
             persisted_messages: AtomicUsize::new(0),
@@ -289,12 +279,11 @@ impl<P: Ports> Driver<P> {
         self.trace.lock().expect("trace lock").push(event);
     }
 
-    /// Runs one AWS write, counting it for the test hooks. Refuses to start it once this
-    /// driver's lease may have passed to another driver.
+    /// Runs one AWS write, counting it. Refuses to start it once this driver knows, or can no
+    /// longer confirm, that its lease passed to another driver. (The store fences the instance
+    /// writes whatever this says; this saves the calls the store cannot fence, the pool messages
+    /// and terminations, from a driver that knows it is stale.)
     async fn write<T>(&self, call: impl std::future::Future<Output = T>) -> Result<T, DriveError> {
-        if self.crashed.load(Ordering::SeqCst) {
-            return Err(DriveError::Crashed { writes: self.writes.load(Ordering::SeqCst) });
-        }
         if self.lease_lost.load(Ordering::SeqCst) {
             return Err(DriveError::LeaseLost { run_id: String::new() });
         }
@@ -307,23 +296,7 @@ impl<P: Ports> Driver<P> {
             // that just ran was idempotent and the same the new driver makes.
             return Err(DriveError::LeaseLost { run_id: String::new() });
         }
-        let count = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.hooks.crash_after_writes == Some(count) {
-            self.crashed.store(true, Ordering::SeqCst);
-        }
-        if self.crashed.load(Ordering::SeqCst) {
-            // A call that was in flight when another one hit the crash point also stops; the
-            // error names the crash point, not the order in which the calls came back.
-            return Err(DriveError::Crashed { writes: self.hooks.crash_after_writes.unwrap_or(count) });
-        }
-        if let Some((at, paused, resume)) = &self.hooks.pause_after_writes {
-            if *at == count {
-                self.paused.store(true, Ordering::SeqCst);
-                paused.notify_one();
-                resume.notified().await;
-                self.paused.store(false, Ordering::SeqCst);
-            }
-        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
         Ok(value)
     }
 }

@@ -124,7 +124,7 @@ impl<P: Ports> Driver<P> {
                 continue;
             }
             info!(attempt = earlier.run_attempt, "finishing an earlier attempt of this run first");
-            let driver = Driver::new(self.ports.clone(), self.limits.clone(), self.clock.clone(), Hooks::default());
+            let driver = Driver::new(self.ports.clone(), self.limits.clone(), self.clock.clone());
             let finishing = async {
                 match driver.take_over(earlier.clone(), false).await? {
                     TakeOver::Finished(outcome) => Ok(*outcome),

@@ -22,6 +22,7 @@ use post_provision::core::{
 };
 use post_provision::machine::State;
 use post_provision::ports::{
+    Fence,
     AwsError, Compute, CreateOutcome, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues, RunStore, StoreError,
     Termination,
 };
@@ -137,6 +138,17 @@ fn subset(ids: &[String], most: usize, rng: &mut Rng) -> Vec<String> {
     chosen
 }
 
+/// A fence on one of the two runs the test writes: mostly one that holds, sometimes another
+/// owner, epoch or run (or a record not written yet), so both sides refuse alike.
+fn fence(rng: &mut Rng) -> Fence {
+    Fence {
+        run_id: rng.pick(&["run-a", "run-b"]).to_string(),
+        attempt: 1,
+        owner: rng.pick(&["owner-1", "owner-2"]).to_string(),
+        epoch: *rng.pick(&[1, 1, 1, 2]),
+    }
+}
+
 fn run_record(run_id: &str, version: u64, owner: &str, state: State, at: Timestamp) -> RunRecord {
     RunRecord {
         schema_version: RUN_RECORD_SCHEMA_VERSION,
@@ -157,6 +169,7 @@ fn run_record(run_id: &str, version: u64, owner: &str, state: State, at: Timesta
         refused_at_create: Vec::new(),
         error: None,
         lease: Lease { owner: owner.to_string(), expires_at: at.plus_secs(30) },
+        fencing_epoch: 1,
         ttl: None,
     }
 }
@@ -222,11 +235,12 @@ async fn run_sequence(seed: u64) -> usize {
                         }
                     })
                     .collect();
-                let what = format!("transition {batch:?}");
+                let fence = fence(&mut rng);
+                let what = format!("transition {batch:?} fenced by {fence:?}");
                 (
                     what,
-                    writes_key(real.transition(&batch, start).await),
-                    writes_key(memory.transition(&batch, start).await),
+                    writes_key(real.transition(&batch, start, &fence).await),
+                    writes_key(memory.transition(&batch, start, &fence).await),
                 )
             }
             1 => {
@@ -241,8 +255,9 @@ async fn run_sequence(seed: u64) -> usize {
                         InstanceDeletion { instance_id: id, owner_run_id: owner }
                     })
                     .collect();
-                let what = format!("delete {batch:?}");
-                (what, writes_key(real.delete(&batch).await), writes_key(memory.delete(&batch).await))
+                let fence = fence(&mut rng);
+                let what = format!("delete {batch:?} fenced by {fence:?}");
+                (what, writes_key(real.delete(&batch, &fence).await), writes_key(memory.delete(&batch, &fence).await))
             }
             2 => {
                 let url = if rng.chance(0.2) { missing_queue.clone() } else { queue.clone() };

@@ -549,7 +549,7 @@ async fn cleanup_terminates_every_known_instance_when_one_id_is_unknown_to_ec2()
     let mid_picture = world.picture(world.start, false).await;
     assert_eq!(mid_picture.matches("no record; ec2 terminated").count(), 3, "the rest went: {mid_picture}");
     // Long after its mark, an instance EC2 still does not know is gone: the resume finishes.
-    clock.advance(post_provision::core::UNKNOWN_INSTANCE_GRACE_SECS + 1);
+    clock.advance(post_provision::run::retire::UNKNOWN_INSTANCE_GRACE_SECS + 1);
     let outcome = engine.resume(&spec.run_id).await.expect("resume");
     assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
     assert!(world.record(unknown).await.is_none(), "its record was deleted once it was surely gone");

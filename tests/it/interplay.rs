@@ -258,6 +258,50 @@ async fn a_driver_whose_lease_ran_out_fences_itself_before_acting() {
     assert_eq!(world.picture(world.start, false).await, finished, "the stale driver changed nothing");
 }
 
+/// The fence is the store's, not the clock's: a driver paused after creating its run, whose own
+/// clock says its lease still holds (it never moves), is taken over by a sweeper whose clock runs
+/// past that lease. When the stale driver continues, nothing on its side stops it: it sends its
+/// commit transaction, and DynamoDB refuses it on the run record's `ConditionCheck` (another lease
+/// owner, a bumped fencing epoch, a finished run). The proxy counts that refused transaction.
+#[tokio::test]
+async fn a_stale_driver_s_transaction_is_refused_by_the_store_whatever_its_clock_says() {
+    let proxy = FaultProxy::start(&["--rate", "0"]);
+    let mut world = World::new("storefence").await;
+    world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
+    let stale_clock = TestClock::at(world.start);
+    let paused = Arc::new(tokio::sync::Notify::new());
+    let resume = Arc::new(tokio::sync::Notify::new());
+    let hooks = Hooks { pause_after_writes: Some((1, paused.clone(), resume.clone())), ..Hooks::default() };
+    let stale = Arc::new(world.engine_with(stale_clock.clone(), hooks, staged_limits(), Some(proxy.url())).await);
+    let spec = world.spec("success", 1);
+    let running = tokio::spawn({
+        let stale = stale.clone();
+        let spec = spec.clone();
+        async move { stale.start(spec).await }
+    });
+    paused.notified().await;
+    let sweeper_clock = TestClock::at(world.start);
+    sweeper_clock.advance(test_limits().lease_secs + 5);
+    let sweeper = world.engine(sweeper_clock, Hooks::default()).await;
+    let outcome = sweeper.resume(&spec.run_id).await.expect("sweeper");
+    assert_eq!(outcome.kind, OutcomeKind::Committed);
+    let record = sweeper.status(&spec.run_id).await.expect("status").expect("record");
+    assert_eq!(record.fencing_epoch, 2, "the take-over bumped the fencing epoch");
+    let finished = world.picture(world.start, false).await;
+    resume.notify_one();
+    match running.await.expect("task") {
+        Err(DriveError::LeaseLost { .. }) => {}
+        other => panic!("expected the store to refuse the stale driver, got {other:?}"),
+    }
+    proxy.wait_idle().await;
+    let stats = proxy.stats().await;
+    assert_eq!(
+        stats["requests"]["DynamoDB.TransactWriteItems"], 2,
+        "the create, then the stale commit the store refused: {stats}"
+    );
+    assert_eq!(world.picture(world.start, false).await, finished, "the stale driver changed nothing");
+}
+
 /// The create transaction landed but its answer was lost, with no retry left: the run is found
 /// and driven, not reported as "nothing was written" (69).
 #[tokio::test]

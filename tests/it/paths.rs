@@ -52,7 +52,7 @@ async fn rollback_returns_claimed_instances_to_their_pools_and_retires_unvalidat
     let outcome = engine.start(world.spec("partial", 3)).await.expect("run");
     assert_eq!(outcome.kind, OutcomeKind::RolledBack);
     let error = outcome.record.error.clone().expect("error");
-    assert_eq!(error.kind, "shortfall");
+    assert_eq!(error.kind, post_provision::record::RunErrorKind::Shortfall);
     assert!(error.message.contains("creation ended Partial"), "{}", error.message);
     let picture = world.picture(world.start, false).await;
     assert_eq!(
@@ -79,7 +79,7 @@ async fn an_expired_claim_during_commit_leads_to_emergency_cleanup() {
     let outcome = engine.start(world.spec("success", 1)).await.expect("run");
     assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
     let error = outcome.record.error.clone().expect("error");
-    assert_eq!(error.kind, "unexpected");
+    assert_eq!(error.kind, post_provision::record::RunErrorKind::Unexpected);
     assert!(world.redact(&error.message).contains("sel1: claimed but expired"), "{}", error.message);
     let picture = world.picture(world.start, false).await;
     assert_eq!(

@@ -18,7 +18,10 @@ fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
         ("dynamodb", "delete_item") => &["dynamodb:DeleteItem"],
         ("dynamodb", "query") => &["dynamodb:Query"],
         ("dynamodb", "update_item") => &["dynamodb:UpdateItem"],
-        ("dynamodb", "transact_write_items") => &["dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:PutItem"],
+        // The fence: every instance transaction checks the run record (`ConditionCheck`).
+        ("dynamodb", "transact_write_items") => {
+            &["dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:PutItem", "dynamodb:ConditionCheckItem"]
+        }
         ("dynamodb", "describe_table") => &["dynamodb:DescribeTable"],
         ("dynamodb", "wait_until_table_exists") => &["dynamodb:DescribeTable"],
         ("dynamodb", "create_table") => &["dynamodb:CreateTable"],
@@ -124,6 +127,7 @@ fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
     let reads = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#METADATA", "TYPE#INSTANCE"]);
     for (action, allowed) in [
         ("dynamodb:PutItem", &writes),
+        ("dynamodb:ConditionCheckItem", &writes),
         ("dynamodb:UpdateItem", &writes),
         ("dynamodb:DeleteItem", &writes),
         ("dynamodb:GetItem", &reads),
