@@ -83,16 +83,32 @@ impl InstanceState {
     }
 }
 
+/// How far a driver's clock may run behind true time without letting it act on an expired claim:
+/// [`ThresholdCondition::Unexpired`] asks for `threshold > now + this`. Clocks of the pool's
+/// machines need not agree (the simulation skews them by up to ±60 s); a claim within this margin
+/// of its expiry is treated as expired, which costs a run only when its claims were about to
+/// lapse anyway (selection claims for minutes).
+pub const CLOCK_SKEW_MARGIN_SECS: i64 = 60;
+
 /// How a conditional instance write constrains the record's `threshold`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThresholdCondition {
-    /// `threshold > :now`, where `:now` is read from the clock when the call is made (never a
-    /// value planned earlier: a stage can outlast its first batch by minutes when AWS is slow).
+    /// `threshold > :now`, where `:now` is the clock read when the call is made (never a value
+    /// planned earlier: a stage can outlast its first batch by minutes when AWS is slow), plus
+    /// [`CLOCK_SKEW_MARGIN_SECS`] ([`ThresholdCondition::unexpired_after`]).
     Unexpired,
     /// `threshold = value`: the record carries exactly what this run wrote.
     Exactly(Timestamp),
     /// No condition on the threshold.
     Any,
+}
+
+impl ThresholdCondition {
+    /// The instant an [`ThresholdCondition::Unexpired`] threshold must lie after, for a call made
+    /// at `now` by the caller's clock.
+    pub fn unexpired_after(now: Timestamp) -> Timestamp {
+        now.plus_secs(CLOCK_SKEW_MARGIN_SECS)
+    }
 }
 
 /// One acceptable current shape of an instance record: `state IN states AND runId = run_id AND`

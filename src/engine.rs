@@ -145,8 +145,12 @@ impl Engine {
     /// (the driver is dropped wherever it waits, as a process that dies).
     async fn guarded(
         &self,
-        work: impl std::future::Future<Output = Result<RunOutcome, DriveError>>,
+        work: impl std::future::Future<Output = Result<RunOutcome, DriveError>> + Send,
     ) -> Result<RunOutcome, DriveError> {
+        // Erased here, where it is proven `Send` once: a caller's `tokio::spawn` then does not
+        // have to walk the whole driver's future type again (it overflows the trait solver).
+        let work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<RunOutcome, DriveError>> + Send + '_>> =
+            Box::pin(work);
         tokio::select! {
             biased;
             writes = self.hooked.crashed() => Err(DriveError::Crashed { writes }),

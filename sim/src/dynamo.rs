@@ -65,7 +65,9 @@ fn matches(item: &InstanceItem, expectation: &Expectation, now: Timestamp) -> bo
     expectation.states.iter().any(|state| state.as_str() == item.state)
         && item.run_id == expectation.run_id
         && match expectation.threshold {
-            ThresholdCondition::Unexpired => item.threshold.as_str() > now.to_string().as_str(),
+            ThresholdCondition::Unexpired => {
+                item.threshold.as_str() > ThresholdCondition::unexpired_after(now).to_string().as_str()
+            }
             ThresholdCondition::Exactly(threshold) => item.threshold == threshold.to_string(),
             ThresholdCondition::Any => true,
         }

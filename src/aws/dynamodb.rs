@@ -287,7 +287,7 @@ fn transition_condition(transition: &InstanceTransition, now: Timestamp) -> (Str
         let mut condition = format!("#state IN ({}) AND #runId = :e{index}runId", state_names.join(", "));
         match expectation.threshold {
             ThresholdCondition::Unexpired => {
-                values.insert(format!(":e{index}now"), s(now.to_string()));
+                values.insert(format!(":e{index}now"), s(ThresholdCondition::unexpired_after(now).to_string()));
                 condition.push_str(&format!(" AND #threshold > :e{index}now"));
             }
             ThresholdCondition::Exactly(threshold) => {

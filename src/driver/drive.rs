@@ -55,9 +55,9 @@ impl<P: Ports> Driver<P> {
             let effects = match (given, start) {
                 (Some(effects), _) => effects,
                 (None, Start::Preapplied) => spec.clone(),
-                (None, _) => self.attempts_in_order(&record, &spec, start == Start::Resumed).await?,
+                (None, _) => Box::pin(self.attempts_in_order(&record, &spec, start == Start::Resumed)).await?,
             };
-            self.drive_states(record, spec, effects, start).await
+            Box::pin(self.drive_states(record, spec, effects, start)).await
         });
         let renewing = self.renew_lease_periodically(&run_id, attempt);
         tokio::pin!(driving);
@@ -89,10 +89,12 @@ impl<P: Ports> Driver<P> {
         let mut start = Some(start);
         loop {
             let state = record.state;
-            let result = self
-                .run_state(&mut record, &spec, &effects, start.take())
-                .instrument(info_span!("state", state = %state))
-                .await?;
+            // Boxed, as every stage below: a run's futures are large, and a worker thread's stack is not.
+            let result = Box::pin(
+                self.run_state(&mut record, &spec, &effects, start.take())
+                    .instrument(info_span!("state", state = %state)),
+            )
+            .await?;
             match step::route(&record, result, self.limits.on_retries_exhausted) {
                 Route::Enter { input, reason, error } => {
                     if input != machine::Input::ActionsCompleted {
@@ -136,14 +138,14 @@ impl<P: Ports> Driver<P> {
                 let threshold = record.commit_threshold.expect("commit threshold is set on entering Committing");
                 let resumed = start == Some(Start::Resumed);
                 let stage = run::commit::Commit::new(effects, threshold, resumed, &record.refused_at_create);
-                Ok(self.run_stage(record, stage).await?.map(Verdict::Committed))
+                Ok(Box::pin(self.run_stage(record, stage)).await?.map(Verdict::Committed))
             }
             Output::ReleaseInstances => {
                 let threshold = record.idle_threshold.expect("idle threshold is set on entering RollingBack");
                 let preapplied = start == Some(Start::Preapplied);
                 let stage =
                     run::rollback::Rollback::new(effects, threshold, &record.messages_sent, preapplied, marked_at);
-                Ok(self.run_stage(record, stage).await?.map(|()| Verdict::RolledBack))
+                Ok(Box::pin(self.run_stage(record, stage)).await?.map(|()| Verdict::RolledBack))
             }
             Output::CleanUpInstances => {
                 let stage = run::cleanup::Cleanup::new(effects, &record.messages_sent, record.idle_threshold, marked_at);

@@ -32,7 +32,7 @@ impl<P: Ports> Driver<P> {
             }
             match poll {
                 Poll::Finished(verdict) => return Ok(verdict),
-                Poll::Run(effects) => results = self.execute(record, effects).await?,
+                Poll::Run(effects) => results = Box::pin(self.execute(record, effects)).await?,
             }
         }
     }
@@ -48,7 +48,7 @@ impl<P: Ports> Driver<P> {
         let mut outcomes = Vec::with_capacity(effects.len());
         if together {
             let shared: &RunRecord = record;
-            let running = effects.into_iter().map(|effect| self.execute_one(shared, &fence, effect));
+            let running = effects.into_iter().map(|effect| Box::pin(self.execute_one(shared, &fence, effect)));
             for outcome in futures::future::join_all(running).await {
                 outcomes.push(outcome?);
             }
@@ -56,7 +56,7 @@ impl<P: Ports> Driver<P> {
             for effect in effects {
                 let outcome = match effect {
                     Effect::Checkpoint => self.checkpoint(record).await.map(|()| Ok(EffectResult::Checkpointed))?,
-                    effect => self.execute_one(record, &fence, effect).await?,
+                    effect => Box::pin(self.execute_one(record, &fence, effect)).await?,
                 };
                 outcomes.push(outcome);
             }

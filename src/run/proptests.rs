@@ -125,7 +125,7 @@ impl Model {
                                 e.states.iter().any(|s| s.as_str() == r.state)
                                     && e.run_id == r.run_id
                                     && match e.threshold {
-                                        ThresholdCondition::Unexpired => r.threshold > now,
+                                        ThresholdCondition::Unexpired => r.threshold > ThresholdCondition::unexpired_after(now),
                                         ThresholdCondition::Exactly(at) => r.threshold == at,
                                         ThresholdCondition::Any => true,
                                     }

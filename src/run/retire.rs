@@ -12,8 +12,9 @@
 //! 3. **Terminate.** A refused termination keeps the marked record (and is reported).
 //! 4. **Delete** the marked records of the instances EC2 terminated, conditional on the mark. A
 //!    record never disappears while its instance may live on. An instance EC2 does not know yet
-//!    keeps its record while the mark is younger than [`UNKNOWN_INSTANCE_GRACE_SECS`] (the run
-//!    then waits, [`Failure::NotYet`]); after that, it is long gone and its record goes too.
+//!    (marked, or without a record) makes the run wait ([`Failure::NotYet`]) while the mark is
+//!    younger than [`UNKNOWN_INSTANCE_GRACE_SECS`]; after that, it is long gone, and a marked
+//!    record goes too.
 //!
 //! Architecture invariant: a record is deleted only after its mark landed and EC2 terminated
 //! the instance (or long forgot it); an instance is terminated only after its mark landed (or
@@ -132,9 +133,9 @@ pub struct Retire {
     unrecorded: Vec<String>,
     released_ids: Vec<String>,
     terminated: Vec<String>,
-    /// Marked instances EC2 does not know: while the mark is fresh, the run waits for them.
+    /// Instances EC2 does not know: while the mark is fresh, the run waits for them.
     unknown_fresh: Vec<String>,
-    /// Marked instances DescribeInstances did not know, until termination adds its own.
+    /// Instances DescribeInstances did not know, until termination adds its own.
     unknown_marked: Vec<String>,
     found: Vec<Found>,
 }
@@ -182,28 +183,31 @@ impl Retire {
         for id in &membership.foreign {
             self.found.push(Found::new(id, "not a pool instance"));
         }
-        for id in membership.unknown.iter().filter(|id| !self.marked.contains(id)) {
-            self.found.push(Found::new(id, "no instance record and unknown to EC2: nothing to terminate"));
-        }
-        self.unknown_marked = membership.unknown.into_iter().filter(|id| self.marked.contains(id)).collect();
+        self.unknown_marked = membership.unknown;
         membership.members
     }
 
-    /// After termination: the deletions due now. An instance EC2 does not know keeps its record
-    /// while the mark is fresh; a foreign instance or a refused termination keeps it for good.
+    /// After termination: the deletions due now. An instance EC2 does not know (yet), marked or
+    /// without a record, makes the run wait while the mark is fresh: a fresh instance can be
+    /// unknown for seconds, and one without a record would leak if it were dropped now. Once the
+    /// mark is older than [`UNKNOWN_INSTANCE_GRACE_SECS`], it is long gone, and a marked record
+    /// goes too. A foreign instance or a refused termination keeps its marked record for good.
     fn handle_termination(&mut self, now: Timestamp, termination: Termination) -> Vec<InstanceDeletion> {
         for (id, error) in &termination.refused {
             self.found.push(Found::new(id, format!("termination refused: {error}")));
         }
         let fresh = now.unix_secs() - self.marked_at.unix_secs() < UNKNOWN_INSTANCE_GRACE_SECS;
-        let mut unknown: Vec<String> = termination.not_found.into_iter().filter(|id| self.marked.contains(id)).collect();
+        let mut unknown: Vec<String> = termination.not_found;
         unknown.append(&mut self.unknown_marked);
-        let finding = if fresh {
-            "unknown to EC2 (yet): record kept, marked terminated"
-        } else {
-            "unknown to EC2 long after its mark: gone"
-        };
-        self.found.extend(unknown.iter().map(|id| Found::new(id, finding)));
+        for id in &unknown {
+            let finding = match (self.marked.contains(id), fresh) {
+                (true, true) => "unknown to EC2 (yet): record kept, marked terminated",
+                (true, false) => "unknown to EC2 long after its mark: gone",
+                (false, true) => "no instance record and unknown to EC2 (yet): waiting to terminate it",
+                (false, false) => "no instance record and unknown to EC2 long after: gone",
+            };
+            self.found.push(Found::new(id, finding));
+        }
         let mut gone: HashSet<&String> = termination.terminated.iter().collect();
         if !fresh {
             gone.extend(unknown.iter());
@@ -225,7 +229,7 @@ impl Retire {
         self.phase = Phase::Over;
         if !self.unknown_fresh.is_empty() {
             return Poll::Finished(Err(Failure::NotYet(format!(
-                "EC2 does not know {} instance(s) of this run yet (eventual consistency): {}; their records stay, marked terminated; resume to finish",
+                "EC2 does not know {} instance(s) of this run yet (eventual consistency): {}; their records stay, marked terminated, and the run waits to terminate them; resume to finish",
                 self.unknown_fresh.len(),
                 self.unknown_fresh.join(", ")
             ))));
