@@ -85,12 +85,32 @@ pub fn check_isolation(world: &mut World, client: u32, id: &str, item: &Instance
         }
     }
     let holder = if item.run_id.is_empty() { "the pool".to_string() } else { format!("run {}", item.run_id) };
-    let known = (item.run_id.is_empty() && announced).then_some(FOUND_ANNOUNCED_PURGED);
+    let known = (item.run_id.is_empty() && announced).then(|| announced_purge_tag(world));
     world.violate(
         "a-isolation",
         known,
         format!("driver {client} {what} {id}, whose record {holder} holds ({} until {})", item.state, item.threshold),
     );
+}
+
+/// Found by the simulation with queues that refuse for good (issue 17's "lost pool messages"): in a
+/// rollback over two resource classes, one queue refusing for good makes `send_messages` drop the
+/// other class's batch after SQS accepted it; emergency cleanup then marks and terminates those
+/// announced instances.
+pub const FOUND_LOST_POOL_MESSAGES: &str = "sim-lost-pool-messages";
+/// Found by the simulation: `--force` while another driver of the attempt is alive (a later
+/// attempt's driver finishing it): both write. A fencing epoch bumped at take-over refuses the
+/// older driver's writes.
+pub const FOUND_FORCED_TAKE_OVER: &str = "sim-forced-take-over";
+
+/// Which known defect an announced idle record marked by the run is: with a queue that refused
+/// this run's driver for good, the lost pool messages; otherwise the older form.
+fn announced_purge_tag(world: &World) -> &'static str {
+    if world.ledger.queue_refused_driver {
+        FOUND_LOST_POOL_MESSAGES
+    } else {
+        FOUND_ANNOUNCED_PURGED
+    }
 }
 
 /// How much older than the instant a write lands its `:now` may be, by the driver's own clock:
@@ -166,11 +186,18 @@ pub fn check_write(
                 let released = world.table.run(&identifier).ok().flatten().and_then(|r| r.idle_threshold);
                 released.is_some_and(|t| t.to_string() == before.threshold)
             };
-            if own_release && !world.sqs.was_announced_anywhere(id, &before.threshold) {
+            let announced = world.sqs.was_announced_anywhere(id, &before.threshold);
+            if own_release && !announced {
                 return;
             }
             let holder = if before.run_id.is_empty() { "the pool" } else { before.run_id.as_str() };
-            format!("marked a {} record that {holder} holds", before.state)
+            let fault = format!("marked a {} record that {holder} holds", before.state);
+            if own_release {
+                let text = format!("driver {client} {fault}: its own release, announced ({id}, landed at {true_now})");
+                let known = announced_purge_tag(world);
+                return world.violate("f-write-allowed", Some(known), text);
+            }
+            fault
         }
         Some((state, new_run)) => format!("wrote {state} for {new_run:?} over {} of {:?}", before.state, before.run_id),
     };
@@ -230,14 +257,23 @@ pub fn check_one_driver(world: &mut World, client: u32, attempt: u32) {
     if !wrote_before || world.ledger.stopped.contains(&other) {
         return;
     }
-    let paused = world.clients.get(&client).is_some_and(|c| c.paused_call || c.pause_at.is_some());
+    let paused = world.clients.get(&client).is_some_and(|c| c.paused_call || c.paused_until > 0);
+    let forced = world.clients.get(&other).is_some_and(|c| c.forced);
     let skew = |c: u32| world.clocks.drivers.get(&c).map_or(0, |clock| clock.offset_ms(world.elapsed_ms()) / 1000);
-    let known = if paused { LIMITATION_STOPPED_PROCESS } else { FOUND_SKEWED_TAKE_OVER };
+    let known = match (paused, forced) {
+        (true, _) => LIMITATION_STOPPED_PROCESS,
+        (false, true) => FOUND_FORCED_TAKE_OVER,
+        (false, false) => FOUND_SKEWED_TAKE_OVER,
+    };
     let text = format!(
         "driver {client} (clock {:+} s) wrote for attempt {attempt} after driver {other} (clock {:+} s) took it over{}",
         skew(client),
         skew(other),
-        if paused { ", having been stopped" } else { " while it was alive" }
+        match (paused, forced) {
+            (true, _) => ", having been stopped",
+            (false, true) => " with --force while it was alive",
+            (false, false) => " while it was alive",
+        }
     );
     world.violate("h-one-driver", Some(known), text);
 }
@@ -414,20 +450,17 @@ fn check_terminal_picture(world: &mut World) {
             }
             Some(item) if item.state == "idle" && item.run_id.is_empty() => {
                 world.queue_urls.get(&class).is_some_and(|url| world.sqs.was_announced(url, &id, &item.threshold))
-                    || world
-                        .ledger
-                        .writes
-                        .iter()
-                        .rev()
-                        .find(|w| w.id == id)
-                        .is_some_and(|w| !matches!(w.who, Who::Driver(_)))
+                    || last_writer(world, &id).is_some_and(|who| !matches!(who, Who::Driver(_)))
             }
             // A foreign instance (no pool tag) is never terminated; its record stays marked. So
-            // does one whose termination EC2 refuses.
+            // does one whose termination EC2 refuses. Refresh's mark (runId "") is refresh's to
+            // finish: it terminates the instance at its next step (`manage-terminations.ts`
+            // 44-47), or the boot agent does a minute after the mark.
             Some(item) if item.state == "terminated" => {
                 !alive
                     || !world.ec2.pool_tagged(&id)
                     || world.ec2.instances.get(&id).is_some_and(|i| i.refuses.is_some())
+                    || (item.run_id.is_empty() && last_writer(world, &id) == Some(Who::Refresh))
             }
             Some(item) if item.run_id != run_id && !item.run_id.is_empty() => true,
             Some(_) => false,
@@ -451,6 +484,11 @@ fn check_terminal_picture(world: &mut World) {
             );
         }
     }
+}
+
+/// Who wrote instance `id`'s record last (`None`: only the setup).
+fn last_writer(world: &World, id: &str) -> Option<Who> {
+    world.ledger.writes.iter().rev().find(|w| w.id == id).map(|w| w.who)
 }
 
 /// `c-no-leak`.
@@ -551,8 +589,14 @@ fn allowed_difference(world: &World, outcome: OutcomeKind, error: &str) -> Optio
                 continue;
             }
             // The claim expired (true time) before the run gave the commit up.
-            if (instance.threshold.unix_secs() - world.base_unix) * 1000 <= entered_ms {
+            let expires_ms = (instance.threshold.unix_secs() - world.base_unix) * 1000;
+            if expires_ms <= entered_ms {
                 return Some("outcome-differs: a claim expired before the commit");
+            }
+            // Liveness under skew: a driver whose clock runs ahead judged the claim expired.
+            let ahead_ms = world.clocks.drivers.values().map(|c| c.offset_ms(entered_ms)).max().unwrap_or(0);
+            if expires_ms <= entered_ms.saturating_add(ahead_ms) {
+                return Some("outcome-differs: a driver's clock ran ahead past a claim's threshold");
             }
             let taken_before =
                 world.ledger.writes.iter().any(|w| {

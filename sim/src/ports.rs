@@ -605,6 +605,7 @@ impl PoolQueues for SimPorts {
         self.call("SQS", "SendMessageBatch", true, |world| {
             if let Some(code) = world.sqs.refusal(queue_url, world.now_unix()) {
                 world.fault(if code == "AccessDenied" { "sqs-access-denied" } else { "sqs-queue-deleted" });
+                world.ledger.queue_refused_driver = true;
                 let class = if code == "AccessDenied" { ErrorClass::Permission } else { ErrorClass::NotFound };
                 return Err(error("SQS", "SendMessageBatch", Some(code), "the queue refuses for good", class));
             }

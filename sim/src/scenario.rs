@@ -392,6 +392,7 @@ impl Sim {
             let (driver, crashed, paused, client) = self.driver(crash_at, pause_at, calm, attempt);
             {
                 let mut world = self.lock();
+                world.clients.get_mut(&client).expect("client").forced = force && exists;
                 if round > 0 {
                     world.event("resumes");
                 }

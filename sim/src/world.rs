@@ -85,6 +85,8 @@ pub struct Client {
     pub acting_attempt: u32,
     /// The call being applied now was sent before a pause of the process (SIGSTOP).
     pub paused_call: bool,
+    /// This driver resumed with `--force`.
+    pub forced: bool,
 }
 
 /// Counters for the summary.
@@ -159,6 +161,8 @@ pub struct Ledger {
     pub stale_effects: u64,
     /// When the run record of attempt 1 first entered `EmergencyCleanup`, true milliseconds.
     pub cleanup_entered_ms: Option<i64>,
+    /// A pool queue refused one of this run's drivers for good.
+    pub queue_refused_driver: bool,
 }
 
 /// Each machine's clock (issue 17, item 2). Drivers' clocks live in their `SimClock`s.
