@@ -98,6 +98,12 @@ pub fn check_isolation(world: &mut World, client: u32, id: &str, item: &Instance
 /// other class's batch after SQS accepted it; emergency cleanup then marks and terminates those
 /// announced instances.
 pub const FOUND_LOST_POOL_MESSAGES: &str = "sim-lost-pool-messages";
+/// Found by the simulation (issue 17's "stale time in the one-transaction rollback"): a write
+/// carries a `:now` read before an *earlier* call (the one-transaction rollback reads it before
+/// `resolve_queues`, which may take 30 s, or longer when the process is stopped there), so it
+/// lands on a record that expired meanwhile. A pause inside the call itself is
+/// `limitation-stopped-process` instead.
+pub const FOUND_STALE_NOW: &str = "sim-stale-now";
 /// Found by the simulation: `--force` while another driver of the attempt is alive (a later
 /// attempt's driver finishing it): both write. A fencing epoch bumped at take-over refuses the
 /// older driver's writes.
@@ -140,7 +146,7 @@ fn stale_reason(world: &World, client: u32, now: Timestamp) -> (Option<&'static 
     let reading = world.read(world.clocks.drivers.get(&client).copied().unwrap_or_default());
     let age = reading.unix_secs() - now.unix_secs();
     if age > STALE_NOW_TOLERANCE_SECS {
-        return (None, format!("its :now was read {age} s before the write, by its own clock"));
+        return (Some(FOUND_STALE_NOW), format!("its :now was read {age} s before the write, by its own clock"));
     }
     let offset = reading.unix_secs() - world.now_unix();
     (Some(FOUND_SKEWED_EXPIRY), format!("its clock reads {offset:+} s off the true time"))

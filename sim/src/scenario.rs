@@ -474,7 +474,12 @@ impl Sim {
             }
             // Not finished: wait as an operator or `resume --all` would, then resume.
             let wait = match &result {
-                Some(Err(DriveError::Busy { until, .. })) => (until.unix_secs() - self.lock().now_unix()).max(0) + 1,
+                // The lease's end is the holder's clock reading; the next resumer reads its own
+                // clock, up to two skews apart (the liveness cost of skew, issue 17 item 2).
+                Some(Err(DriveError::Busy { until, .. })) => {
+                    let world = self.lock();
+                    (until.unix_secs() - world.now_unix()).max(0) + 1 + 2 * world.swarm.max_skew_ms / 1000
+                }
                 _ if force => 1,
                 _ => LEASE_SECS + 1,
             };
