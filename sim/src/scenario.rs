@@ -30,6 +30,8 @@ const BASE_UNIX: i64 = 1_790_000_000;
 /// Drivers a seed may start before the calm ones, and calm ones before giving up (liveness).
 const STORMY_ATTEMPTS: u32 = 8;
 const CALM_ATTEMPTS: u32 = 4;
+/// Resumes that found the attempt held by a live driver, which cost no round (a bound, still).
+const MAX_BUSY_ROUNDS: u32 = 20;
 /// A seed that has not finished after this much virtual time is stuck.
 const WATCHDOG: Duration = Duration::from_secs(6 * 3600);
 /// Every driver's lease.
@@ -375,7 +377,10 @@ impl Sim {
         let run_id = spec.run_id.clone();
         let attempt = spec.attempt();
         let identifier = record::record_identifier(&run_id, attempt);
-        for round in 0..STORMY_ATTEMPTS + CALM_ATTEMPTS {
+        // A resume that finds another driver holding the attempt (or, for a later attempt, an
+        // earlier one) costs no round: waiting for a live driver is not a liveness failure.
+        let (mut round, mut busy_rounds) = (0, 0);
+        while round < STORMY_ATTEMPTS + CALM_ATTEMPTS {
             let calm = round >= STORMY_ATTEMPTS;
             let (crash_at, pause_at) = if round == 0 {
                 first
@@ -484,6 +489,13 @@ impl Sim {
                 _ => LEASE_SECS + 1,
             };
             tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+            let busy = matches!(&result, Some(Err(DriveError::Busy { .. })))
+                || matches!(&result, Some(Err(error)) if error.to_string().contains("is being driven"));
+            if round > 0 && busy && busy_rounds < MAX_BUSY_ROUNDS {
+                busy_rounds += 1;
+            } else {
+                round += 1;
+            }
         }
         None
     }
