@@ -591,6 +591,16 @@ fn allowed_difference(world: &World, outcome: OutcomeKind, error: &str) -> Optio
         let record = world.table.run(&world.spec.run_id).ok().flatten()?;
         for instance in world.spec.selection.instances.iter().chain(&world.spec.creation.instances) {
             let fate = fate(world, &instance.id, &record);
+            // The workflow ended while the commit was unfinished: its release job moved what the
+            // run had committed so far back to the pool, and the resumed commit finds it there.
+            let released_early = world
+                .ledger
+                .writes
+                .iter()
+                .any(|w| w.id == instance.id && w.who == Who::RunRelease && w.at_ms <= entered_ms);
+            if released_early {
+                return Some("outcome-differs: release if: always() ran before the commit finished");
+            }
             if fate.committed {
                 continue;
             }
