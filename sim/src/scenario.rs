@@ -305,6 +305,9 @@ fn run_instances_foreign(ec2: &Ec2, spec: &Spec) -> bool {
     spec.instances().any(|(_, instance)| !ec2.pool_tagged(&instance.id))
 }
 
+/// The first driver's crash point (call, whether its write lands) and pause (call, seconds).
+type FirstDriver = (Option<(u64, bool)>, Option<(u64, i64)>);
+
 struct Sim {
     world: Arc<Mutex<World>>,
     /// The randomness every driver's clock hands out (jitter, owner ids).
@@ -367,7 +370,7 @@ impl Sim {
     async fn drive(
         &self,
         spec: Spec,
-        first: (Option<(u64, bool)>, Option<(u64, i64)>),
+        first: FirstDriver,
         first_ended: &[&Notify],
     ) -> Option<OutcomeKind> {
         let (swarm, crash_after_ms) = {

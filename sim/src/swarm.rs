@@ -229,7 +229,7 @@ impl Swarm {
             one_transaction_max_instances: *rng.pick(&[0, 0, 1, 3, 10, 100, 100, 100]),
             untagged_share: if rng.chance(0.25) { rng.unit() * 0.5 } else { 0.0 },
             refused_share: if rng.chance(0.2) { rng.unit() * 0.5 } else { 0.0 },
-            refused_code: *rng.pick(&["OperationNotPermitted", "UnauthorizedOperation"]),
+            refused_code: ["OperationNotPermitted", "UnauthorizedOperation"][rng.below(2) as usize],
             queue_refusal: rng.chance(0.15).then(|| {
                 let code = *rng.pick(&["AWS.SimpleQueueService.NonExistentQueue", "AccessDenied"]);
                 (rng.below(2) as usize, rng.range(0, 60) as i64, code)

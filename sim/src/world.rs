@@ -303,10 +303,9 @@ impl World {
 
     /// Adds a line to the history (only when verbose: building lines costs time).
     pub fn log(&mut self, line: impl FnOnce() -> String) {
-        if self.history.is_some() {
-            let at = tokio::time::Instant::now() - self.start;
-            let text = format!("[{:>9.3}s] {}", at.as_secs_f64(), line());
-            self.history.as_mut().expect("verbose").push(text);
+        let at = tokio::time::Instant::now() - self.start;
+        if let Some(history) = &mut self.history {
+            history.push(format!("[{:>9.3}s] {}", at.as_secs_f64(), line()));
         }
     }
 
