@@ -104,6 +104,10 @@ pub const FOUND_LOST_POOL_MESSAGES: &str = "sim-lost-pool-messages";
 /// lands on a record that expired meanwhile. A pause inside the call itself is
 /// `limitation-stopped-process` instead.
 pub const FOUND_STALE_NOW: &str = "sim-stale-now";
+/// Found by the simulation (issue 17's "a silently dropped instance"): a created instance without
+/// a record that EC2 does not know yet (eventual consistency) is dropped without a word: neither
+/// terminated nor waited for, so it lives on without a record.
+pub const FOUND_DROPPED_RECORDLESS: &str = "sim-dropped-recordless";
 /// Found by the simulation: `--force` while another driver of the attempt is alive (a later
 /// attempt's driver finishing it): both write. A fencing epoch bumped at take-over refuses the
 /// older driver's writes.
@@ -211,6 +215,7 @@ pub fn check_write(
         Some(now) if fault.contains("expired") => stale_reason(world, client, now),
         _ => (None, String::new()),
     };
+    world.ledger.bad_writes.insert(id.to_string(), known);
     world.violate(
         "f-write-allowed",
         known,
@@ -322,6 +327,11 @@ fn fate(world: &World, id: &str, record: &post_provision::record::RunRecord) -> 
             _ => {}
         }
     }
+    // An instance without a record is retired by its termination alone.
+    // An instance without a record is retired by its termination alone, or left alone when EC2
+    // refuses it (there is no record to keep marked).
+    fate.marked |= world.ledger.recordless.contains(id)
+        && (world.terminated_by_run.contains(id) || world.ledger.refused_to_run.contains(id));
     if let (Some(idle), Some(class)) = (idle, world.run_instances.get(id)) {
         fate.announced = world.queue_urls.get(class).is_some_and(|url| world.sqs.was_announced(url, id, &idle));
     }
@@ -364,8 +374,13 @@ pub fn check_outcome(world: &mut World) {
             .instances
             .get(&id)
             .map_or("no record".to_string(), |i| format!("{} of {:?}", i.state, i.run_id));
-        let known = (kind == OutcomeKind::Committed && resumed && (fate.foreign_from_start || fate.taken.is_some()))
-            .then_some(FOUND_RESUMED_COMMIT_OF_FOREIGN);
+        let known = if kind == OutcomeKind::Committed && resumed && (fate.foreign_from_start || fate.taken.is_some()) {
+            Some(FOUND_RESUMED_COMMIT_OF_FOREIGN)
+        } else if world.ledger.recordless.contains(&id) && world.reported_not_found.contains(&id) {
+            Some(FOUND_DROPPED_RECORDLESS)
+        } else {
+            None
+        };
         world.violate(
             "g-outcome-honest",
             known,
@@ -392,8 +407,10 @@ pub fn check_live_behind(world: &mut World) {
             continue;
         }
         let last = world.ledger.writes.iter().rev().find(|w| &w.id == id).map(|w| w.who);
+        // A driver's write the oracle refused already carries the reason; this is its consequence.
         let known = match last {
-            Some(Who::Driver(_)) | None => None,
+            Some(Who::Driver(_)) => world.ledger.bad_writes.get(id).copied().flatten(),
+            None => None,
             Some(_) => Some(POOL_SKEWED_EXPIRY),
         };
         let killer = instance.terminated_by.map_or("?", Who::kind);
@@ -470,14 +487,18 @@ fn check_terminal_picture(world: &mut World) {
             }
             Some(item) if item.run_id != run_id && !item.run_id.is_empty() => true,
             Some(_) => false,
-            None => !alive,
+            None => !alive || (world.ledger.recordless.contains(&id) && world.ledger.refused_to_run.contains(&id)),
         };
         if !fine {
             let found = item.map_or("no record".to_string(), |i| {
                 format!("record {} runId {:?} threshold {}", i.state, i.run_id, i.threshold)
             });
-            let known =
-                (item.is_none() && alive && world.reported_not_found.contains(&id)).then_some(FOUND_NOT_FOUND_LEAK);
+            let unknown = item.is_none() && alive && world.reported_not_found.contains(&id);
+            let known = match (unknown, world.ledger.recordless.contains(&id)) {
+                (true, true) => Some(FOUND_DROPPED_RECORDLESS),
+                (true, false) => Some(FOUND_NOT_FOUND_LEAK),
+                _ => None,
+            };
             world.violate(
                 "b-terminal-picture",
                 known,
@@ -499,15 +520,22 @@ fn last_writer(world: &World, id: &str) -> Option<Who> {
 
 /// `c-no-leak`.
 pub fn check_no_leak(world: &mut World) {
+    // An instance that never had a record and whose termination EC2 refused is left alone: there
+    // is no record to keep marked (an audit finds it by its pool tag).
     let leaked: Vec<String> = world
         .run_instances
         .keys()
         .chain(world.other_attempt_instances.keys())
         .filter(|id| world.ec2.alive(id) && !world.table.instances.contains_key(*id))
+        .filter(|id| !(world.ledger.recordless.contains(*id) && world.ledger.refused_to_run.contains(*id)))
         .cloned()
         .collect();
     for id in leaked {
-        let known = world.reported_not_found.contains(&id).then_some(FOUND_NOT_FOUND_LEAK);
+        let known = match (world.ledger.recordless.contains(&id), world.reported_not_found.contains(&id)) {
+            (true, true) => Some(FOUND_DROPPED_RECORDLESS),
+            (false, true) => Some(FOUND_NOT_FOUND_LEAK),
+            _ => None,
+        };
         world.violate("c-no-leak", known, format!("instance {id} of the run is alive without a record"));
     }
 }

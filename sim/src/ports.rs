@@ -699,6 +699,7 @@ impl SimPorts {
                         Err(TerminateError::Refused(code, _)) => {
                             world.fault("ec2-termination-refused");
                             if pending.len() == 1 {
+                                world.ledger.refused_to_run.insert(pending[0].clone());
                                 let class = if code == "UnauthorizedOperation" {
                                     ErrorClass::Permission
                                 } else {

@@ -176,6 +176,7 @@ fn setup(seed: u64, verbose: bool) -> World {
         selected.push(pool_instance(&id, class, threshold));
     }
     let mut created = Vec::new();
+    let mut recordless = std::collections::BTreeSet::new();
     for _ in 0..swarm.created {
         let id = fresh();
         let class = class_rng.below(2) as usize;
@@ -193,7 +194,12 @@ fn setup(seed: u64, verbose: bool) -> World {
         } else if class_rng.chance(swarm.refused_share) {
             instance.refuses = Some(swarm.refused_code);
         }
-        put(&mut table, &id, state, &run_id, threshold, CLASSES[class].0);
+        if swarm.path == Path::Rollback && instance.alive && class_rng.chance(swarm.recordless_share) {
+            // Its registration failed (`fleet-creation.ts` 144-150): no record at all.
+            recordless.insert(id.clone());
+        } else {
+            put(&mut table, &id, state, &run_id, threshold, CLASSES[class].0);
+        }
         created.push(pool_instance(&id, class, threshold));
     }
     for _ in 0..swarm.pool_idle {
@@ -282,6 +288,7 @@ fn setup(seed: u64, verbose: bool) -> World {
         ledger: Default::default(),
         clocks,
     };
+    world.ledger.recordless = recordless;
     if let Some((class, after_secs, code)) = world.swarm.queue_refusal {
         let url = world.queue_urls[CLASSES[class].0].clone();
         world.sqs.refusing.insert(url, (BASE_UNIX + after_secs, code));
@@ -367,12 +374,7 @@ impl Sim {
     /// resumes; the last drivers are calm (no faults), so an attempt that still does not finish
     /// is a liveness failure. `first_ended` is told when the first driver is gone (crashed,
     /// stopped or finished): GitHub offers "Re-run jobs" once the workflow run has ended.
-    async fn drive(
-        &self,
-        spec: Spec,
-        first: FirstDriver,
-        first_ended: &[&Notify],
-    ) -> Option<OutcomeKind> {
+    async fn drive(&self, spec: Spec, first: FirstDriver, first_ended: &[&Notify]) -> Option<OutcomeKind> {
         let (swarm, crash_after_ms) = {
             let world = self.lock();
             (world.swarm.clone(), world.crash_after_ms)

@@ -110,6 +110,9 @@ pub struct Swarm {
     /// Rollback: the share of created instances whose validation failed, so that creation
     /// terminated them and left their `created` records (`creation/index.ts` 53-59).
     pub creation_failed_share: f64,
+    /// Rollback: the share of created instances without a record (creation's registration
+    /// failed).
+    pub recordless_share: f64,
     /// Selection's view of the pool config disagrees with the messages' cpu of this class, so it
     /// discards them (`pool-pickup-manager.ts` 139-147).
     pub selection_config_drift: Option<usize>,
@@ -235,6 +238,7 @@ impl Swarm {
                 (rng.below(2) as usize, rng.range(0, 60) as i64, code)
             }),
             creation_failed_share: if rng.chance(0.3) { rng.unit() } else { 0.0 },
+            recordless_share: if rng.chance(0.1) { rng.unit() * 0.3 } else { 0.0 },
             selection_config_drift: rng.chance(0.1).then(|| rng.below(2) as usize),
             p_requeue: if rng.chance(0.3) { rng.unit() * 0.5 } else { 0.0 },
             p_unhealthy: if rng.chance(0.3) { rng.unit() * 0.3 } else { 0.0 },
@@ -288,6 +292,7 @@ impl Swarm {
             refused_code: "OperationNotPermitted",
             queue_refusal: None,
             creation_failed_share: 0.0,
+            recordless_share: 0.0,
             selection_config_drift: None,
             p_requeue: 0.0,
             p_unhealthy: 0.0,

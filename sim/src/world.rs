@@ -163,6 +163,14 @@ pub struct Ledger {
     pub cleanup_entered_ms: Option<i64>,
     /// A pool queue refused one of this run's drivers for good.
     pub queue_refused_driver: bool,
+    /// The run's created instances whose `created` record creation never wrote (its
+    /// registration failed, `fleet-creation.ts` 144-150): alive, in the spec, without a record.
+    pub recordless: BTreeSet<String>,
+    /// Instances whose termination EC2 refused to a driver of the run.
+    pub refused_to_run: BTreeSet<String>,
+    /// Instances a driver wrote in a way the oracle refused, with the tag of that violation: a
+    /// later consequence (`i-live-behind`) carries the same tag.
+    pub bad_writes: BTreeMap<String, Option<&'static str>>,
 }
 
 /// Each machine's clock (issue 17, item 2). Drivers' clocks live in their `SimClock`s.
