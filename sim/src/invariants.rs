@@ -268,8 +268,11 @@ pub fn check_one_driver(world: &mut World, client: u32, attempt: u32) {
     if !wrote_before || world.ledger.stopped.contains(&other) {
         return;
     }
-    let paused = world.clients.get(&client).is_some_and(|c| c.paused_call || c.paused_until > 0);
-    let forced = world.clients.get(&other).is_some_and(|c| c.forced);
+    // Once two drivers interleave, each may be the one that writes next: the cause is whichever
+    // of them was stopped, or took over with --force; only otherwise the clocks.
+    let paused =
+        [client, other].iter().any(|c| world.clients.get(c).is_some_and(|c| c.paused_call || c.paused_until > 0));
+    let forced = [client, other].iter().any(|c| world.clients.get(c).is_some_and(|c| c.forced));
     let skew = |c: u32| world.clocks.drivers.get(&c).map_or(0, |clock| clock.offset_ms(world.elapsed_ms()) / 1000);
     let known = match (paused, forced) {
         (true, _) => LIMITATION_STOPPED_PROCESS,
