@@ -210,7 +210,7 @@ fn main() {
         let distinct: BTreeSet<u64> = seeds.iter().copied().collect();
         let shown: Vec<String> = distinct.iter().take(5).map(u64::to_string).collect();
         println!(
-            "  known, allowed:   {tag}: {} violations in {} seeds ({}{}); temporary allowlist (--allow-known), see sim/regression-seeds.txt",
+            "  known, allowed:   {tag}: {} violations in {} seeds ({}{}); temporary allowlist (--allow-known), see sim/FINDINGS.md",
             seeds.len(),
             distinct.len(),
             shown.join(", "),

@@ -542,16 +542,19 @@ impl InstanceStore for SimPorts {
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
             self.note_acting_attempt(world, batch.iter().map(|t| &t.instance_id));
             // A commit or release carries its attempt's own threshold: that names the attempt
-            // even when every instance of the batch is in both attempts' specs.
+            // even when every instance of the batch is in both attempts' specs (when only one
+            // attempt has that threshold: two can enter a state in the same second).
             let target = batch[0].new_threshold;
-            let planned = world
+            let planned: Vec<u32> = world
                 .table
                 .attempts(&world.spec.run_id)
                 .unwrap_or_default()
                 .into_iter()
-                .find(|r| r.commit_threshold == Some(target) || r.idle_threshold == Some(target));
-            if let Some(record) = planned {
-                world.clients.get_mut(&self.client).expect("client").acting_attempt = record.run_attempt;
+                .filter(|r| r.commit_threshold == Some(target) || r.idle_threshold == Some(target))
+                .map(|r| r.run_attempt)
+                .collect();
+            if let [attempt] = planned[..] {
+                world.clients.get_mut(&self.client).expect("client").acting_attempt = attempt;
             }
             let actions: Vec<Action<'_>> = batch.iter().map(|t| Action::Transition(t, now)).collect();
             let before: Vec<Option<InstanceItem>> =
