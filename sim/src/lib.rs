@@ -5,13 +5,16 @@
 //!
 //! - [`dynamo`], [`sqs`], [`ec2`]: the services, one module each, with AWS's semantics;
 //! - [`ports`]: the thin `Ports` layer, where the simulation interleaves and injects faults;
-//! - [`actors`]: selection, release, refresh and boot agents;
+//! - [`actors`]: selection, release (another run's, and this run's `if: always()`), refresh,
+//!   creation and boot agents, each derived from the original pool manager's code;
+//! - [`clock`]: each machine's clock, skewed and drifting;
 //! - [`invariants`]: what must hold, by name;
 //! - [`swarm`]: what each seed exercises; [`scenario`]: one seed from setup to verdict.
 //!
 //! `docs/ARCHITECTURE.md` (*Simulation*) describes it for users; `scripts/sim` runs it.
 
 pub mod actors;
+pub mod clock;
 pub mod dynamo;
 pub mod ec2;
 pub mod invariants;

@@ -55,6 +55,8 @@ pub fn memory_ports(limits: &Limits) -> SimPorts {
         throttled: false,
         terminal_at_secs: None,
         earliest_threshold_secs: i64::MAX,
+        ledger: Default::default(),
+        clocks: Default::default(),
     };
     world.clients.insert(0, Client { calm: true, acting_attempt: 1, ..Client::default() });
     SimPorts {

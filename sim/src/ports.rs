@@ -19,6 +19,7 @@ use post_provision::timestamp::Timestamp;
 use tokio::sync::Notify;
 
 use crate::dynamo::{Action, Create, InstanceItem, Reason};
+use crate::ec2::TerminateError;
 use crate::world::{Who, World};
 use crate::{actors, invariants};
 
@@ -184,7 +185,9 @@ impl SimPorts {
                     let client = self.client;
                     world.log(|| format!("  driver {client}'s timed-out call {calls} lands now"));
                 }
+                world.clients.get_mut(&self.client).expect("client").paused_call = pause_secs.is_some();
                 let value = lands.then(|| apply(world));
+                world.clients.get_mut(&self.client).expect("client").paused_call = false;
                 invariants::after_step(world);
                 if crash.is_some() {
                     world.clients.get_mut(&self.client).expect("client").crashed = true;
@@ -334,6 +337,27 @@ impl SimPorts {
         }
     }
 
+    /// A transition of this driver landed on `id`, whose record was `item` just before: the
+    /// write log, isolation and the oracle.
+    fn landed(&self, world: &mut World, id: &str, item: Option<InstanceItem>, now: Timestamp) {
+        let item = item.expect("an applied transition found its item");
+        let after = world.table.instances.get(id).cloned();
+        let what = format!("moved to {}", after.as_ref().map_or("?", |a| a.state.as_str()));
+        invariants::check_isolation(world, self.client, id, &item, &what);
+        invariants::check_write(world, self.client, id, Some(&item), after.as_ref(), Some(now));
+        world.log_write(Who::Driver(self.client), id, Some(item), after);
+    }
+
+    /// Counts a send or termination of a driver that another driver has taken over since: the
+    /// store cannot fence these, so the oracle judges each.
+    fn note_stale_effect(&self, world: &mut World) {
+        let attempt = world.clients[&self.client].acting_attempt;
+        if world.ledger.last_writer.get(&attempt).is_some_and(|last| *last != self.client) {
+            world.ledger.stale_effects += 1;
+            world.event("stale-driver-effects");
+        }
+    }
+
     fn is_calm(&self, world: &World) -> bool {
         world.clients[&self.client].calm
     }
@@ -382,11 +406,9 @@ impl RunStore for SimPorts {
                     )
                 });
                 if matches!(outcome, Ok(Create::Created)) {
+                    invariants::check_one_driver(world, self.client, record.run_attempt);
                     for (transition, item) in transitions.iter().zip(before) {
-                        let item = item.expect("an applied transition found its item");
-                        let what = format!("moved to {}", transition.new_state.as_str());
-                        invariants::check_isolation(world, self.client, &transition.instance_id, &item, &what);
-                        invariants::check_fresh_now(world, self.client, transition, &item, now);
+                        self.landed(world, &transition.instance_id, item, now);
                     }
                     if record.state.is_terminal() && record.run_attempt == world.spec.attempt() {
                         invariants::on_terminal(world);
@@ -453,6 +475,14 @@ impl RunStore for SimPorts {
                         result.is_ok()
                     )
                 });
+                if result.is_ok() {
+                    invariants::check_one_driver(world, self.client, record.run_attempt);
+                    let first = record.run_attempt == world.spec.attempt();
+                    if first && record.state == post_provision::machine::State::EmergencyCleanup {
+                        let at = world.elapsed_ms();
+                        world.ledger.cleanup_entered_ms.get_or_insert(at);
+                    }
+                }
                 if result.is_ok() && record.state.is_terminal() && record.run_attempt == world.spec.attempt() {
                     invariants::on_terminal(world);
                 }
@@ -521,16 +551,30 @@ impl InstanceStore for SimPorts {
             let injected =
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
             self.note_acting_attempt(world, batch.iter().map(|t| &t.instance_id));
+            // A commit or release carries its attempt's own threshold: that names the attempt
+            // even when every instance of the batch is in both attempts' specs (when only one
+            // attempt has that threshold: two can enter a state in the same second).
+            let target = batch[0].new_threshold;
+            let planned: Vec<u32> = world
+                .table
+                .attempts(&world.spec.run_id)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r.commit_threshold == Some(target) || r.idle_threshold == Some(target))
+                .map(|r| r.run_attempt)
+                .collect();
+            if let [attempt] = planned[..] {
+                world.clients.get_mut(&self.client).expect("client").acting_attempt = attempt;
+            }
             let actions: Vec<Action<'_>> = batch.iter().map(|t| Action::Transition(t, now)).collect();
             let before: Vec<Option<InstanceItem>> =
                 batch.iter().map(|t| world.table.instances.get(&t.instance_id).cloned()).collect();
             let outcome = world.table.transact(&actions, &injected);
             if outcome.is_ok() {
+                let attempt = world.clients[&self.client].acting_attempt;
+                invariants::check_one_driver(world, self.client, attempt);
                 for (transition, item) in batch.iter().zip(before) {
-                    let item = item.expect("an applied transition found its item");
-                    let what = format!("moved to {}", transition.new_state.as_str());
-                    invariants::check_isolation(world, self.client, &transition.instance_id, &item, &what);
-                    invariants::check_fresh_now(world, self.client, transition, &item, now);
+                    self.landed(world, &transition.instance_id, item, now);
                 }
             }
             world.log(|| {
@@ -568,16 +612,14 @@ impl InstanceStore for SimPorts {
                 )
             });
             if outcome.is_ok() {
+                let attempt = world.clients[&self.client].acting_attempt;
+                invariants::check_one_driver(world, self.client, attempt);
                 for (deletion, item) in batch.iter().zip(before) {
-                    if let Some(item) = item {
-                        invariants::check_isolation(
-                            world,
-                            self.client,
-                            &deletion.instance_id,
-                            &item,
-                            "deleted the record of",
-                        );
-                    }
+                    let Some(item) = item else { continue };
+                    let id = &deletion.instance_id;
+                    invariants::check_isolation(world, self.client, id, &item, "deleted the record of");
+                    invariants::check_write(world, self.client, id, Some(&item), None, None);
+                    world.log_write(Who::Driver(self.client), id, Some(item), None);
                 }
             }
             Self::transaction_results(outcome, batch.len())
@@ -590,6 +632,13 @@ impl PoolQueues for SimPorts {
     async fn send(&self, queue_url: &str, messages: &[OutgoingMessage]) -> Result<Vec<(String, AwsError)>, AwsError> {
         assert!(messages.len() <= post_provision::core::MAX_MESSAGE_BATCH, "message batch too large");
         self.call("SQS", "SendMessageBatch", true, |world| {
+            if let Some(code) = world.sqs.refusal(queue_url, world.now_unix()) {
+                world.fault(if code == "AccessDenied" { "sqs-access-denied" } else { "sqs-queue-deleted" });
+                world.ledger.queue_refused_driver = true;
+                let class = if code == "AccessDenied" { ErrorClass::Permission } else { ErrorClass::NotFound };
+                return Err(error("SQS", "SendMessageBatch", Some(code), "the queue refuses for good", class));
+            }
+            self.note_stale_effect(world);
             if !world.sqs.queues.contains_key(queue_url) {
                 return Err(error(
                     "SQS",
@@ -617,6 +666,9 @@ impl PoolQueues for SimPorts {
                 }
                 let now = world.now_unix();
                 let client = self.client;
+                if let Some((id, threshold)) = crate::sqs::parse_body(&message.body) {
+                    invariants::check_send(world, client, &id, &threshold);
+                }
                 world.sqs.send(
                     queue_url,
                     &message.body,
@@ -639,41 +691,64 @@ impl SimPorts {
     async fn terminate_once(&self, ids: &[String]) -> Result<Termination, AwsError> {
         self.call("EC2", "TerminateInstances", true, |world| {
             self.note_acting_attempt(world, ids.iter());
-            let mut pending: Vec<String> = ids.to_vec();
+            self.note_stale_effect(world);
             let mut result = Termination::default();
             let now = world.now_unix();
             let who = Who::Driver(self.client);
-            while !pending.is_empty() {
-                for id in &pending {
-                    if let Some(item) = world.table.instances.get(id).cloned() {
-                        if world.ec2.known(id, now) {
-                            invariants::check_isolation(world, self.client, id, &item, "terminated");
+            // As the adapter: a refused batch is split in halves until the refusal names single ids.
+            let mut batches: Vec<Vec<String>> = vec![ids.to_vec()];
+            while let Some(mut pending) = batches.pop() {
+                while !pending.is_empty() {
+                    for id in &pending {
+                        if let Some(item) = world.table.instances.get(id).cloned() {
+                            if world.ec2.known(id, now) {
+                                invariants::check_isolation(world, self.client, id, &item, "terminated");
+                            }
                         }
                     }
-                }
-                for id in &pending {
-                    if world.ec2.known(id, now) && !world.ec2.pool_tagged(id) && world.ec2.alive(id) {
-                        let client = self.client;
-                        world.violate(
-                            "a-isolation",
-                            None,
-                            format!("driver {client} terminated {id}, which is not a pool instance (no pool tag)"),
-                        );
+                    for id in &pending {
+                        if world.ec2.known(id, now) && !world.ec2.pool_tagged(id) && world.ec2.alive(id) {
+                            let client = self.client;
+                            world.violate(
+                                "a-isolation",
+                                None,
+                                format!("driver {client} terminated {id}, which is not a pool instance (no pool tag)"),
+                            );
+                        }
                     }
-                }
-                match world.ec2.terminate_call(&pending, now, who) {
-                    Ok(()) => {
-                        world.terminated_by_run.extend(pending.iter().cloned());
-                        result.terminated.append(&mut pending);
-                    }
-                    // No instance of the simulation is protected or outside the IAM tag
-                    // condition, so `refused` stays empty: the pool-tag check keeps the driver
-                    // from ever sending a foreign instance.
-                    Err(unknown) => {
-                        world.fault("ec2-not-found");
-                        world.reported_not_found.extend(unknown.iter().cloned());
-                        pending.retain(|id| !unknown.contains(id));
-                        result.not_found.extend(unknown);
+                    let alive: Vec<String> = pending.iter().filter(|id| world.ec2.alive(id)).cloned().collect();
+                    match world.ec2.terminate_call(&pending, now, who) {
+                        Ok(()) => {
+                            for id in &alive {
+                                invariants::check_termination(world, self.client, id);
+                            }
+                            world.terminated_by_run.extend(pending.iter().cloned());
+                            result.terminated.append(&mut pending);
+                        }
+                        Err(TerminateError::Refused(code, _)) => {
+                            world.fault("ec2-termination-refused");
+                            if pending.len() == 1 {
+                                world.ledger.refused_to_run.insert(pending[0].clone());
+                                let class = if code == "UnauthorizedOperation" {
+                                    ErrorClass::Permission
+                                } else {
+                                    ErrorClass::Other
+                                };
+                                let refusal =
+                                    error("EC2", "TerminateInstances", Some(code), "termination refused", class);
+                                result.refused.push((pending.remove(0), refusal));
+                            } else {
+                                let second = pending.split_off(pending.len() / 2);
+                                batches.push(second);
+                                batches.push(std::mem::take(&mut pending));
+                            }
+                        }
+                        Err(TerminateError::Unknown(unknown)) => {
+                            world.fault("ec2-not-found");
+                            world.reported_not_found.extend(unknown.iter().cloned());
+                            pending.retain(|id| !unknown.contains(id));
+                            result.not_found.extend(unknown);
+                        }
                     }
                 }
             }

@@ -15,13 +15,14 @@ use post_provision::spec::{Creation, CreationState, PoolInstance, ResourceClass,
 use post_provision::timestamp::Timestamp;
 use tokio::sync::Notify;
 
+use crate::clock::MachineClock;
 use crate::dynamo::{InstanceItem, Table};
 use crate::ec2::Ec2;
 use crate::ports::SimPorts;
 use crate::rng::Rng;
 use crate::sqs::Queues;
 use crate::swarm::{Path, Swarm};
-use crate::world::{Client, Stats, Violation, World};
+use crate::world::{Client, Clocks, Stats, Violation, Who, World};
 use crate::{actors, invariants};
 
 /// Virtual time starts here (2026-09-21T...Z); any fixed instant would do.
@@ -29,6 +30,8 @@ const BASE_UNIX: i64 = 1_790_000_000;
 /// Drivers a seed may start before the calm ones, and calm ones before giving up (liveness).
 const STORMY_ATTEMPTS: u32 = 8;
 const CALM_ATTEMPTS: u32 = 4;
+/// Resumes that found the attempt held by a live driver, which cost no round (a bound, still).
+const MAX_BUSY_ROUNDS: u32 = 20;
 /// A seed that has not finished after this much virtual time is stuck.
 const WATCHDOG: Duration = Duration::from_secs(6 * 3600);
 /// Every driver's lease.
@@ -54,18 +57,24 @@ pub struct SeedReport {
     pub fleet: usize,
     /// The digest of the history: equal for two runs of one seed.
     pub digest: u64,
+    /// The largest offset of any machine's clock from the true time in this seed, milliseconds.
+    pub max_skew_ms: i64,
+    /// When the run first finished, virtual seconds since the start.
+    pub finish_secs: Option<i64>,
 }
 
-/// The driver's clock: virtual time, and the seed's randomness (backoff jitter, owner ids).
+/// A driver's clock: its machine's reading of virtual time (skewed and drifting, issue 17 item
+/// 2), and the seed's randomness (backoff jitter, owner ids), shared by every driver.
 struct SimClock {
     base_unix: i64,
     start: tokio::time::Instant,
-    rng: Mutex<Rng>,
+    machine: MachineClock,
+    rng: Arc<Mutex<Rng>>,
 }
 
 impl Clock for SimClock {
     fn now(&self) -> Timestamp {
-        Timestamp::from_unix_secs(self.base_unix + (tokio::time::Instant::now() - self.start).as_secs() as i64)
+        self.machine.read(self.base_unix, (tokio::time::Instant::now() - self.start).as_millis() as i64)
     }
 
     fn random_u64(&self) -> u64 {
@@ -143,7 +152,7 @@ fn setup(seed: u64, verbose: bool) -> World {
     let mut class_rng = rng.fork();
     // Drawn after every other draw of the setup, so that adding it kept each seed's history.
     let mut foreign_rng = rng.fork();
-    let foreign_index = foreign_rng.chance(0.05).then(|| swarm.selected.saturating_sub(1));
+    let _ = foreign_rng.chance(0.05);
     // A crash at a virtual instant rather than at a port call: the first driver's future is
     // dropped wherever it awaits then (a backoff, a latency, between a write and its answer).
     let crash_after_ms = foreign_rng.chance(0.15).then(|| foreign_rng.range(0, 3_000));
@@ -156,21 +165,41 @@ fn setup(seed: u64, verbose: bool) -> World {
         let owner = if swarm.path == Path::Cleanup && index == 0 { "other-9" } else { run_id.as_str() };
         put(&mut table, &id, "claimed", owner, threshold, CLASSES[class].0);
         ec2.launch(&id, "an-older-run", 0);
-        if foreign_index == Some(index) && owner == run_id {
+        if owner == run_id && class_rng.chance(swarm.untagged_share) {
             // Selection handed over an instance that is not the pool's (no `InitialRunId` tag):
             // the engine must never terminate it.
             ec2.instances.get_mut(&id).expect("launched").tags.clear();
         }
+        if class_rng.chance(swarm.refused_share) {
+            ec2.instances.get_mut(&id).expect("launched").refuses = Some(swarm.refused_code);
+        }
         selected.push(pool_instance(&id, class, threshold));
     }
     let mut created = Vec::new();
+    let mut recordless = std::collections::BTreeSet::new();
     for _ in 0..swarm.created {
         let id = fresh();
         let class = class_rng.below(2) as usize;
         let threshold = now.plus_secs(600);
-        let state = if class_rng.chance(swarm.created_still_created) { "created" } else { "running" };
-        put(&mut table, &id, state, &run_id, threshold, CLASSES[class].0);
+        let mut state = if class_rng.chance(swarm.created_still_created) { "created" } else { "running" };
         ec2.launch(&id, &run_id, BASE_UNIX + swarm.ec2_unknown_secs);
+        let instance = ec2.instances.get_mut(&id).expect("launched");
+        if swarm.path == Path::Rollback && class_rng.chance(swarm.creation_failed_share) {
+            // Its validation failed: creation terminated it and left its `created` record
+            // (`creation/index.ts` 53-59), and the spec still lists it (65).
+            state = "created";
+            instance.alive = false;
+            instance.terminated_by = Some(Who::Creation);
+            instance.terminated_at = Some(BASE_UNIX);
+        } else if class_rng.chance(swarm.refused_share) {
+            instance.refuses = Some(swarm.refused_code);
+        }
+        if swarm.path == Path::Rollback && instance.alive && class_rng.chance(swarm.recordless_share) {
+            // Its registration failed (`fleet-creation.ts` 144-150): no record at all.
+            recordless.insert(id.clone());
+        } else {
+            put(&mut table, &id, state, &run_id, threshold, CLASSES[class].0);
+        }
         created.push(pool_instance(&id, class, threshold));
     }
     for _ in 0..swarm.pool_idle {
@@ -179,8 +208,11 @@ fn setup(seed: u64, verbose: bool) -> World {
         let threshold = now.plus_secs(class_rng.range(60, 3600) as i64);
         put(&mut table, &id, "idle", "", threshold, CLASSES[class].0);
         ec2.launch(&id, "an-older-run", 0);
-        let body = serde_json::json!({"id": id, "resourceClass": CLASSES[class].0, "threshold": threshold.to_string()})
-            .to_string();
+        let (name, _, cpu, mmem) = CLASSES[class];
+        let usage = if class == 0 { "spot" } else { "on-demand" };
+        let body = serde_json::json!({"id": id, "resourceClass": name, "instanceType": CLASSES[class].1, "cpu": cpu,
+            "mmem": mmem, "usageClass": usage, "threshold": threshold.to_string()})
+        .to_string();
         sqs.send(&queue_urls[CLASSES[class].0], &body, BASE_UNIX, 0, false, crate::world::Who::Setup);
     }
     for index in 0..swarm.others_running {
@@ -214,6 +246,16 @@ fn setup(seed: u64, verbose: bool) -> World {
     let run_instances = spec.instances().map(|(_, i)| (i.id.clone(), i.resource_class.clone())).collect();
     let earliest_threshold_secs = swarm.claim_secs.min(600);
     let foreign = run_instances_foreign(&ec2, &spec);
+    let mut machines = rng.fork();
+    let max_skew_ms = swarm.max_skew_ms;
+    let clocks = Clocks {
+        max_skew_ms,
+        selection: MachineClock::draw(&mut machines, max_skew_ms),
+        release: MachineClock::draw(&mut machines, max_skew_ms),
+        refresh: MachineClock::draw(&mut machines, max_skew_ms),
+        creation: MachineClock::draw(&mut machines, max_skew_ms),
+        drivers: BTreeMap::new(),
+    };
     let mut world = World {
         seed,
         rng: world_rng,
@@ -243,7 +285,14 @@ fn setup(seed: u64, verbose: bool) -> World {
         digest: 0xcbf2_9ce4_8422_2325,
         crash_after_ms,
         earliest_threshold_secs,
+        ledger: Default::default(),
+        clocks,
     };
+    world.ledger.recordless = recordless;
+    if let Some((class, after_secs, code)) = world.swarm.queue_refusal {
+        let url = world.queue_urls[CLASSES[class].0].clone();
+        world.sqs.refusing.insert(url, (BASE_UNIX + after_secs, code));
+    }
     if foreign {
         world.event("foreign-instances");
     }
@@ -263,9 +312,15 @@ fn run_instances_foreign(ec2: &Ec2, spec: &Spec) -> bool {
     spec.instances().any(|(_, instance)| !ec2.pool_tagged(&instance.id))
 }
 
+/// The first driver's crash point (call, whether its write lands) and pause (call, seconds).
+type FirstDriver = (Option<(u64, bool)>, Option<(u64, i64)>);
+
 struct Sim {
     world: Arc<Mutex<World>>,
-    clock: Arc<SimClock>,
+    /// The randomness every driver's clock hands out (jitter, owner ids).
+    clock_rng: Arc<Mutex<Rng>>,
+    /// Draws each driver's machine clock, apart from the world's stream.
+    machines: Mutex<Rng>,
     limits: Limits,
     next_client: Cell<u32>,
 }
@@ -285,9 +340,16 @@ impl Sim {
     ) -> (Driver<SimPorts>, Arc<Notify>, Arc<Notify>, u32) {
         let client = self.next_client.get();
         self.next_client.set(client + 1);
-        self.lock()
-            .clients
-            .insert(client, Client { crash_at, pause_at, calm, acting_attempt: attempt, ..Client::default() });
+        let (clock, base_unix, start) = {
+            let mut world = self.lock();
+            world
+                .clients
+                .insert(client, Client { crash_at, pause_at, calm, acting_attempt: attempt, ..Client::default() });
+            let machine = MachineClock::draw(&mut self.machines.lock().expect("machines"), world.swarm.max_skew_ms);
+            world.clocks.drivers.insert(client, machine);
+            (machine, world.base_unix, world.start)
+        };
+        let clock = Arc::new(SimClock { base_unix, start, machine: clock, rng: self.clock_rng.clone() });
         let crashed = Arc::new(Notify::new());
         let paused = Arc::new(Notify::new());
         let ports = Arc::new(SimPorts {
@@ -299,7 +361,7 @@ impl Sim {
             not_found_retries: self.limits.not_found_retries,
             not_found_delay: self.limits.not_found_delay,
         });
-        (Driver::new(ports, self.limits.clone(), self.clock.clone()), crashed, paused, client)
+        (Driver::new(ports, self.limits.clone(), clock), crashed, paused, client)
     }
 
     fn finished(&self, attempt: u32) -> Option<OutcomeKind> {
@@ -312,12 +374,7 @@ impl Sim {
     /// resumes; the last drivers are calm (no faults), so an attempt that still does not finish
     /// is a liveness failure. `first_ended` is told when the first driver is gone (crashed,
     /// stopped or finished): GitHub offers "Re-run jobs" once the workflow run has ended.
-    async fn drive(
-        &self,
-        spec: Spec,
-        first: (Option<(u64, bool)>, Option<(u64, i64)>),
-        first_ended: &Notify,
-    ) -> Option<OutcomeKind> {
+    async fn drive(&self, spec: Spec, first: FirstDriver, first_ended: &[&Notify]) -> Option<OutcomeKind> {
         let (swarm, crash_after_ms) = {
             let world = self.lock();
             (world.swarm.clone(), world.crash_after_ms)
@@ -325,7 +382,10 @@ impl Sim {
         let run_id = spec.run_id.clone();
         let attempt = spec.attempt();
         let identifier = record::record_identifier(&run_id, attempt);
-        for round in 0..STORMY_ATTEMPTS + CALM_ATTEMPTS {
+        // A resume that finds another driver holding the attempt (or, for a later attempt, an
+        // earlier one) costs no round: waiting for a live driver is not a liveness failure.
+        let (mut round, mut busy_rounds) = (0, 0);
+        while round < STORMY_ATTEMPTS + CALM_ATTEMPTS {
             let calm = round >= STORMY_ATTEMPTS;
             let (crash_at, pause_at) = if round == 0 {
                 first
@@ -342,6 +402,7 @@ impl Sim {
             let (driver, crashed, paused, client) = self.driver(crash_at, pause_at, calm, attempt);
             {
                 let mut world = self.lock();
+                world.clients.get_mut(&client).expect("client").forced = force && exists;
                 if round > 0 {
                     world.event("resumes");
                 }
@@ -373,6 +434,7 @@ impl Sim {
                     }
                 };
                 finished.notify_one();
+                self.lock().ledger.stopped.insert(client);
                 result
             };
             let sweeping = async {
@@ -393,11 +455,23 @@ impl Sim {
                     world.event("sweeper-resumes");
                     world.log(|| format!("sweeper (driver {sweeper_client}) resumes the paused attempt {attempt}"));
                 }
-                Some(sweeper.resume_attempt(&run_id, Some(attempt), false).await)
+                let result = sweeper.resume_attempt(&run_id, Some(attempt), false).await;
+                self.lock().ledger.stopped.insert(sweeper_client);
+                Some(result)
             };
-            let (result, swept) = tokio::join!(driving, sweeping);
+            let scheduled = async {
+                let after_ms = swarm.sweeper_after_ms.filter(|_| round == 0 && attempt == 1)?;
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                self.scheduled_sweeper(&run_id, attempt, calm).await
+            };
+            let (result, swept, scheduled) = tokio::join!(driving, sweeping, scheduled);
             if round == 0 {
-                first_ended.notify_one();
+                for ended in first_ended {
+                    ended.notify_one();
+                }
+            }
+            if let Some(result) = &scheduled {
+                self.note_result(result, true);
             }
             if let Some(result) = &swept {
                 self.note_result(result, true);
@@ -410,15 +484,49 @@ impl Sim {
             }
             // Not finished: wait as an operator or `resume --all` would, then resume.
             let wait = match &result {
+                // The lease's end is the holder's clock reading; the next resumer reads its own
+                // clock, up to two skews apart (the liveness cost of skew, issue 17 item 2).
                 Some(Err(DriveError::Busy { until, .. })) => {
-                    (until.unix_secs() - self.clock.now().unix_secs()).max(0) + 1
+                    let world = self.lock();
+                    (until.unix_secs() - world.now_unix()).max(0) + 1 + 2 * world.swarm.max_skew_ms / 1000
                 }
                 _ if force => 1,
                 _ => LEASE_SECS + 1,
             };
             tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+            let busy = matches!(&result, Some(Err(DriveError::Busy { .. })))
+                || matches!(&result, Some(Err(error)) if error.to_string().contains("is being driven"));
+            if round > 0 && busy && busy_rounds < MAX_BUSY_ROUNDS {
+                busy_rounds += 1;
+            } else {
+                round += 1;
+            }
         }
         None
+    }
+
+    /// `resume --all` on a schedule, while the first driver may still be alive: it takes the
+    /// run over only if its own clock says the lease has passed.
+    async fn scheduled_sweeper(
+        &self,
+        run_id: &str,
+        attempt: u32,
+        calm: bool,
+    ) -> Option<Result<post_provision::RunOutcome, DriveError>> {
+        let identifier = record::record_identifier(run_id, attempt);
+        let unfinished = self.lock().table.run(&identifier).ok().flatten().is_some_and(|r| !r.state.is_terminal());
+        if !unfinished {
+            return None;
+        }
+        let (sweeper, _, _, client) = self.driver(None, None, calm, attempt);
+        {
+            let mut world = self.lock();
+            world.event("scheduled-sweeper-runs");
+            world.log(|| format!("scheduled sweeper (driver {client}) runs resume --all"));
+        }
+        let result = sweeper.resume_attempt(run_id, Some(attempt), false).await;
+        self.lock().ledger.stopped.insert(client);
+        Some(result)
     }
 
     /// GitHub's "Re-run jobs": the same run id, attempt 2. Selection claims idle instances for
@@ -444,6 +552,8 @@ impl Sim {
             }
             let threshold = now.plus_secs(300);
             if world.table.update_if(&message.instance_id, &item, "claimed", &run_id, &threshold.to_string(), now) {
+                let after = world.table.instances.get(&message.instance_id).cloned();
+                world.log_write(Who::Selection, &message.instance_id, Some(item.clone()), after);
                 world.holder_attempt.insert(message.instance_id.clone(), 2);
                 world.touch(&message.instance_id);
                 let class = CLASSES.iter().position(|c| c.0 == item.resource_class).unwrap_or(0);
@@ -533,11 +643,12 @@ impl Sim {
 async fn simulate(seed: u64, verbose: bool) -> SeedReport {
     let world = setup(seed, verbose);
     let (path, fleet) = (world.swarm.path, world.spec.instance_count());
-    let clock_rng = Rng::new(seed ^ 0xC10C);
-    let clock = Arc::new(SimClock { base_unix: world.base_unix, start: world.start, rng: Mutex::new(clock_rng) });
+    let clock_rng = Arc::new(Mutex::new(Rng::new(seed ^ 0xC10C)));
+    let machines = Mutex::new(Rng::new(seed ^ 0x5EED_C10C));
     let limits = Limits {
         concurrency: world.swarm.concurrency,
         lease_secs: LEASE_SECS,
+        one_transaction_max_instances: world.swarm.one_transaction_max_instances,
         on_retries_exhausted: if world.swarm.stall_on_exhausted {
             OnRetriesExhausted::Stall
         } else {
@@ -545,7 +656,7 @@ async fn simulate(seed: u64, verbose: bool) -> SeedReport {
         },
         ..Limits::default()
     };
-    let sim = Sim { world: Arc::new(Mutex::new(world)), clock, limits, next_client: Cell::new(0) };
+    let sim = Sim { world: Arc::new(Mutex::new(world)), clock_rng, machines, limits, next_client: Cell::new(0) };
     let ticker = async {
         loop {
             let pause = sim.lock().rng.range(500, 5000);
@@ -558,17 +669,26 @@ async fn simulate(seed: u64, verbose: bool) -> SeedReport {
         (world.spec.clone(), (world.swarm.crash_at, world.swarm.pause_at))
     };
     let first_ended = Notify::new();
+    let release_ended = Notify::new();
     let both = async {
         let rerun = async {
             first_ended.notified().await;
             let spec = sim.rerun_spec()?;
-            let outcome = sim.drive(spec, (None, None), &Notify::new()).await;
+            let outcome = sim.drive(spec, (None, None), &[]).await;
             if outcome.is_none() {
                 sim.lock().violate("liveness", None, "attempt 2 did not finish, even after calm resumes".to_string());
             }
             outcome
         };
-        tokio::join!(sim.drive(spec, first, &first_ended), rerun).0
+        let release = async {
+            // This run's release job, `if: always()`: after the workflow's other jobs.
+            let Some(after) = sim.lock().swarm.run_release_after_secs else { return };
+            release_ended.notified().await;
+            tokio::time::sleep(Duration::from_secs(after as u64)).await;
+            actors::release_run(&mut sim.lock());
+        };
+        let ended = [&first_ended, &release_ended];
+        tokio::join!(sim.drive(spec, first, &ended), rerun, release).0
     };
     let outcome = tokio::select! {
         biased;
@@ -586,7 +706,20 @@ async fn simulate(seed: u64, verbose: bool) -> SeedReport {
         history: world.history.take(),
         fleet,
         digest: world.digest,
+        max_skew_ms: max_skew(&world),
+        finish_secs: world.terminal_at_secs,
     }
+}
+
+/// The largest offset of any machine's clock (drivers, and the pool's actors) at the start.
+fn max_skew(world: &World) -> i64 {
+    let clocks = &world.clocks;
+    [clocks.selection, clocks.release, clocks.refresh, clocks.creation]
+        .iter()
+        .chain(clocks.drivers.values())
+        .map(|clock| clock.skew_ms.abs())
+        .max()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -685,7 +818,22 @@ mod tests {
             stats.merge(&report.stats);
             above_one_transaction |= report.fleet > 100;
         }
-        for actor in ["selection", "release", "refresh", "boot-agent"] {
+        for actor in [
+            "selection",
+            "selection-discard-mismatch",
+            "selection-discard-expired",
+            "selection-requeue",
+            "selection-expire-unhealthy",
+            "selection-terminate-unregistered",
+            "release",
+            "release-if-always",
+            "refresh",
+            "refresh-terminate",
+            "boot-agent",
+            "creation",
+            "creation-validated",
+            "creation-failed-validation",
+        ] {
             assert!(stats.actor_steps.get(actor).is_some_and(|n| *n > 0), "{actor}: {:?}", stats.actor_steps);
         }
         for fault in [
@@ -699,6 +847,9 @@ mod tests {
             "sqs-entry-failed",
             "sqs-duplicate",
             "ec2-not-found",
+            "ec2-termination-refused",
+            "sqs-queue-deleted",
+            "sqs-access-denied",
         ] {
             assert!(stats.faults.get(fault).is_some_and(|n| *n > 0), "{fault}: {:?}", stats.faults);
         }

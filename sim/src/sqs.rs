@@ -28,6 +28,9 @@ pub struct Queues {
     pub announced: BTreeSet<(String, String, String)>,
     /// Messages accepted, by sender.
     pub sent_by: BTreeMap<Who, u64>,
+    /// Queues that refuse every call for good from a true unix time on, with the code:
+    /// `AWS.SimpleQueueService.NonExistentQueue` (deleted) or `AccessDenied`.
+    pub refusing: BTreeMap<String, (i64, &'static str)>,
 }
 
 /// The fields of a pool message body the pool's consumers read.
@@ -42,9 +45,17 @@ impl Queues {
         self.queues.entry(url.to_string()).or_default();
     }
 
+    /// The code a call to `url` is refused with at true unix time `now`, if it refuses for good.
+    pub fn refusal(&self, url: &str, now: i64) -> Option<&'static str> {
+        self.refusing.get(url).filter(|(from, _)| *from <= now).map(|(_, code)| *code)
+    }
+
     /// Accepts one message with `delay_secs`; `false` if the queue does not exist. With
     /// `duplicate`, the message is stored twice: a standard queue may deliver it twice.
     pub fn send(&mut self, url: &str, body: &str, now: i64, delay_secs: i64, duplicate: bool, who: Who) -> bool {
+        if self.refusal(url, now).is_some() {
+            return false;
+        }
         let Some(queue) = self.queues.get_mut(url) else { return false };
         let (instance_id, threshold) = parse_body(body).expect("pool messages have an id and a threshold");
         let message = Message {
@@ -64,6 +75,9 @@ impl Queues {
 
     /// Receives and deletes the oldest visible message of `url`.
     pub fn receive(&mut self, url: &str, now: i64) -> Option<Message> {
+        if self.refusal(url, now).is_some() {
+            return None;
+        }
         let queue = self.queues.get_mut(url)?;
         let position = queue.iter().position(|message| message.visible_at <= now)?;
         queue.remove(position)
@@ -74,8 +88,13 @@ impl Queues {
         self.announced.contains(&(url.to_string(), instance_id.to_string(), threshold.to_string()))
     }
 
-    /// Whether any queue ever accepted a message announcing `instance_id` at `threshold`.
-    pub fn was_announced_anywhere(&self, instance_id: &str, threshold: &str) -> bool {
-        self.queues.keys().any(|url| self.was_announced(url, instance_id, threshold))
+    /// Whether a queue that still exists at true unix time `now` accepted a message announcing
+    /// `instance_id` at `threshold`. A deleted queue's messages went with it: nobody can claim
+    /// the instance through one, so the pool no longer holds it by that announcement.
+    pub fn was_announced_anywhere(&self, instance_id: &str, threshold: &str, now: i64) -> bool {
+        self.queues.keys().any(|url| {
+            let gone = self.refusal(url, now).is_some_and(|code| code != "AccessDenied");
+            !gone && self.was_announced(url, instance_id, threshold)
+        })
     }
 }

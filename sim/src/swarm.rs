@@ -95,6 +95,43 @@ pub struct Swarm {
     pub rerun: bool,
     /// Selected instances' claim thresholds are this many seconds ahead at the start.
     pub claim_secs: i64,
+    /// Machines' clocks are off the true time by up to this much (issue 17, item 2).
+    pub max_skew_ms: i64,
+    /// `Limits::one_transaction_max_instances` (0: the staged path always).
+    pub one_transaction_max_instances: usize,
+    /// The share of the run's instances without the pool tag (not the pool's: never terminated).
+    pub untagged_share: f64,
+    /// The share of the run's instances whose termination EC2 refuses, and with which code.
+    pub refused_share: f64,
+    /// See `refused_share`.
+    pub refused_code: &'static str,
+    /// One pool queue refuses for good from this many seconds on: (class index, seconds, code).
+    pub queue_refusal: Option<(usize, i64, &'static str)>,
+    /// Rollback: the share of created instances whose validation failed, so that creation
+    /// terminated them and left their `created` records (`creation/index.ts` 53-59).
+    pub creation_failed_share: f64,
+    /// Rollback: the share of created instances without a record (creation's registration
+    /// failed).
+    pub recordless_share: f64,
+    /// Selection's view of the pool config disagrees with the messages' cpu of this class, so it
+    /// discards them (`pool-pickup-manager.ts` 139-147).
+    pub selection_config_drift: Option<usize>,
+    /// Selection re-queues a message (instance type or usage class filter).
+    pub p_requeue: f64,
+    /// A claimed instance is found unhealthy (no heartbeat): its claim is expired.
+    pub p_unhealthy: f64,
+    /// A claimed instance never signals its registration: terminated and expired.
+    pub p_unregistered: f64,
+    /// Release finds no deregistration signal: the instance is expired instead of announced.
+    pub p_no_signal: f64,
+    /// Per step: creation for another run launches an instance.
+    pub p_creation: f64,
+    /// This run's release job (`if: always()`) runs this many seconds after the first driver
+    /// ended (the workflow's jobs ran meanwhile).
+    pub run_release_after_secs: Option<i64>,
+    /// A sweeper (`resume --all` on a schedule) runs this many milliseconds after the start,
+    /// while the first driver may still be alive.
+    pub sweeper_after_ms: Option<u64>,
 }
 
 impl Swarm {
@@ -145,6 +182,7 @@ impl Swarm {
         let p_release = a(rng);
         let p_refresh = a(rng);
         let p_boot_agent = a(rng);
+        let p_creation = a(rng);
         let crash_at = rng.chance(0.35).then(|| (rng.range(1, 14), rng.chance(0.5)));
         let pause_at = rng.chance(0.15).then(|| (rng.range(1, 12), rng.range(31, 400) as i64));
         Swarm {
@@ -186,6 +224,29 @@ impl Swarm {
             // Mostly comfortable; sometimes the claims run out during the run.
             claim_secs: if rng.chance(0.15) { rng.range(1, 40) as i64 } else { 300 },
             rerun: rng.chance(0.2),
+            max_skew_ms: match rng.below(5) {
+                0 | 1 => 0,
+                2 => rng.range(0, 5_000) as i64,
+                _ => rng.range(0, crate::clock::MAX_OFFSET_MS as u64) as i64,
+            },
+            one_transaction_max_instances: *rng.pick(&[0, 0, 1, 3, 10, 100, 100, 100]),
+            untagged_share: if rng.chance(0.25) { rng.unit() * 0.5 } else { 0.0 },
+            refused_share: if rng.chance(0.2) { rng.unit() * 0.5 } else { 0.0 },
+            refused_code: ["OperationNotPermitted", "UnauthorizedOperation"][rng.below(2) as usize],
+            queue_refusal: rng.chance(0.15).then(|| {
+                let code = *rng.pick(&["AWS.SimpleQueueService.NonExistentQueue", "AccessDenied"]);
+                (rng.below(2) as usize, rng.range(0, 60) as i64, code)
+            }),
+            creation_failed_share: if rng.chance(0.3) { rng.unit() } else { 0.0 },
+            recordless_share: if rng.chance(0.1) { rng.unit() * 0.3 } else { 0.0 },
+            selection_config_drift: rng.chance(0.1).then(|| rng.below(2) as usize),
+            p_requeue: if rng.chance(0.3) { rng.unit() * 0.5 } else { 0.0 },
+            p_unhealthy: if rng.chance(0.3) { rng.unit() * 0.3 } else { 0.0 },
+            p_unregistered: if rng.chance(0.3) { rng.unit() * 0.3 } else { 0.0 },
+            p_no_signal: if rng.chance(0.3) { rng.unit() * 0.5 } else { 0.0 },
+            p_creation,
+            run_release_after_secs: rng.chance(0.5).then(|| rng.range(0, 900) as i64),
+            sweeper_after_ms: rng.chance(0.3).then(|| rng.range(0, 60_000)),
         }
     }
 
@@ -224,6 +285,22 @@ impl Swarm {
             idle_time_sec: 1,
             claim_secs: 300,
             rerun: false,
+            max_skew_ms: 0,
+            one_transaction_max_instances: 100,
+            untagged_share: 0.0,
+            refused_share: 0.0,
+            refused_code: "OperationNotPermitted",
+            queue_refusal: None,
+            creation_failed_share: 0.0,
+            recordless_share: 0.0,
+            selection_config_drift: None,
+            p_requeue: 0.0,
+            p_unhealthy: 0.0,
+            p_unregistered: 0.0,
+            p_no_signal: 0.0,
+            p_creation: 0.0,
+            run_release_after_secs: None,
+            sweeper_after_ms: None,
         }
     }
 

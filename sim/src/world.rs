@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use post_provision::spec::Spec;
 use post_provision::timestamp::Timestamp;
 
-use crate::dynamo::Table;
+use crate::clock::MachineClock;
+use crate::dynamo::{InstanceItem, Table};
 use crate::ec2::Ec2;
 use crate::rng::Rng;
 use crate::sqs::Queues;
@@ -22,8 +23,13 @@ pub enum Who {
     Selection,
     /// Release of a finished job: `running` → `idle`, then a pool message.
     Release,
-    /// Refresh: expired records → `terminated`, then TerminateInstances.
+    /// Refresh: expired records → `terminated` (runId `""`), then TerminateInstances.
     Refresh,
+    /// Creation for another run: `created` records, then validation (→ `running`) or termination.
+    Creation,
+    /// The run's own release job (`if: always()` at the end of its workflow): every `running`
+    /// record of the run id → `idle`, then a pool message or an expiry.
+    RunRelease,
     /// An instance's boot agent, terminating its own instance after its threshold.
     BootAgent,
     /// The world as the seed set it up.
@@ -38,6 +44,8 @@ impl Who {
             Who::Selection => "selection",
             Who::Release => "release",
             Who::Refresh => "refresh",
+            Who::Creation => "creation",
+            Who::RunRelease => "release-if-always",
             Who::BootAgent => "boot-agent",
             Who::Setup => "setup",
         }
@@ -75,6 +83,10 @@ pub struct Client {
     /// The attempt of the run this driver acts for now: the attempt of the last run record it
     /// wrote (a later attempt first drives an unfinished earlier one to its end).
     pub acting_attempt: u32,
+    /// The call being applied now was sent before a pause of the process (SIGSTOP).
+    pub paused_call: bool,
+    /// This driver resumed with `--force`.
+    pub forced: bool,
 }
 
 /// Counters for the summary.
@@ -104,6 +116,78 @@ impl Stats {
             }
         }
     }
+}
+
+/// One write to an instance record, by anyone, as it landed: the simulation's own write log, which
+/// the invariants read instead of the conditions the code builds.
+#[derive(Debug, Clone)]
+pub struct WriteEntry {
+    /// True (virtual) milliseconds since the start when it landed.
+    pub at_ms: i64,
+    /// Who wrote it.
+    pub who: Who,
+    /// The instance.
+    pub id: String,
+    /// The record just before (`None`: there was none).
+    pub before: Option<InstanceItem>,
+    /// The record just after (`None`: deleted).
+    pub after: Option<InstanceItem>,
+}
+
+/// What the invariants and the pool's multi-step actors remember between steps.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    /// Every instance-record write, in the order they landed.
+    pub writes: Vec<WriteEntry>,
+    /// Per attempt: the driver whose store write landed last.
+    pub last_writer: BTreeMap<u32, u32>,
+    /// Per attempt: the drivers whose store writes landed, in the order of their first one.
+    pub writers: BTreeMap<u32, Vec<u32>>,
+    /// Drivers that have stopped (returned, or crashed): they act no more.
+    pub stopped: BTreeSet<u32>,
+    /// Refresh's query result (instance, record as read) and the clock reading it used, waiting
+    /// for its conditional writes (`manage-terminations.ts` reads, then writes, then terminates).
+    pub refresh_read: Vec<(String, InstanceItem)>,
+    /// See `refresh_read`: refresh's `:now` for the writes.
+    pub refresh_now: Option<Timestamp>,
+    /// Instances refresh marked and has still to terminate.
+    pub refresh_terminate: Vec<String>,
+    /// Creation's launched instances waiting for their validation (true: it will pass).
+    pub creation_pending: Vec<(String, bool)>,
+    /// Instances created by the pool's creation actor so far (for fresh ids).
+    pub created_by_pool: u64,
+    /// Drivers' sends and terminations after another driver took their attempt over (they cannot
+    /// be fenced by the store; the oracle checks each).
+    pub stale_effects: u64,
+    /// When the run record of attempt 1 first entered `EmergencyCleanup`, true milliseconds.
+    pub cleanup_entered_ms: Option<i64>,
+    /// A pool queue refused one of this run's drivers for good.
+    pub queue_refused_driver: bool,
+    /// The run's created instances whose `created` record creation never wrote (its
+    /// registration failed, `fleet-creation.ts` 144-150): alive, in the spec, without a record.
+    pub recordless: BTreeSet<String>,
+    /// Instances whose termination EC2 refused to a driver of the run.
+    pub refused_to_run: BTreeSet<String>,
+    /// Instances a driver wrote in a way the oracle refused, with the tag of that violation: a
+    /// later consequence (`i-live-behind`) carries the same tag.
+    pub bad_writes: BTreeMap<String, Option<&'static str>>,
+}
+
+/// Each machine's clock (issue 17, item 2). Drivers' clocks live in their `SimClock`s.
+#[derive(Debug, Clone, Default)]
+pub struct Clocks {
+    /// The largest skew of this seed, milliseconds.
+    pub max_skew_ms: i64,
+    /// Selection's machine (another run's provision job).
+    pub selection: MachineClock,
+    /// Release's machine (other runs' release jobs, and this run's).
+    pub release: MachineClock,
+    /// Refresh's machine (the scheduled refresh workflow).
+    pub refresh: MachineClock,
+    /// Creation's machine.
+    pub creation: MachineClock,
+    /// Drivers' clocks by client, as drawn (for the summary).
+    pub drivers: BTreeMap<u32, MachineClock>,
 }
 
 /// The whole simulated world of one seed.
@@ -168,6 +252,10 @@ pub struct World {
     /// The earliest threshold among the run's instance records at the start, in virtual seconds
     /// since the start: a commit after it may fail by design.
     pub earliest_threshold_secs: i64,
+    /// The write log and the actors' pending steps.
+    pub ledger: Ledger,
+    /// The machines' clocks.
+    pub clocks: Clocks,
 }
 
 impl World {
@@ -181,6 +269,41 @@ impl World {
         Timestamp::from_unix_secs(self.now_unix())
     }
 
+    /// True (virtual) milliseconds since the start.
+    pub fn elapsed_ms(&self) -> i64 {
+        (tokio::time::Instant::now() - self.start).as_millis() as i64
+    }
+
+    /// What a machine with `clock` reads now.
+    pub fn read(&self, clock: MachineClock) -> Timestamp {
+        clock.read(self.base_unix, self.elapsed_ms())
+    }
+
+    /// The clock of instance `id`'s boot agent: drawn from the seed and the id alone, so that it
+    /// does not shift any other draw.
+    pub fn boot_agent_clock(&self, id: &str) -> MachineClock {
+        let mut hash = self.seed ^ 0xB007;
+        for byte in id.bytes() {
+            hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        MachineClock::draw(&mut Rng::new(hash), self.clocks.max_skew_ms)
+    }
+
+    /// Writes instance `id`'s record as `who` (`None` deletes it) and logs the write.
+    pub fn write_instance(&mut self, who: Who, id: &str, after: Option<InstanceItem>) {
+        let before = match &after {
+            Some(item) => self.table.instances.insert(id.to_string(), item.clone()),
+            None => self.table.instances.remove(id),
+        };
+        self.log_write(who, id, before, after);
+    }
+
+    /// Logs a write that already landed.
+    pub fn log_write(&mut self, who: Who, id: &str, before: Option<InstanceItem>, after: Option<InstanceItem>) {
+        let at_ms = self.elapsed_ms();
+        self.ledger.writes.push(WriteEntry { at_ms, who, id: id.to_string(), before, after });
+    }
+
     /// Virtual seconds since the start.
     pub fn elapsed_secs(&self) -> i64 {
         self.now_unix() - self.base_unix
@@ -188,10 +311,9 @@ impl World {
 
     /// Adds a line to the history (only when verbose: building lines costs time).
     pub fn log(&mut self, line: impl FnOnce() -> String) {
-        if self.history.is_some() {
-            let at = tokio::time::Instant::now() - self.start;
-            let text = format!("[{:>9.3}s] {}", at.as_secs_f64(), line());
-            self.history.as_mut().expect("verbose").push(text);
+        let at = tokio::time::Instant::now() - self.start;
+        if let Some(history) = &mut self.history {
+            history.push(format!("[{:>9.3}s] {}", at.as_secs_f64(), line()));
         }
     }
 

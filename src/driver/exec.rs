@@ -106,7 +106,7 @@ impl<P: Ports> Driver<P> {
         let mut batches = Vec::new();
         for (class, messages) in by_class {
             let Some(queue_url) = record.queue_urls.get(class) else {
-                let failure = Failure::Unexpected(format!("no pool queue recorded for resource class {class:?}"));
+                let failure = Failure::Gone(format!("no pool queue recorded for resource class {class:?}"));
                 return Ok(EffectResult::Sent { delivered: Vec::new(), failure: Some(failure) });
             };
             for chunk in messages.chunks(core::MAX_MESSAGE_BATCH) {
@@ -169,7 +169,11 @@ impl<P: Ports> Driver<P> {
             info!(resource_class = class, ids = ?delivered, "pool messages sent");
             sent.lock().expect("sent lock").extend(delivered);
             if let Some((id, error)) = failed.iter().find(|(_, error)| !error.class.is_retryable()) {
-                return Err(StepError::Failed(Failure::Unexpected(format!("pool message for {id} refused: {error}"))));
+                let message = format!("pool message for {id} refused: {error}");
+                return Err(StepError::Failed(match error.class {
+                    crate::ports::ErrorClass::NotFound => Failure::Gone(message),
+                    _ => Failure::Unexpected(message),
+                }));
             }
             pending.retain(|m| failed_ids.contains(m.instance_id.as_str()));
             last_failures = failed;

@@ -9,10 +9,11 @@
 //!    driver can stop between the send and the record write that lists it). It is **announced
 //!    again** (a duplicate message is harmless: the pool's conditional claim decides) and stays in
 //!    the pool.
-//! 3. Only the ones that announcement could not reach because the queue refused for good (no
-//!    message can be on its way) are **retired** too, marked only if still exactly as released.
-//!    If SQS is merely unavailable, nothing is retired: a message may still be in the queue, and
-//!    the run stays resumable.
+//! 3. Only the ones that announcement could not reach because their queue is gone (and with it
+//!    any message of ours) are **retired** too, marked only if still exactly as released. A queue
+//!    that refuses otherwise (access denied) may still hold a message an earlier send delivered:
+//!    those stay in the pool, where refresh retires them at their idle threshold. If SQS is
+//!    merely unavailable, nothing is retired and the run stays resumable.
 //!
 //! Architecture invariant: cleanup never terminates an instance whose pool message this run
 //! sent, nor one it cannot prove it still holds or left unannounced.
@@ -84,10 +85,19 @@ impl Cleanup {
         Poll::Run(vec![Effect::Send(announcements)])
     }
 
-    /// Step 3: what the announcement could not reach, when the queue refused for good.
+    /// Step 3: what the announcement could not reach, when its queue is gone (and with it any
+    /// message of ours). A queue that refuses otherwise (access denied) may still hold one an
+    /// earlier send delivered: those instances stay in the pool, where refresh retires them at
+    /// their idle threshold if nobody claims them.
     fn after_announce(&mut self, now: Timestamp, delivered: Vec<String>, failure: Option<Failure>) -> Poll<usize> {
+        let unannounced = self.released.iter().filter(|id| !delivered.contains(id));
         match failure {
-            None | Some(Failure::Unexpected(_)) => {}
+            None | Some(Failure::Gone(_)) => {}
+            Some(Failure::Unexpected(_)) => {
+                let left = "released; announcing it again was refused: left in the pool, where refresh retires it at its idle threshold";
+                self.found.extend(unannounced.map(|id| Found::new(id, left)));
+                return self.finish(Ok(()));
+            }
             Some(other) => return self.finish(Err(other)),
         }
         let unannounced: Vec<(Role, &PoolInstance)> = self

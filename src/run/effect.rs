@@ -109,6 +109,9 @@ pub type Outcome = Result<EffectResult, Failure>;
 pub enum Failure {
     /// An unexpected error: the machine's `UnexpectedError` input.
     Unexpected(String),
+    /// What the call needs does not exist (a deleted pool queue, a missing table): unexpected
+    /// too, and for a pool queue it also means no message of ours can still be in it.
+    Gone(String),
     /// AWS still failed with a retryable error (5xx, timeout, dropped connection) once the
     /// retries were spent; `OnRetriesExhausted` decides.
     Unavailable(AwsError),
@@ -127,6 +130,7 @@ impl Failure {
         match error.class {
             ErrorClass::Throttling => Failure::Throttled(error),
             class if class.is_retryable() => Failure::Unavailable(error),
+            ErrorClass::NotFound => Failure::Gone(error.to_string()),
             _ => Failure::Unexpected(error.to_string()),
         }
     }

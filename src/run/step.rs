@@ -76,8 +76,10 @@ pub fn route(record: &RunRecord, result: Result<Verdict, Failure>, policy: OnRet
                 message: format!("capacity shortfall: {}", entry_reason(record, State::RollingBack)),
             }),
         },
-        Err(Failure::Unexpected(message)) if state == State::EmergencyCleanup => Route::Stall(message),
-        Err(Failure::Unexpected(message)) => unexpected(message),
+        Err(Failure::Unexpected(message) | Failure::Gone(message)) if state == State::EmergencyCleanup => {
+            Route::Stall(message)
+        }
+        Err(Failure::Unexpected(message) | Failure::Gone(message)) => unexpected(message),
         Err(Failure::NotYet(message)) => Route::Stall(message),
         Err(Failure::Throttled(error)) => Route::Stall(format!("{error} (throttled past the throttle budget)")),
         Err(Failure::Unavailable(error))
