@@ -246,7 +246,7 @@ async fn json_output_breaks_up_old_style_commands_and_every_line_break() {
 async fn the_job_summary_shows_no_link_bidi_or_zero_width_text_from_aws() {
     // Another run's id on an instance record comes from the table: the summary quotes it.
     let mut world = World::new("summary-links").await;
-    let intruder = "see https://evil.example or www.evil.example \u{202e}txt.exe\u{200b}";
+    let intruder = "see https://evil.example or www.evil.example \u{202e}txt.exe\u{200b} \u{1b}]0;title\u{7}\u{1b}[2J";
     let other = Seed { class: "large", state: Some("claimed"), owner: Owner::Other(intruder), threshold_secs: 240 };
     world.seed(&[Seed::claimed("small"), other], &[]).await;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -261,10 +261,13 @@ async fn the_job_summary_shows_no_link_bidi_or_zero_width_text_from_aws() {
     let summary = std::fs::read_to_string(dir.path().join("summary")).expect("job summary");
     assert!(summary.contains("owned by run see https\\[:\\]//evil.example or www\\[.\\]evil.example"), "{summary}");
     assert!(!summary.contains("://") && !summary.contains("www.evil"), "{summary}");
-    assert!(!summary.contains(['\u{202e}', '\u{200b}']) && summary.contains("\\u{202e}"), "{summary}");
+    assert!(
+        !summary.contains(['\u{202e}', '\u{200b}', '\u{1b}', '\u{7}']) && summary.contains("\\u{202e}"),
+        "{summary}"
+    );
     for text in [&output.stdout, &output.stderr] {
         let text = String::from_utf8_lossy(text);
-        assert!(!text.contains(['\u{202e}', '\u{200b}', '\u{1b}']), "{text}");
+        assert!(!text.contains(['\u{202e}', '\u{200b}', '\u{1b}', '\u{7}']), "{text:?}");
         assert_eq!(forged(&text), Vec::<String>::new(), "{}", context(&output));
     }
 }
