@@ -15,7 +15,7 @@ use post_provision::{Engine, OutcomeKind, Spec};
 fn fail(code: i32, message: impl std::fmt::Display) -> ! {
     // The message may quote the spec or AWS: written on one line, it cannot start a workflow
     // command in a GitHub Actions log.
-    eprintln!("orchestrator: {}", post_provision::report::plain(&message.to_string()));
+    eprintln!("orchestrator: {}", post_provision::output::escape::plain(&message.to_string()));
     std::process::exit(code)
 }
 
@@ -45,7 +45,7 @@ async fn main() {
     };
     let code = match engine.start(spec).await {
         Ok(outcome) => {
-            let reason = outcome.record.error.as_ref().map(|e| post_provision::report::plain(&e.message));
+            let reason = outcome.record.error.as_ref().map(|e| post_provision::output::escape::plain(&e.message));
             match outcome.kind {
                 OutcomeKind::Committed => {
                     println!("orchestrator: run {run_id} committed {} instances", outcome.record.instance_count)

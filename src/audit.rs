@@ -2,8 +2,9 @@
 //!
 //! The adapters in `src/aws/audit.rs` read compact snapshots (only the attributes named here,
 //! never an item's full JSON) of the instance records, the run records, the pool's EC2 instances
-//! and the pool queues' approximate counts. [`classify`] turns them into [`Finding`]s with no I/O,
-//! and `Engine::audit_fix` carries out each finding's [`Repair`]. Time comes in as `now`.
+//! and the pool queues' approximate counts. [`classify`] turns them into [`AuditFinding`]s with no I/O,
+//! and `Engine::audit_fix` carries out each finding's [`Repair`]. Time comes in as `now`. Its
+//! text, JSON, job summary and annotations are rendered in `crate::output`.
 //!
 //! Healthy instances are never reported: a `running` record with an unexpired threshold
 //! (whether or not this engine committed it; older runs have no run record) and an `idle`
@@ -11,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::timestamp::Timestamp;
@@ -90,7 +92,7 @@ pub struct Snapshot {
 }
 
 /// What kind of stray a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FindingKind {
     /// An EC2 instance with the pool tag, alive, without a record, older than the grace period.
@@ -123,7 +125,7 @@ impl FindingKind {
 }
 
 /// The repair `--fix` makes for a finding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Repair {
     /// Terminate the instance (it has no record).
@@ -157,9 +159,9 @@ impl Repair {
 }
 
 /// One stray.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct Finding {
+pub struct AuditFinding {
     /// What it is.
     pub kind: FindingKind,
     /// The instance, where the finding names one.
@@ -192,9 +194,9 @@ pub struct Finding {
     pub detail: String,
 }
 
-impl Finding {
-    fn new(kind: FindingKind, repair: Repair, detail: String) -> Finding {
-        Finding {
+impl AuditFinding {
+    fn new(kind: FindingKind, repair: Repair, detail: String) -> AuditFinding {
+        AuditFinding {
             kind,
             instance_id: None,
             run_id: None,
@@ -209,8 +211,8 @@ impl Finding {
         }
     }
 
-    fn of_record(kind: FindingKind, repair: Repair, record: &InstanceRecordSnapshot, now: Timestamp) -> Finding {
-        let mut finding = Finding::new(kind, repair, String::new());
+    fn of_record(kind: FindingKind, repair: Repair, record: &InstanceRecordSnapshot, now: Timestamp) -> AuditFinding {
+        let mut finding = AuditFinding::new(kind, repair, String::new());
         finding.instance_id = Some(record.id.clone());
         finding.run_id = Some(record.run_id.clone()).filter(|run| !run.is_empty());
         finding.resource_class = Some(record.resource_class.clone());
@@ -241,7 +243,7 @@ const LIVE_RECORD_STATES: [&str; 4] = ["idle", "claimed", "running", "created"];
 /// Classifies one snapshot. `grace_secs` keeps young instances and records out of the findings
 /// that eventual consistency or a phase still at work could explain: an instance launched by
 /// creation whose record is not written yet, a record whose instance EC2 does not list yet.
-pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Finding> {
+pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<AuditFinding> {
     let now_text = now.to_string();
     let ec2: HashMap<&str, &Ec2Snapshot> = snapshot.instances.iter().map(|i| (i.id.as_str(), i)).collect();
     // A run id is unfinished while any of its attempts is: attempts share the run id in records.
@@ -275,7 +277,7 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
         if is_dead(ec2_state) {
             // An unknown id may be a launch EC2 does not list yet: only old records count.
             if ec2_state != "unknown" || !young(&record.updated_at) {
-                let mut finding = Finding::of_record(FindingKind::GhostRecord, Repair::DeleteRecord, record, now);
+                let mut finding = AuditFinding::of_record(FindingKind::GhostRecord, Repair::DeleteRecord, record, now);
                 finding.ec2_state = Some(ec2_state.to_string());
                 finding.detail = format!("{} record of an instance EC2 reports {ec2_state}", record.state);
                 findings.push(finding);
@@ -288,7 +290,7 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
             _ => None,
         };
         if let Some(kind) = leaked.filter(|_| expired && finished_or_absent(&record.run_id)) {
-            let mut finding = Finding::of_record(kind, Repair::DeleteRecordThenTerminate, record, now);
+            let mut finding = AuditFinding::of_record(kind, Repair::DeleteRecordThenTerminate, record, now);
             finding.ec2_state = Some(ec2_state.to_string());
             finding.detail = format!("{} past its threshold; its run is finished or has no record", record.state);
             findings.push(finding);
@@ -301,7 +303,7 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
                 releaser.filter(|_| !announced.contains(&(record.threshold.as_str(), record.id.as_str())))
             {
                 let mut finding =
-                    Finding::of_record(FindingKind::UnannouncedIdle, Repair::SendPoolMessage, record, now);
+                    AuditFinding::of_record(FindingKind::UnannouncedIdle, Repair::SendPoolMessage, record, now);
                 finding.ec2_state = Some(ec2_state.to_string());
                 // The run that released it: `--fix` adds the id to its `messagesSent`.
                 finding.run_id = Some(run.run_id.clone());
@@ -321,8 +323,11 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
         if !matches!(age, Some(age) if age >= grace_secs) {
             continue;
         }
-        let mut finding =
-            Finding::new(FindingKind::OrphanInstance, Repair::Terminate, "pool-tagged instance with no record".into());
+        let mut finding = AuditFinding::new(
+            FindingKind::OrphanInstance,
+            Repair::Terminate,
+            "pool-tagged instance with no record".into(),
+        );
         finding.instance_id = Some(instance.id.clone());
         finding.ec2_state = Some(instance.state.clone());
         finding.age_secs = age;
@@ -332,7 +337,7 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
     for (class, idle) in unexpired_idle {
         let Some(&queued) = snapshot.queued_messages.get(class) else { continue };
         if idle > queued {
-            let mut finding = Finding::new(
+            let mut finding = AuditFinding::new(
                 FindingKind::UnannouncedIdle,
                 Repair::None,
                 format!(
@@ -348,7 +353,7 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
         if run.lease_expires_at.as_str() >= now_text.as_str() {
             continue;
         }
-        let mut finding = Finding::new(
+        let mut finding = AuditFinding::new(
             FindingKind::UnfinishedRun,
             Repair::Resume,
             format!("run left in {} and its lease has ended", run.state),
@@ -363,7 +368,7 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Fin
 }
 
 /// What became of one finding under `--fix`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RepairOutcome {
     /// The repair landed.
@@ -376,13 +381,26 @@ pub enum RepairOutcome {
     NotRepairable,
 }
 
+impl RepairOutcome {
+    /// The kebab-case name used in every output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepairOutcome::Repaired => "repaired",
+            RepairOutcome::Skipped => "skipped",
+            RepairOutcome::Failed => "failed",
+            RepairOutcome::NotRepairable => "not-repairable",
+        }
+    }
+}
+
 /// A finding and, with `--fix`, what became of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct AuditEntry {
     /// The finding.
     #[serde(flatten)]
-    pub finding: Finding,
+    pub finding: AuditFinding,
     /// With `--fix`: the repair's outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<RepairOutcome>,
@@ -392,8 +410,9 @@ pub struct AuditEntry {
 }
 
 /// The counts of one audit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct AuditSummary {
     /// Instance records read.
     pub records: usize,
@@ -418,7 +437,8 @@ pub struct AuditSummary {
 }
 
 /// The result of `audit` (and of `audit --fix`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct AuditReport {
     /// Every finding, by kind.
     pub findings: Vec<AuditEntry>,
@@ -428,7 +448,7 @@ pub struct AuditReport {
 
 impl AuditReport {
     /// The report of a classification, before any repair.
-    pub fn new(snapshot: &Snapshot, findings: Vec<Finding>) -> AuditReport {
+    pub fn new(snapshot: &Snapshot, findings: Vec<AuditFinding>) -> AuditReport {
         let mut report = AuditReport {
             findings: findings.into_iter().map(|finding| AuditEntry { finding, outcome: None, reason: None }).collect(),
             summary: AuditSummary {
@@ -479,150 +499,6 @@ impl AuditReport {
             0
         }
     }
-}
-
-/// The audit as a table a person can act on. Every value from AWS or a record goes through
-/// [`crate::report::plain`], so no line can start a workflow command.
-pub fn text_table(report: &AuditReport) -> String {
-    let plain = |value: Option<&str>| crate::report::plain(value.unwrap_or("-"));
-    let mut rows = vec![[
-        "KIND".to_string(),
-        "INSTANCE".into(),
-        "RUN".into(),
-        "RECORD".into(),
-        "THRESHOLD".into(),
-        "EC2".into(),
-        "AGE".into(),
-        "REPAIR".into(),
-        "RESULT".into(),
-    ]];
-    for entry in &report.findings {
-        let finding = &entry.finding;
-        let run = match (&finding.run_id, finding.run_attempt) {
-            (Some(run), Some(attempt)) if attempt > 1 => Some(format!("{run}#{attempt}")),
-            (run, _) => run.clone(),
-        };
-        rows.push([
-            finding.kind.as_str().to_string(),
-            plain(finding.instance_id.as_deref().or(finding.resource_class.as_deref().map(|_| "(class)"))),
-            plain(run.as_deref()),
-            plain(finding.record_state.as_deref()),
-            plain(finding.record_threshold.as_deref()),
-            plain(finding.ec2_state.as_deref()),
-            finding.age_secs.map_or("-".into(), |age| format!("{age}s")),
-            finding.repair.as_str().to_string(),
-            match entry.outcome {
-                None => "-".into(),
-                Some(outcome) => {
-                    serde_json::to_value(outcome).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-                }
-            },
-        ]);
-    }
-    let mut widths = [0usize; 9];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    if report.findings.is_empty() {
-        out.push_str("no findings: the pool is clean\n");
-    } else {
-        for row in &rows {
-            let cells: Vec<String> = row.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
-            out.push_str(cells.join("  ").trim_end());
-            out.push('\n');
-        }
-        out.push('\n');
-        for entry in &report.findings {
-            let name = entry
-                .finding
-                .instance_id
-                .as_deref()
-                .or(entry.finding.run_id.as_deref())
-                .or(entry.finding.resource_class.as_deref());
-            out.push_str(&format!(
-                "{} {}: {}",
-                entry.finding.kind.as_str(),
-                plain(name),
-                plain(Some(&entry.finding.detail))
-            ));
-            if let Some(reason) = &entry.reason {
-                out.push_str(&format!(" ({})", plain(Some(reason))));
-            }
-            out.push('\n');
-        }
-    }
-    let summary = &report.summary;
-    out.push_str(&format!(
-        "{} findings, {} hints ({} instance records, {} run records, {} EC2 instances read)",
-        summary.findings, summary.hints, summary.records, summary.runs, summary.instances
-    ));
-    if summary.fixed {
-        out.push_str(&format!(
-            "; repaired {}, skipped {}, failed {}",
-            summary.repaired, summary.skipped, summary.failed
-        ));
-    } else if summary.findings > 0 {
-        out.push_str("; `audit --fix` repairs them");
-    }
-    out.push('\n');
-    out
-}
-
-/// The audit as a Markdown job summary: one escaped table row per finding.
-pub fn step_summary(report: &AuditReport) -> String {
-    use crate::report::{markdown, markdown_code};
-    let cell = |value: Option<&str>| value.map_or("-".to_string(), markdown_code);
-    let mut out =
-        format!("## post-provision audit\n\n{} findings, {} hints\n\n", report.summary.findings, report.summary.hints);
-    if report.findings.is_empty() {
-        out.push_str("The pool is clean.\n");
-        return out;
-    }
-    out.push_str("| kind | instance | run | record | threshold | EC2 | repair | result | detail |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
-    for entry in &report.findings {
-        let finding = &entry.finding;
-        let outcome =
-            entry.outcome.and_then(|o| serde_json::to_value(o).ok()).and_then(|v| v.as_str().map(String::from));
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            finding.kind.as_str(),
-            cell(finding.instance_id.as_deref().or(finding.resource_class.as_deref())),
-            cell(finding.run_id.as_deref()),
-            cell(finding.record_state.as_deref()),
-            cell(finding.record_threshold.as_deref()),
-            cell(finding.ec2_state.as_deref()),
-            finding.repair.as_str(),
-            cell(outcome.as_deref()),
-            markdown(&finding.detail),
-        ));
-    }
-    out
-}
-
-/// One `::warning` workflow command per finding, every part escaped by
-/// [`crate::report::workflow_command`].
-pub fn annotations(report: &AuditReport) -> Vec<String> {
-    report
-        .findings
-        .iter()
-        .map(|entry| {
-            let finding = &entry.finding;
-            let name =
-                finding.instance_id.as_deref().or(finding.run_id.as_deref()).or(finding.resource_class.as_deref());
-            let message = format!(
-                "{} {}: {} (repair: {})",
-                finding.kind.as_str(),
-                name.unwrap_or("-"),
-                finding.detail,
-                finding.repair.as_str()
-            );
-            crate::report::workflow_command("warning", &[("title", "post-provision audit")], &message)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -828,35 +704,9 @@ mod tests {
         assert_eq!(report.exit_code(), 3);
         let clean = AuditReport::new(&healthy(), Vec::new());
         assert_eq!(clean.exit_code(), 0);
-        assert!(text_table(&report).contains("orphan-instance  i-orphan"), "{}", text_table(&report));
-        assert!(text_table(&clean).contains("the pool is clean"));
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["findings"][0]["kind"], "orphan-instance");
         assert_eq!(json["findings"][0]["repair"], "terminate");
         assert_eq!(json["summary"]["byKind"]["orphan-instance"], 1);
-    }
-}
-
-#[cfg(test)]
-mod output_tests {
-    use super::*;
-
-    /// Text from AWS or a record can never start a workflow command or break a table row.
-    #[test]
-    fn outputs_escape_what_records_hold() {
-        let hostile = "x\n::error::owned|<b>";
-        let mut finding = Finding::new(FindingKind::GhostRecord, Repair::DeleteRecord, hostile.into());
-        finding.instance_id = Some(hostile.into());
-        finding.run_id = Some(hostile.into());
-        let report = AuditReport::new(&Snapshot::default(), vec![finding]);
-        for line in text_table(&report).lines() {
-            assert!(!line.trim_start().starts_with("::"), "{line}");
-        }
-        let annotations = annotations(&report);
-        assert_eq!(annotations.len(), 1);
-        assert!(annotations[0].starts_with("::warning title=post-provision audit::") && !annotations[0].contains('\n'));
-        let summary = step_summary(&report);
-        assert!(summary.contains("\\|") && !summary.contains("<b>"), "{summary}");
-        assert!(summary.lines().all(|line| !line.starts_with("::")), "{summary}");
     }
 }

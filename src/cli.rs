@@ -7,9 +7,14 @@
 //! transition); `77` permission denied or no usable credentials; `78` missing table or a failed
 //! `init`.
 //!
-//! Everything printed that comes from the spec or from AWS goes through [`crate::report::plain`]
-//! (stdout and stderr, log lines included) or the workflow-command and Markdown escapes, because
-//! the GitHub Actions runner reads a job's output for `::` commands.
+//! This module parses arguments, runs one command per function, and chooses what to print;
+//! every rendering and escape lives in [`crate::output`], because the GitHub Actions runner
+//! reads a job's output for `::` commands.
+//!
+//! In a GitHub Actions job (`GITHUB_ACTIONS=true`) the job's identity binds what a command may act
+//! for: a spec, a `resume`/`status` run id or `--attempt`, and the runs `audit --fix` would resume
+//! or announce for, must be the job's own run (`GITHUB_RUN_ID`, `GITHUB_RUN_ATTEMPT`), unless
+//! `--allow-foreign-run` says otherwise (see [`JobIdentity`]).
 
 use std::io::Read;
 use std::time::Duration;
@@ -17,32 +22,36 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use crate::audit::{AuditReport, Repair, RepairOutcome};
 use crate::config::{Limits, QueueUrlRule};
 use crate::driver::{DriveError, Hooks, OutcomeKind, RunOutcome};
 use crate::engine::{BuildError, Engine};
-use crate::machine::{self, State};
+use crate::machine;
+use crate::output::escape::{neutralize_commands, plain};
+use crate::output::results::{
+    ErrorBody, ErrorKind, ErrorReport, InitResult, ListRow, ResumeAllEntry, RunReport, TableResult, TtlResult,
+    ValidateResult,
+};
+use crate::output::{exit, github, json, text};
 use crate::ports::{ErrorClass, StoreError};
-use crate::record::RunRecord;
-use crate::report::plain;
-use crate::spec::{Spec, MAX_SPEC_FILE_BYTES};
-use crate::timestamp::Timestamp;
+use crate::spec::{Spec, SpecError, MAX_SPEC_FILE_BYTES};
 
 /// Exit code: not finished, resumable.
-pub const EXIT_RESUMABLE: i32 = 3;
+pub const EXIT_RESUMABLE: i32 = exit::RESUMABLE;
 /// Exit code: bad usage.
-pub const EXIT_USAGE: i32 = 64;
-/// Exit code: invalid spec.
-pub const EXIT_INVALID_SPEC: i32 = 65;
+pub const EXIT_USAGE: i32 = exit::USAGE;
+/// Exit code: invalid spec, or a spec or run id that is not the job's run.
+pub const EXIT_INVALID_SPEC: i32 = exit::INVALID_SPEC;
 /// Exit code: no such run.
-pub const EXIT_NO_SUCH_RUN: i32 = 66;
+pub const EXIT_NO_SUCH_RUN: i32 = exit::NO_SUCH_RUN;
 /// Exit code: AWS unavailable before anything was written.
-pub const EXIT_UNAVAILABLE: i32 = 69;
+pub const EXIT_UNAVAILABLE: i32 = exit::UNAVAILABLE;
 /// Exit code: internal error.
-pub const EXIT_INTERNAL: i32 = 70;
+pub const EXIT_INTERNAL: i32 = exit::INTERNAL;
 /// Exit code: permission denied (IAM) or no usable credentials.
-pub const EXIT_PERMISSION: i32 = 77;
+pub const EXIT_PERMISSION: i32 = exit::PERMISSION;
 /// Exit code: configuration error (missing table).
-pub const EXIT_CONFIG: i32 = 78;
+pub const EXIT_CONFIG: i32 = exit::CONFIG;
 
 /// The exit-code table, printed at the end of `--help`.
 const EXIT_CODES_HELP: &str = "\
@@ -52,7 +61,8 @@ Exit codes:
   2   Failed after emergency cleanup; the original error is on stderr
   3   not finished: state persisted, run `post-provision resume RUN_ID`
   64  bad usage (flags, run id argument, unreadable spec file, out-of-range limits)
-  65  invalid spec, or a different spec for an existing run id; nothing written
+  65  invalid spec, a different spec for an existing run id, or (in a GitHub Actions job) a
+      spec or run id that is not the job's run; nothing written
   66  no such run
   69  AWS unavailable before anything was written; repeat the command
   70  internal error (corrupt run record, invalid transition)
@@ -141,6 +151,10 @@ pub struct Cli {
     /// one transaction (a small commit is one request); 0 turns it off.
     #[arg(long, env = "POST_PROVISION_ONE_TRANSACTION_MAX_INSTANCES", default_value_t = Limits::default().one_transaction_max_instances, global = true)]
     one_transaction_max_instances: usize,
+    /// In a GitHub Actions job, act for a run other than the job's own (`GITHUB_RUN_ID`,
+    /// `GITHUB_RUN_ATTEMPT`): only for an orchestrator that drives other runs on purpose.
+    #[arg(long, env = "POST_PROVISION_ALLOW_FOREIGN_RUN", global = true, help_heading = GLOBAL)]
+    allow_foreign_run: bool,
     /// Days a finished run record is kept (DynamoDB TTL attribute `ttl`).
     #[arg(long, env = "POST_PROVISION_RETENTION_DAYS", default_value_t = Limits::default().retention_days, global = true, help_heading = GLOBAL)]
     retention_days: i64,
@@ -258,146 +272,28 @@ Exit codes of audit:
   77  permission denied (IAM) or no usable AWS credentials
   78  the table does not exist";
 
-/// A run as reported by `run`, `resume` and `status`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RunReport {
-    /// The run id.
-    pub run_id: String,
-    /// The persisted state.
-    pub state: State,
-    /// `committed`, `rolled-back`, `cleaned-up`, or null while unfinished.
-    pub outcome: Option<OutcomeKind>,
-    /// The exit code `run`/`resume` give for this run.
-    pub exit_code: i32,
-    /// The states entered, in order.
-    pub path: Vec<State>,
-    /// Every state entered, with time and reason.
-    pub transitions: Vec<crate::record::HistoryEntry>,
-    /// Why the run failed.
-    pub error: Option<crate::record::RunError>,
-    /// Instance counts.
-    pub instances: u32,
-    /// Threshold set on committed instances.
-    pub commit_threshold: Option<Timestamp>,
-    /// Threshold set on instances returned to the pool.
-    pub idle_threshold: Option<Timestamp>,
-    /// Pool messages sent.
-    pub messages_sent: usize,
-    /// The lease holder and its end.
-    pub lease: crate::record::Lease,
-    /// The record's version.
-    pub version: u64,
-    /// When the run started.
-    pub created_at: Timestamp,
-    /// When the record was last written.
-    pub updated_at: Timestamp,
-    /// What happened to each instance (on `run` and `resume` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub instance_results: Option<Vec<crate::report::InstanceResult>>,
-}
-
-impl RunReport {
-    /// The report of a record.
-    pub fn of(record: &RunRecord) -> RunReport {
-        let outcome = OutcomeKind::of(record);
-        RunReport {
-            run_id: record.run_id.clone(),
-            state: record.state,
-            outcome,
-            exit_code: outcome.map(OutcomeKind::exit_code).unwrap_or(EXIT_RESUMABLE),
-            path: record.history.iter().map(|h| h.state).collect(),
-            transitions: record.history.clone(),
-            error: record.error.clone(),
-            instances: record.instance_count,
-            commit_threshold: record.commit_threshold,
-            idle_threshold: record.idle_threshold,
-            messages_sent: record.messages_sent.len(),
-            lease: record.lease.clone(),
-            version: record.version,
-            created_at: record.created_at,
-            updated_at: record.updated_at,
-            instance_results: None,
-        }
-    }
-
-    fn text(&self) -> String {
-        let path: Vec<String> = self.path.iter().map(|s| s.to_string()).collect();
-        let outcome = match self.outcome {
-            Some(OutcomeKind::Committed) => "committed",
-            Some(OutcomeKind::RolledBack) => "rolled back (capacity shortfall)",
-            Some(OutcomeKind::CleanedUp) => "cleaned up after an unexpected error",
-            None => "not finished (resumable)",
-        };
-        let mut out = format!("run {}: {} — {}\n", plain(&self.run_id), self.state, outcome);
-        out.push_str(&format!("  path: {}\n", path.join(" -> ")));
-        for entry in &self.transitions {
-            out.push_str(&format!("  {}  {:<16} {}\n", entry.at, entry.state.to_string(), plain(&entry.reason)));
-        }
-        out.push_str(&format!("  instances: {}\n", self.instances));
-        if let Some(threshold) = self.commit_threshold {
-            out.push_str(&format!("  commit threshold: {threshold}\n"));
-        }
-        if let Some(threshold) = self.idle_threshold {
-            out.push_str(&format!("  idle threshold: {threshold} ({} pool messages sent)\n", self.messages_sent));
-        }
-        for line in self.instance_results.iter().flatten() {
-            out.push_str(&format!(
-                "  {}  {:<8} {:<8} {}\n",
-                plain(&line.id),
-                format!("{:?}", line.role).to_lowercase(),
-                plain(&line.resource_class),
-                plain(&line.result)
-            ));
-        }
-        if let Some(error) = &self.error {
-            out.push_str(&format!("  error ({}): {}\n", plain(error.kind.as_str()), plain(&error.message)));
-        }
-        if self.outcome.is_none() {
-            out.push_str(&format!("  lease: {} until {}\n", plain(&self.lease.owner), self.lease.expires_at));
-        }
-        out
-    }
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ErrorReport {
-    error: ErrorBody,
-    exit_code: i32,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ErrorBody {
-    kind: &'static str,
-    message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<String>,
-}
-
 /// The exit code and kind of a driver error.
-pub fn classify_drive_error(error: &DriveError) -> (i32, &'static str) {
+pub fn classify_drive_error(error: &DriveError) -> (i32, ErrorKind) {
     match error {
-        DriveError::InvalidSpec(_) => (EXIT_INVALID_SPEC, "invalid-spec"),
-        DriveError::SpecMismatch { .. } => (EXIT_INVALID_SPEC, "spec-mismatch"),
-        DriveError::NoSuchRun { .. } => (EXIT_NO_SUCH_RUN, "no-such-run"),
-        DriveError::Busy { .. } => (EXIT_RESUMABLE, "busy"),
-        DriveError::LeaseLost { .. } => (EXIT_RESUMABLE, "lease-lost"),
-        DriveError::Stalled { .. } => (EXIT_RESUMABLE, "stalled"),
-        DriveError::Crashed { .. } => (EXIT_RESUMABLE, "crashed"),
-        DriveError::Uncertain { .. } => (EXIT_RESUMABLE, "uncertain"),
+        DriveError::InvalidSpec(_) => (EXIT_INVALID_SPEC, ErrorKind::InvalidSpec),
+        DriveError::SpecMismatch { .. } => (EXIT_INVALID_SPEC, ErrorKind::SpecMismatch),
+        DriveError::NoSuchRun { .. } => (EXIT_NO_SUCH_RUN, ErrorKind::NoSuchRun),
+        DriveError::Busy { .. } => (EXIT_RESUMABLE, ErrorKind::Busy),
+        DriveError::LeaseLost { .. } => (EXIT_RESUMABLE, ErrorKind::LeaseLost),
+        DriveError::Stalled { .. } => (EXIT_RESUMABLE, ErrorKind::Stalled),
+        DriveError::Crashed { .. } => (EXIT_RESUMABLE, ErrorKind::Crashed),
+        DriveError::Uncertain { .. } => (EXIT_RESUMABLE, ErrorKind::Uncertain),
         DriveError::NotStarted(aws) | DriveError::Store(StoreError::Aws(aws)) => classify_aws_error(aws),
-        DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, "internal"),
+        DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, ErrorKind::Internal),
     }
 }
 
 /// The exit code and kind of an AWS error that stopped a command before it wrote anything.
-pub fn classify_aws_error(error: &crate::ports::AwsError) -> (i32, &'static str) {
+pub fn classify_aws_error(error: &crate::ports::AwsError) -> (i32, ErrorKind) {
     match error.class {
-        ErrorClass::NotFound => (EXIT_CONFIG, "missing-table"),
-        ErrorClass::Permission => (EXIT_PERMISSION, "permission"),
-        _ => (EXIT_UNAVAILABLE, "unavailable"),
+        ErrorClass::NotFound => (EXIT_CONFIG, ErrorKind::MissingTable),
+        ErrorClass::Permission => (EXIT_PERMISSION, ErrorKind::Permission),
+        _ => (EXIT_UNAVAILABLE, ErrorKind::Unavailable),
     }
 }
 
@@ -405,23 +301,24 @@ pub fn classify_aws_error(error: &crate::ports::AwsError) -> (i32, &'static str)
 /// errors as text (`AwsError`'s display: "DynamoDB DescribeTable failed: CODE: message"), so the
 /// text is read: a transport failure is 69 (repeat), a permission or credentials failure 77, and
 /// anything else (wrong key schema, a table not ACTIVE in time) 78.
-fn classify_init_error(message: &str) -> (i32, &'static str) {
+fn classify_init_error(message: &str) -> (i32, ErrorKind) {
     let after = message.split_once(" failed: ").map(|(_, rest)| rest).unwrap_or(message);
     let code = after.split_once(": ").map(|(code, _)| code).unwrap_or("");
     let transport = ["could not send the request", "timed out", "could not read the response"];
     if transport.iter().any(|prefix| after.starts_with(prefix)) {
-        (EXIT_UNAVAILABLE, "unavailable")
+        (EXIT_UNAVAILABLE, ErrorKind::Unavailable)
     } else if after.starts_with("no usable AWS credentials")
         || crate::aws::classify_code(code, None) == ErrorClass::Permission
     {
-        (EXIT_PERMISSION, "permission")
+        (EXIT_PERMISSION, ErrorKind::Permission)
     } else if !code.is_empty() && crate::aws::classify_code(code, None).is_retryable() {
-        (EXIT_UNAVAILABLE, "unavailable")
+        (EXIT_UNAVAILABLE, ErrorKind::Unavailable)
     } else {
-        (EXIT_CONFIG, "table")
+        (EXIT_CONFIG, ErrorKind::Table)
     }
 }
 
+/// Prints results and errors in the format asked for; the renderings are [`crate::output`]'s.
 struct Printer {
     format: OutputFormat,
     /// The pool's table, named in errors about it.
@@ -429,21 +326,20 @@ struct Printer {
 }
 
 impl Printer {
-    /// A result on stdout. JSON escapes control characters itself; text has its values passed
-    /// through [`plain`] where it is composed, and is checked once more as a whole.
-    fn value<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) {
+    /// A result on stdout: its JSON, or its text checked once more as a whole.
+    fn value<T: Serialize + ?Sized>(&self, value: &T, text: impl FnOnce() -> String) {
         match self.format {
-            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value).expect("report serializes")),
-            OutputFormat::Text => print!("{}", crate::report::neutralize_commands(&text())),
+            OutputFormat::Json => println!("{}", json::to_string(value)),
+            OutputFormat::Text => print!("{}", neutralize_commands(&text())),
         }
     }
 
-    fn error(&self, code: i32, kind: &'static str, message: String, field: Option<String>) -> i32 {
+    fn error(&self, code: i32, kind: ErrorKind, message: String, field: Option<String>) -> i32 {
         let message = plain(&message);
         eprintln!("error: {message}");
         if self.format == OutputFormat::Json {
             let report = ErrorReport { error: ErrorBody { kind, message, field }, exit_code: code };
-            println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+            println!("{}", json::to_string(&report));
         }
         code
     }
@@ -460,13 +356,34 @@ impl Printer {
         }
     }
 
+    fn github_failed(&self, io: std::io::Error) {
+        eprintln!("warning: could not write GitHub Actions outputs: {}", plain(&io.to_string()));
+    }
+
+    /// An error that ends a command acting for a run: printed, and in a job its step outputs
+    /// and error annotation.
+    fn error_for_run(
+        &self,
+        run_id: Option<&str>,
+        code: i32,
+        kind: ErrorKind,
+        message: String,
+        field: Option<String>,
+    ) -> i32 {
+        let code = self.error(code, kind, message.clone(), field);
+        if self.github() {
+            if let Err(io) = github::write_error(run_id, code, &message, &mut *self.annotations()) {
+                self.github_failed(io);
+            }
+        }
+        code
+    }
+
     fn drive_error_for(&self, run_id: Option<&str>, error: &DriveError) -> i32 {
         let code = self.drive_error(error);
         if self.github() {
-            if let Err(io) =
-                crate::report::write_github_error(run_id, code, &error.to_string(), &mut *self.annotations())
-            {
-                eprintln!("warning: could not write GitHub Actions outputs: {}", plain(&io.to_string()));
+            if let Err(io) = github::write_error(run_id, code, &error.to_string(), &mut *self.annotations()) {
+                self.github_failed(io);
             }
         }
         code
@@ -479,7 +396,7 @@ impl Printer {
             _ => None,
         };
         let mut message = error.to_string();
-        if kind == "missing-table" {
+        if kind == ErrorKind::MissingTable {
             // DynamoDB's "Requested resource not found" names no resource: say which, and the fix.
             let table = self.table.as_deref().unwrap_or("(none given)");
             message.push_str(&format!(
@@ -493,12 +410,11 @@ impl Printer {
     }
 
     fn outcome(&self, outcome: &RunOutcome) -> i32 {
-        let mut report = RunReport::of(&outcome.record);
-        report.instance_results = Some(crate::report::instance_results(outcome));
-        self.value(&report, || report.text());
+        let report = RunReport::of_outcome(outcome);
+        self.value(&report, || text::run_report(&report));
         if self.github() {
-            if let Err(io) = crate::report::write_github_outcome(outcome, &mut *self.annotations()) {
-                eprintln!("warning: could not write GitHub Actions outputs: {}", plain(&io.to_string()));
+            if let Err(io) = github::write_outcome(outcome, &mut *self.annotations()) {
+                self.github_failed(io);
             }
         }
         // Both failure paths end the step with one clear line on stderr.
@@ -509,41 +425,442 @@ impl Printer {
     }
 }
 
+/// The run a GitHub Actions job acts for (`GITHUB_RUN_ID`, `GITHUB_RUN_ATTEMPT`), which binds the
+/// spec and every run id argument: a spec written for another run could otherwise make this job
+/// terminate or release that run's instances. Outside a job (`GITHUB_ACTIONS` not `true`), with
+/// `--allow-foreign-run`, or when the runner did not set `GITHUB_RUN_ID`, nothing is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct JobIdentity {
+    run_id: String,
+    /// `GITHUB_RUN_ATTEMPT` as set (compared as a number).
+    run_attempt: Option<String>,
+}
+
+/// A run id or attempt that is not the job's: the field, and a message naming both values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ForeignRun {
+    field: &'static str,
+    message: String,
+}
+
+impl JobIdentity {
+    fn from_env(allow_foreign_run: bool) -> Option<JobIdentity> {
+        let in_job = std::env::var("GITHUB_ACTIONS").map(|v| v == "true").unwrap_or(false);
+        if !in_job || allow_foreign_run {
+            return None;
+        }
+        let run_id = std::env::var("GITHUB_RUN_ID").ok().filter(|id| !id.is_empty())?;
+        Some(JobIdentity { run_id, run_attempt: std::env::var("GITHUB_RUN_ATTEMPT").ok() })
+    }
+
+    /// Checks that `run_id` (and `attempt`, when given) are the job's.
+    fn check(&self, what: &str, run_id: &str, attempt: Option<u32>) -> Result<(), ForeignRun> {
+        const OPT_OUT: &str =
+            "pass --allow-foreign-run (POST_PROVISION_ALLOW_FOREIGN_RUN=true) only to act for another run on purpose";
+        if run_id != self.run_id {
+            return Err(ForeignRun {
+                field: "runId",
+                message: format!(
+                    "{what} names run {run_id:?}, but this GitHub Actions job is run {:?} (GITHUB_RUN_ID); {OPT_OUT}",
+                    self.run_id
+                ),
+            });
+        }
+        let job_attempt = self.run_attempt.as_deref().map(|a| (a, a.trim().parse::<u32>().ok()));
+        match (attempt, job_attempt) {
+            (Some(attempt), Some((text, parsed))) if parsed != Some(attempt) => Err(ForeignRun {
+                field: "runAttempt",
+                message: format!(
+                    "{what} names attempt {attempt} of run {run_id:?}, but this GitHub Actions job is attempt {text:?} (GITHUB_RUN_ATTEMPT); {OPT_OUT}"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Builds the limits from the flags; an out-of-range one is a usage error naming its flag.
+fn limits_of(cli: &Cli, printer: &Printer) -> Result<Limits, i32> {
+    let limits = Limits {
+        max_attempts: cli.max_attempts,
+        initial_backoff: Duration::from_millis(cli.initial_backoff_ms),
+        max_backoff: Duration::from_millis(cli.max_backoff_ms),
+        attempt_timeout: Duration::from_millis(cli.attempt_timeout_ms),
+        operation_timeout: Duration::from_millis(cli.operation_timeout_ms),
+        connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
+        concurrency: cli.concurrency,
+        batch_rounds: cli.batch_rounds,
+        lease_secs: cli.lease_secs,
+        retention_days: cli.retention_days,
+        not_found_retries: cli.not_found_retries,
+        not_found_delay: Duration::from_millis(cli.not_found_delay_ms),
+        on_retries_exhausted: match cli.on_retries_exhausted {
+            RetriesExhausted::CleanUp => crate::config::OnRetriesExhausted::CleanUp,
+            RetriesExhausted::Stall => crate::config::OnRetriesExhausted::Stall,
+        },
+        throttle_budget: Duration::from_secs(cli.throttle_budget_secs),
+        pool_tag_key: cli.pool_tag_key.clone(),
+        one_transaction_max_instances: cli.one_transaction_max_instances,
+        queue_urls: queue_url_rule(cli.endpoint_url.as_deref()),
+    };
+    match limits.check() {
+        Ok(()) => Ok(limits),
+        Err(error) => {
+            let (flag, variable) = limit_flag(error.field);
+            let message = format!("invalid limits: {} (flag {flag}, environment variable {variable})", error.message);
+            Err(printer.error(EXIT_USAGE, ErrorKind::Usage, message, None))
+        }
+    }
+}
+
+/// Reads, parses and validates the spec, before any AWS client exists: bad input writes nothing.
+/// In a GitHub Actions job it must be the job's run, and a missing `runAttempt` is the job's.
+fn load_spec(printer: &Printer, path: &str, rule: QueueUrlRule, job: Option<&JobIdentity>) -> Result<Spec, i32> {
+    let invalid = |error: SpecError| printer.drive_error_for(None, &DriveError::InvalidSpec(error));
+    let text = match read_spec(path) {
+        Ok(text) => text,
+        Err(ReadSpecError::Unreadable(message)) => {
+            return Err(printer.error(EXIT_USAGE, ErrorKind::Usage, message, None))
+        }
+        Err(ReadSpecError::TooLarge(problem)) => return Err(invalid(SpecError { field: "$".into(), problem })),
+    };
+    let spec = Spec::from_json(&text).and_then(|spec| spec.check_queue_urls(rule).map(|()| spec)).map_err(invalid)?;
+    if let Some(job) = job {
+        if let Err(foreign) = job.check("the spec", &spec.run_id, spec.run_attempt) {
+            let code = EXIT_INVALID_SPEC;
+            return Err(printer.error_for_run(
+                None,
+                code,
+                ErrorKind::ForeignRun,
+                foreign.message,
+                Some(foreign.field.into()),
+            ));
+        }
+    }
+    with_github_run_attempt(spec).map_err(invalid)
+}
+
+/// Checks a `resume`/`status` run id argument (and `--attempt`) before any AWS client exists.
+fn check_run_argument(
+    printer: &Printer,
+    run_id: &str,
+    attempt: Option<u32>,
+    job: Option<&JobIdentity>,
+) -> Result<(), i32> {
+    if let Err(problem) = crate::spec::validate_run_id(run_id) {
+        return Err(printer.error(EXIT_USAGE, ErrorKind::Usage, format!("invalid RUN_ID argument: {problem}"), None));
+    }
+    match job.map(|job| job.check("the RUN_ID argument", run_id, attempt)) {
+        Some(Err(foreign)) => {
+            Err(printer.error_for_run(Some(run_id), EXIT_INVALID_SPEC, ErrorKind::ForeignRun, foreign.message, None))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The engine for the flags, or a usage error.
+async fn build_engine(cli: &Cli, limits: Limits, printer: &Printer) -> Result<Engine, i32> {
+    let mut builder = Engine::builder().limits(limits).hooks(hooks_from_env());
+    if let Some(table) = &cli.table {
+        builder = builder.table(table.clone());
+    }
+    if let Some(region) = &cli.region {
+        builder = builder.region(region.clone());
+    }
+    if let Some(endpoint) = &cli.endpoint_url {
+        builder = builder.endpoint_url(endpoint.clone());
+    }
+    match builder.build().await {
+        Ok(engine) => Ok(engine),
+        Err(error @ BuildError::MissingTable) | Err(error @ BuildError::InvalidLimits(_)) => {
+            Err(printer.error(EXIT_USAGE, ErrorKind::Usage, error.to_string(), None))
+        }
+    }
+}
+
+/// Parses `args`, runs the command, and returns the process exit code.
+pub async fn run(args: Vec<String>) -> i32 {
+    let requested_format = output_format_in(&args);
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error, requested_format),
+    };
+    init_logging(cli.log_format);
+    let printer = Printer { format: cli.output, table: cli.table.clone() };
+    if let Command::Table { format } = cli.command {
+        return table(format);
+    }
+    let limits = match limits_of(&cli, &printer) {
+        Ok(limits) => limits,
+        Err(code) => return code,
+    };
+    let job = JobIdentity::from_env(cli.allow_foreign_run);
+    let job = job.as_ref();
+    let (rule, command) = (limits.queue_urls, &cli.command);
+    let result = match command {
+        Command::Table { .. } => unreachable!("handled above"),
+        Command::Validate { spec } => load_spec(&printer, spec, rule, job).map(|spec| validate(&printer, &spec)),
+        Command::Run { spec } => match load_spec(&printer, spec, rule, job) {
+            Ok(spec) => run_spec(&cli, limits, &printer, spec).await,
+            Err(code) => Err(code),
+        },
+        Command::Resume { run_id: Some(run_id), force, attempt, .. } => {
+            match check_run_argument(&printer, run_id, *attempt, job) {
+                Ok(()) => resume(&cli, limits, &printer, run_id, *attempt, *force).await,
+                Err(code) => Err(code),
+            }
+        }
+        Command::Resume { run_id: None, .. } => resume_all(&cli, limits, &printer).await,
+        Command::Status { run_id, attempt } => match check_run_argument(&printer, run_id, *attempt, job) {
+            Ok(()) => status(&cli, limits, &printer, run_id, *attempt).await,
+            Err(code) => Err(code),
+        },
+        Command::List { unfinished, limit } => list(&cli, limits, &printer, *unfinished, *limit).await,
+        Command::Audit { fix, grace_secs, instance_filter } => {
+            let options =
+                AuditCommand { fix: *fix, grace_secs: *grace_secs, instance_filter: instance_filter.as_deref() };
+            audit(&cli, limits, &printer, options, job).await
+        }
+        Command::Init => init(&cli, limits, &printer).await,
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+/// clap's own errors (usage) and its help and version, which it renders itself. It quotes the
+/// arguments (and environment values) it did not understand as they are: one of them may hold
+/// a line break and a workflow command, so its text is neutralized like ours.
+fn usage_error(error: &clap::Error, format: OutputFormat) -> i32 {
+    // clap's help and version "errors" exit 0; its usage errors exit 2, ours 64.
+    let code = if error.exit_code() == 0 { 0 } else { EXIT_USAGE };
+    let rendered = neutralize_commands(&error.render().to_string());
+    if code == 0 {
+        print!("{rendered}");
+        return 0;
+    }
+    eprint!("{rendered}");
+    if format == OutputFormat::Json {
+        // The error's own lines, without clap's usage hint after the first blank line.
+        let lines: Vec<&str> = rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
+        let message = lines.join(" ").trim_start_matches("error: ").to_string();
+        let report = ErrorReport { error: ErrorBody { kind: ErrorKind::Usage, message, field: None }, exit_code: code };
+        println!("{}", json::to_string(&report));
+    }
+    code
+}
+
+/// `table`: the transition table, with no AWS.
+fn table(format: TableFormat) -> i32 {
+    let text = match format {
+        TableFormat::Markdown => machine::render_markdown(),
+        TableFormat::Mermaid => machine::render_mermaid(),
+    };
+    print!("{text}");
+    0
+}
+
+/// `validate`: the spec is valid (it was checked by [`load_spec`]).
+fn validate(printer: &Printer, spec: &Spec) -> i32 {
+    let result = ValidateResult::of(spec);
+    printer.value(&result, || text::validate(&result));
+    0
+}
+
+/// `run`: starts (or reports, or continues) the spec's run.
+async fn run_spec(cli: &Cli, limits: Limits, printer: &Printer, spec: Spec) -> Result<i32, i32> {
+    let engine = build_engine(cli, limits, printer).await?;
+    let run_id = spec.run_id.clone();
+    Ok(match engine.start(spec).await {
+        Ok(outcome) => printer.outcome(&outcome),
+        Err(error) => printer.drive_error_for(Some(&run_id), &error),
+    })
+}
+
+/// `resume RUN_ID`.
+async fn resume(
+    cli: &Cli,
+    limits: Limits,
+    printer: &Printer,
+    run_id: &str,
+    attempt: Option<u32>,
+    force: bool,
+) -> Result<i32, i32> {
+    let engine = build_engine(cli, limits, printer).await?;
+    Ok(match engine.resume_attempt(run_id, attempt, force).await {
+        Ok(outcome) => printer.outcome(&outcome),
+        Err(error) => printer.drive_error_for(Some(run_id), &error),
+    })
+}
+
+/// `resume --all`: every unfinished run whose driver is gone.
+async fn resume_all(cli: &Cli, limits: Limits, printer: &Printer) -> Result<i32, i32> {
+    let engine = build_engine(cli, limits, printer).await?;
+    let results = match engine.resume_all(10_000).await {
+        Ok(results) => results,
+        Err(error) => return Ok(printer.drive_error(&DriveError::Store(error))),
+    };
+    let mut worst = 0;
+    let mut entries = Vec::new();
+    for (run_id, result) in &results {
+        let (code, summary) = match result {
+            Ok(outcome) => (outcome.kind.exit_code(), format!("{}: {}", plain(run_id), outcome.record.state)),
+            Err(error) => (classify_drive_error(error).0, plain(&format!("{run_id}: {error}"))),
+        };
+        worst = worst.max(resume_all_code(code));
+        entries.push(ResumeAllEntry { run_id: run_id.clone(), exit_code: code, summary });
+    }
+    printer.value(&entries, || text::resume_all(&entries));
+    Ok(worst)
+}
+
+/// What one run's exit code makes of `resume --all`'s. A run left unfinished makes the whole
+/// call "resumable" (3), unless some run can never be resumed as it is (no such run, corrupt
+/// record, invalid spec): that needs a person (70). Finished runs' own failures are reported per
+/// run, not as the call's failure.
+fn resume_all_code(code: i32) -> i32 {
+    match code {
+        EXIT_RESUMABLE | EXIT_UNAVAILABLE => EXIT_RESUMABLE,
+        EXIT_PERMISSION => EXIT_PERMISSION,
+        code if code > EXIT_RESUMABLE => EXIT_INTERNAL,
+        _ => 0,
+    }
+}
+
+/// `status RUN_ID`.
+async fn status(cli: &Cli, limits: Limits, printer: &Printer, run_id: &str, attempt: Option<u32>) -> Result<i32, i32> {
+    let engine = build_engine(cli, limits, printer).await?;
+    Ok(match engine.status_attempt(run_id, attempt).await {
+        Ok(Some(record)) => {
+            let report = RunReport::of(&record);
+            printer.value(&report, || text::run_report(&report));
+            0
+        }
+        Ok(None) => printer.drive_error(&DriveError::NoSuchRun { run_id: run_id.to_string() }),
+        Err(error) => printer.drive_error(&DriveError::Store(error)),
+    })
+}
+
+/// `list`: runs, newest first.
+async fn list(cli: &Cli, limits: Limits, printer: &Printer, unfinished: bool, limit: usize) -> Result<i32, i32> {
+    let engine = build_engine(cli, limits, printer).await?;
+    Ok(match engine.list(unfinished, limit).await {
+        Err(error) => printer.drive_error(&DriveError::Store(error)),
+        Ok(records) => {
+            let now = engine.now();
+            let rows: Vec<ListRow> = records.iter().map(|record| ListRow::of(record, now)).collect();
+            printer.value(&rows, || text::list(&rows));
+            0
+        }
+    })
+}
+
+/// The flags of `audit`.
+struct AuditCommand<'a> {
+    fix: bool,
+    grace_secs: i64,
+    instance_filter: Option<&'a str>,
+}
+
+/// `audit [--fix]`.
+async fn audit(
+    cli: &Cli,
+    limits: Limits,
+    printer: &Printer,
+    command: AuditCommand<'_>,
+    job: Option<&JobIdentity>,
+) -> Result<i32, i32> {
+    let instance_filter = match command.instance_filter.map(crate::aws::InstanceFilter::parse) {
+        None => None,
+        Some(Ok(filter)) => Some(filter),
+        Some(Err(problem)) => {
+            let message = format!("invalid --instance-filter: {problem}");
+            return Err(printer.error(EXIT_USAGE, ErrorKind::Usage, message, None));
+        }
+    };
+    let engine = build_engine(cli, limits, printer).await?;
+    let options = crate::engine::AuditOptions { grace_secs: command.grace_secs, instance_filter };
+    let mut audit = match engine.audit(&options).await {
+        Ok(audit) => audit,
+        Err(crate::engine::AuditError::Aws(aws)) => {
+            let (code, kind) = classify_aws_error(&aws);
+            return Err(printer.error(code, kind, format!("could not read the pool: {aws}"), None));
+        }
+        Err(error @ crate::engine::AuditError::Store(_)) => {
+            return Err(printer.error(EXIT_INTERNAL, ErrorKind::Internal, error.to_string(), None))
+        }
+    };
+    if command.fix {
+        if let Some(job) = job {
+            skip_foreign_repairs(&mut audit.report, job);
+        }
+        engine.audit_fix(&mut audit).await;
+    }
+    printer.value(&audit.report, || text::audit(&audit.report));
+    if printer.github() {
+        if let Err(io) = github::write_audit(&audit.report, &mut *printer.annotations()) {
+            printer.github_failed(io);
+        }
+    }
+    Ok(audit.report.exit_code())
+}
+
+/// In a GitHub Actions job, `audit --fix` acts for the job's own run only: a repair that drives
+/// another run (resume) or writes its record (the pool message a finished run did not record) is
+/// skipped, with the reason, before any repair runs.
+fn skip_foreign_repairs(report: &mut AuditReport, job: &JobIdentity) {
+    for entry in &mut report.findings {
+        let acts_for_run = matches!(entry.finding.repair, Repair::Resume | Repair::SendPoolMessage);
+        let Some(run_id) = entry.finding.run_id.as_deref().filter(|_| acts_for_run) else { continue };
+        // Only the run id binds here: a job may finish its run's earlier attempts (as `run` does).
+        if let Err(foreign) = job.check("the repair", run_id, None) {
+            entry.outcome = Some(RepairOutcome::Skipped);
+            entry.reason = Some(foreign.message);
+        }
+    }
+}
+
+/// `init`: creates the table if it is missing, checks its key schema, and enables TTL.
+async fn init(cli: &Cli, limits: Limits, printer: &Printer) -> Result<i32, i32> {
+    let engine = build_engine(cli, limits, printer).await?;
+    let client = engine.ports().dynamodb();
+    let table = engine.ports().table().to_string();
+    let init_error = |message: String| {
+        let (code, kind) = classify_init_error(&message);
+        printer.error(code, kind, message, None)
+    };
+    let result = match crate::aws::ensure_table(client, &table).await {
+        Ok(crate::aws::TableCheck::Created) => TableResult::Created,
+        Ok(crate::aws::TableCheck::Ok) => TableResult::Ok,
+        Err(message) => return Err(init_error(message)),
+    };
+    let (ttl, other_ttl_attribute) = match crate::aws::ensure_ttl(client, &table).await {
+        Ok(crate::aws::TtlCheck::Enabled) => (TtlResult::Enabled, None),
+        Ok(crate::aws::TtlCheck::AlreadyEnabled) => (TtlResult::AlreadyEnabled, None),
+        Ok(crate::aws::TtlCheck::OtherAttribute(name)) => (TtlResult::OtherAttribute, Some(name)),
+        Err(message) => return Err(init_error(message)),
+    };
+    let result = InitResult { table, result, ttl, other_ttl_attribute };
+    printer.value(&result, || text::init(&result));
+    Ok(0)
+}
+
 fn init_logging(format: LogFormat) {
+    use crate::output::log::{LogLines, OneLinePerEvent};
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
-    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let lines = match format {
+        LogFormat::Json => LogLines::Json,
+        LogFormat::Text => LogLines::Text { ansi },
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| OneLinePerEvent(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(move || OneLinePerEvent::new(std::io::stderr(), lines))
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
-}
-
-/// The log writer: tracing's formatter writes each event with one `write_all` of its whole
-/// line, and a field value (an AWS error message, a resource class) may hold line breaks. Each
-/// event is written as exactly one line, its inner CR and LF escaped, and no line starts with
-/// `::` (see [`crate::report::neutralize_commands`]), so a log line cannot issue a workflow
-/// command.
-struct OneLinePerEvent<W: std::io::Write>(W);
-
-impl<W: std::io::Write> std::io::Write for OneLinePerEvent<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let text = String::from_utf8_lossy(buf);
-        let body = text.strip_suffix('\n').unwrap_or(&text);
-        let line = body.replace('\r', "\\r").replace('\n', "\\n");
-        let mut safe = crate::report::neutralize_commands(&line);
-        safe.push('\n');
-        self.0.write_all(safe.as_bytes())?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
 }
 
 /// Loopback queue URLs in a spec are allowed only when the engine's SQS endpoint (the flag, else
@@ -684,369 +1001,9 @@ fn hooks_from_env() -> Hooks {
     hooks
 }
 
-/// Parses `args`, runs the command, and returns the process exit code.
-pub async fn run(args: Vec<String>) -> i32 {
-    let requested_format = output_format_in(&args);
-    let cli = match Cli::try_parse_from(&args) {
-        Ok(cli) => cli,
-        Err(error) => {
-            // clap's help and version "errors" exit 0; its usage errors exit 2, ours 64.
-            let code = if error.exit_code() == 0 { 0 } else { EXIT_USAGE };
-            // clap quotes the arguments it did not understand as they are: one of them may hold
-            // a line break and a workflow command.
-            let rendered = crate::report::neutralize_commands(&error.render().to_string());
-            if code == 0 {
-                print!("{rendered}");
-                return 0;
-            }
-            eprint!("{rendered}");
-            if requested_format == OutputFormat::Json {
-                // The error's own lines, without clap's usage hint after the first blank line.
-                let lines: Vec<&str> =
-                    rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
-                let message = lines.join(" ").trim_start_matches("error: ").to_string();
-                let report = ErrorReport { error: ErrorBody { kind: "usage", message, field: None }, exit_code: code };
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
-            }
-            return code;
-        }
-    };
-    init_logging(cli.log_format);
-    let printer = Printer { format: cli.output, table: cli.table.clone() };
-    if let Command::Table { format } = cli.command {
-        let text = match format {
-            TableFormat::Markdown => machine::render_markdown(),
-            TableFormat::Mermaid => machine::render_mermaid(),
-        };
-        print!("{text}");
-        return 0;
-    }
-    // A run id argument is checked before any AWS client exists, like a spec's.
-    let run_id_argument = match &cli.command {
-        Command::Resume { run_id: Some(run_id), .. } | Command::Status { run_id, .. } => Some(run_id),
-        _ => None,
-    };
-    let instance_filter = match &cli.command {
-        Command::Audit { instance_filter: Some(text), .. } => match crate::aws::InstanceFilter::parse(text) {
-            Ok(filter) => Some(filter),
-            Err(problem) => {
-                return printer.error(EXIT_USAGE, "usage", format!("invalid --instance-filter: {problem}"), None)
-            }
-        },
-        _ => None,
-    };
-    if let Some(run_id) = run_id_argument {
-        if let Err(problem) = crate::spec::validate_run_id(run_id) {
-            return printer.error(EXIT_USAGE, "usage", format!("invalid RUN_ID argument: {problem}"), None);
-        }
-    }
-    let limits = Limits {
-        max_attempts: cli.max_attempts,
-        initial_backoff: Duration::from_millis(cli.initial_backoff_ms),
-        max_backoff: Duration::from_millis(cli.max_backoff_ms),
-        attempt_timeout: Duration::from_millis(cli.attempt_timeout_ms),
-        operation_timeout: Duration::from_millis(cli.operation_timeout_ms),
-        connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
-        concurrency: cli.concurrency,
-        batch_rounds: cli.batch_rounds,
-        lease_secs: cli.lease_secs,
-        retention_days: cli.retention_days,
-        not_found_retries: cli.not_found_retries,
-        not_found_delay: Duration::from_millis(cli.not_found_delay_ms),
-        on_retries_exhausted: match cli.on_retries_exhausted {
-            RetriesExhausted::CleanUp => crate::config::OnRetriesExhausted::CleanUp,
-            RetriesExhausted::Stall => crate::config::OnRetriesExhausted::Stall,
-        },
-        throttle_budget: Duration::from_secs(cli.throttle_budget_secs),
-        pool_tag_key: cli.pool_tag_key.clone(),
-        one_transaction_max_instances: cli.one_transaction_max_instances,
-        queue_urls: queue_url_rule(cli.endpoint_url.as_deref()),
-    };
-    if let Err(error) = limits.check() {
-        let (flag, variable) = limit_flag(error.field);
-        return printer.error(
-            EXIT_USAGE,
-            "usage",
-            format!("invalid limits: {} (flag {flag}, environment variable {variable})", error.message),
-            None,
-        );
-    }
-    // The spec is read and validated before any AWS client exists: bad input writes nothing.
-    let spec = match &cli.command {
-        Command::Run { spec } | Command::Validate { spec } => match read_spec(spec) {
-            Err(ReadSpecError::Unreadable(message)) => return printer.error(EXIT_USAGE, "usage", message, None),
-            Err(ReadSpecError::TooLarge(message)) => {
-                let error = crate::spec::SpecError { field: "$".into(), problem: message };
-                return printer.drive_error_for(None, &DriveError::InvalidSpec(error));
-            }
-            Ok(text) => {
-                let parsed = Spec::from_json(&text)
-                    .and_then(|spec| spec.check_queue_urls(limits.queue_urls).map(|()| spec))
-                    .and_then(with_github_run_attempt);
-                match parsed {
-                    Ok(spec) => Some(spec),
-                    Err(error) => return printer.drive_error_for(None, &DriveError::InvalidSpec(error)),
-                }
-            }
-        },
-        _ => None,
-    };
-    if let Command::Validate { .. } = cli.command {
-        let spec = spec.expect("parsed above");
-        let result = serde_json::json!({
-            "valid": true, "runId": spec.run_id, "instances": spec.instance_count(),
-            "selected": spec.selection.instances.len(), "created": spec.creation.instances.len(),
-        });
-        printer.value(&result, || {
-            format!(
-                "spec for run {} is valid: {} instances ({} selected, {} created)\n",
-                plain(&spec.run_id),
-                spec.instance_count(),
-                spec.selection.instances.len(),
-                spec.creation.instances.len()
-            )
-        });
-        return 0;
-    }
-    let mut builder = Engine::builder().limits(limits).hooks(hooks_from_env());
-    if let Some(table) = &cli.table {
-        builder = builder.table(table.clone());
-    }
-    if let Some(region) = &cli.region {
-        builder = builder.region(region.clone());
-    }
-    if let Some(endpoint) = &cli.endpoint_url {
-        builder = builder.endpoint_url(endpoint.clone());
-    }
-    let engine = match builder.build().await {
-        Ok(engine) => engine,
-        Err(error @ BuildError::MissingTable) | Err(error @ BuildError::InvalidLimits(_)) => {
-            return printer.error(EXIT_USAGE, "usage", error.to_string(), None)
-        }
-    };
-    match cli.command {
-        Command::Table { .. } | Command::Validate { .. } => unreachable!("handled above"),
-        Command::Run { .. } => {
-            let spec = spec.expect("parsed above");
-            let run_id = spec.run_id.clone();
-            match engine.start(spec).await {
-                Ok(outcome) => printer.outcome(&outcome),
-                Err(error) => printer.drive_error_for(Some(&run_id), &error),
-            }
-        }
-        Command::Resume { run_id: Some(run_id), force, attempt, .. } => {
-            match engine.resume_attempt(&run_id, attempt, force).await {
-                Ok(outcome) => printer.outcome(&outcome),
-                Err(error) => printer.drive_error_for(Some(&run_id), &error),
-            }
-        }
-        Command::Resume { run_id: None, .. } => match engine.resume_all(10_000).await {
-            Err(error) => printer.drive_error(&DriveError::Store(error)),
-            Ok(results) => {
-                let mut worst = 0;
-                let mut reports = Vec::new();
-                for (run_id, result) in &results {
-                    let (code, line) = match result {
-                        Ok(outcome) => {
-                            (outcome.kind.exit_code(), format!("{}: {}", plain(run_id), outcome.record.state))
-                        }
-                        Err(error) => (classify_drive_error(error).0, plain(&format!("{run_id}: {error}"))),
-                    };
-                    // A run left unfinished makes the whole call "resumable" (3), unless some run
-                    // can never be resumed as it is (no such run, corrupt record, invalid spec):
-                    // that needs a person (70). Finished runs' own failures are reported per
-                    // run, not as the call's failure.
-                    if code == EXIT_RESUMABLE || code == EXIT_UNAVAILABLE {
-                        worst = worst.max(EXIT_RESUMABLE);
-                    } else if code == EXIT_PERMISSION {
-                        worst = worst.max(EXIT_PERMISSION);
-                    } else if code > EXIT_RESUMABLE {
-                        worst = worst.max(EXIT_INTERNAL);
-                    }
-                    reports.push(serde_json::json!({"runId": run_id, "exitCode": code, "summary": line}));
-                }
-                printer.value(&reports, || {
-                    if reports.is_empty() {
-                        "no unfinished runs without a driver\n".to_string()
-                    } else {
-                        reports.iter().map(|r| format!("{}\n", r["summary"].as_str().unwrap_or(""))).collect()
-                    }
-                });
-                worst
-            }
-        },
-        Command::Status { run_id, attempt } => match engine.status_attempt(&run_id, attempt).await {
-            Ok(Some(record)) => {
-                let report = RunReport::of(&record);
-                printer.value(&report, || report.text());
-                0
-            }
-            Ok(None) => printer.drive_error(&DriveError::NoSuchRun { run_id }),
-            Err(error) => printer.drive_error(&DriveError::Store(error)),
-        },
-        Command::List { unfinished, limit } => match engine.list(unfinished, limit).await {
-            Err(error) => printer.drive_error(&DriveError::Store(error)),
-            Ok(records) => {
-                let now = engine.now();
-                let rows: Vec<serde_json::Value> = records
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "runId": r.run_id, "state": r.state, "outcome": OutcomeKind::of(r),
-                            "createdAt": r.created_at, "updatedAt": r.updated_at,
-                            "ageSecs": now.unix_secs() - r.created_at.unix_secs(),
-                            "leaseOwner": r.lease.owner, "leaseActive": r.lease_active(now),
-                            "instances": r.instance_count,
-                        })
-                    })
-                    .collect();
-                printer.value(&rows, || {
-                    let mut out =
-                        format!("{:<32} {:<17} {:>8} {:>9}  {}\n", "RUN", "STATE", "AGE", "INSTANCES", "DRIVER");
-                    for row in &rows {
-                        let driver = if row["leaseActive"].as_bool() == Some(true) {
-                            plain(row["leaseOwner"].as_str().unwrap_or(""))
-                        } else if row["outcome"].is_null() {
-                            "none (resume it)".to_string()
-                        } else {
-                            "-".to_string()
-                        };
-                        out.push_str(&format!(
-                            "{:<32} {:<17} {:>7}s {:>9}  {}\n",
-                            plain(row["runId"].as_str().unwrap_or("")),
-                            row["state"].as_str().unwrap_or(""),
-                            row["ageSecs"].as_i64().unwrap_or(0),
-                            row["instances"].as_u64().unwrap_or(0),
-                            driver
-                        ));
-                    }
-                    out
-                });
-                0
-            }
-        },
-        Command::Audit { fix, grace_secs, .. } => {
-            let options = crate::engine::AuditOptions { grace_secs, instance_filter };
-            let mut audit = match engine.audit(&options).await {
-                Ok(audit) => audit,
-                Err(crate::engine::AuditError::Aws(aws)) => {
-                    let (code, kind) = classify_aws_error(&aws);
-                    return printer.error(code, kind, format!("could not read the pool: {aws}"), None);
-                }
-                Err(error @ crate::engine::AuditError::Store(_)) => {
-                    return printer.error(EXIT_INTERNAL, "internal", error.to_string(), None)
-                }
-            };
-            if fix {
-                engine.audit_fix(&mut audit).await;
-            }
-            printer.value(&audit.report, || crate::audit::text_table(&audit.report));
-            if printer.github() {
-                if let Err(io) = write_github_audit(&audit.report, &mut *printer.annotations()) {
-                    eprintln!("warning: could not write GitHub Actions outputs: {}", plain(&io.to_string()));
-                }
-            }
-            audit.report.exit_code()
-        }
-        Command::Init => {
-            let client = engine.ports().dynamodb();
-            let table = engine.ports().table().to_string();
-            let init_error = |message: String| {
-                let (code, kind) = classify_init_error(&message);
-                printer.error(code, kind, message, None)
-            };
-            let check = match crate::aws::ensure_table(client, &table).await {
-                Ok(check) => check,
-                Err(message) => return init_error(message),
-            };
-            let ttl = match crate::aws::ensure_ttl(client, &table).await {
-                Ok(ttl) => ttl,
-                Err(message) => return init_error(message),
-            };
-            let ttl_word = match &ttl {
-                crate::aws::TtlCheck::Enabled => "enabled",
-                crate::aws::TtlCheck::AlreadyEnabled => "already-enabled",
-                crate::aws::TtlCheck::OtherAttribute(_) => "other-attribute",
-            };
-            let result = serde_json::json!({
-                "table": table,
-                "result": format!("{check:?}").to_lowercase(),
-                "ttl": ttl_word,
-            });
-            printer.value(&result, || {
-                let mut text = match check {
-                    crate::aws::TableCheck::Created => format!("created table {table} (PK, SK strings; on-demand)\n"),
-                    crate::aws::TableCheck::Ok => format!("table {table} exists with the expected key schema\n"),
-                };
-                text.push_str(&match &ttl {
-                    crate::aws::TtlCheck::OtherAttribute(name) => format!(
-                        "warning: TTL is enabled on attribute {name:?}, not \"ttl\": finished run records will not expire by themselves\n"
-                    ),
-                    _ => format!("TTL on attribute \"ttl\": {ttl_word}\n"),
-                });
-                text
-            });
-            0
-        }
-    }
-}
-
-/// The audit's job summary and one warning annotation per finding.
-fn write_github_audit(report: &crate::audit::AuditReport, annotations: &mut dyn std::io::Write) -> std::io::Result<()> {
-    if let Ok(path) = std::env::var("GITHUB_STEP_SUMMARY") {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        file.write_all(crate::audit::step_summary(report).as_bytes())?;
-    }
-    for line in crate::audit::annotations(report) {
-        writeln!(annotations, "{line}")?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buffer {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("buffer").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_log_field_cannot_start_a_line_with_a_workflow_command() {
-        for json in [false, true] {
-            let buffer = Buffer::default();
-            let writer = buffer.clone();
-            let builder =
-                tracing_subscriber::fmt().with_ansi(false).with_writer(move || OneLinePerEvent(writer.clone()));
-            let hostile = "x\n::warning title=pwn::INJECTED\r\n  ::error::y";
-            let emit = || {
-                tracing::warn!(error = hostile, class = %hostile, "AWS said {hostile}");
-                tracing::info!("second event");
-            };
-            if json {
-                tracing::subscriber::with_default(builder.json().finish(), emit);
-            } else {
-                tracing::subscriber::with_default(builder.finish(), emit);
-            }
-            let text = String::from_utf8(buffer.0.lock().expect("buffer").clone()).expect("utf-8");
-            assert_eq!(text.lines().count(), 2, "one line per event: {text}");
-            for line in text.lines() {
-                assert!(!line.trim_start().starts_with("::"), "{line}");
-            }
-            assert!(text.contains("INJECTED"), "the text is kept, escaped: {text}");
-        }
-    }
 
     #[test]
     fn init_errors_are_classified_by_what_failed() {

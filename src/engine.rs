@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use aws_config::SdkConfig;
 
-use crate::audit::{AuditReport, Ec2Snapshot, Finding, InstanceRecordSnapshot, Repair, RepairOutcome, Snapshot};
+use crate::audit::{AuditFinding, AuditReport, Ec2Snapshot, InstanceRecordSnapshot, Repair, RepairOutcome, Snapshot};
 use crate::aws::{self, AwsPorts, Connection, RequestCounter};
 use crate::config::Limits;
 use crate::core::PoolMessage;
@@ -327,6 +327,11 @@ impl Engine {
     /// it carries the pool tag.
     pub async fn audit_fix(&self, audit: &mut Audit) {
         for index in 0..audit.report.findings.len() {
+            // An entry with an outcome already was decided by the caller (the CLI skips, in a
+            // GitHub Actions job, the repairs that act for another run).
+            if audit.report.findings[index].outcome.is_some() {
+                continue;
+            }
             let finding = audit.report.findings[index].finding.clone();
             let (outcome, reason) = self.repair(audit, &finding).await;
             let entry = &mut audit.report.findings[index];
@@ -337,7 +342,7 @@ impl Engine {
         audit.report.recount();
     }
 
-    async fn repair(&self, audit: &Audit, finding: &Finding) -> (RepairOutcome, Option<String>) {
+    async fn repair(&self, audit: &Audit, finding: &AuditFinding) -> (RepairOutcome, Option<String>) {
         let failed = |error: &dyn std::fmt::Display| (RepairOutcome::Failed, Some(error.to_string()));
         let instance_id = finding.instance_id.clone().unwrap_or_default();
         let record = audit.records.get(&instance_id);

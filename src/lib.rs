@@ -72,9 +72,9 @@ pub mod driver;
 #[cfg(feature = "aws")]
 pub mod engine;
 pub mod machine;
+pub mod output;
 pub mod ports;
 pub mod record;
-pub mod report;
 pub mod run;
 pub mod spec;
 pub mod timestamp;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::timestamp::Timestamp;
@@ -23,6 +24,14 @@ pub const MAX_RUN_ID_LEN: usize = 128;
 /// separates the parts of DynamoDB keys (`ID#<run>#<digest>#<chunk>`); whitespace and control
 /// characters are left out because run ids are printed to logs, step outputs and annotations.
 pub const RUN_ID_CHARACTERS: &str = "A-Z a-z 0-9 . _ -";
+/// [`RUN_ID_CHARACTERS`] as a JSON Schema pattern (for `docs/schemas/`).
+const RUN_ID_PATTERN: &str = "^[A-Za-z0-9._-]+$";
+/// An EC2 instance id as a JSON Schema pattern: `i-` and 8 or 17 lowercase hex digits.
+pub const INSTANCE_ID_PATTERN: &str = "^i-([0-9a-f]{8}|[0-9a-f]{17})$";
+/// A resource class name as a JSON Schema pattern: no control characters.
+const RESOURCE_CLASS_PATTERN: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$";
+/// A queue URL's form as a JSON Schema pattern (see [`check_queue_url`]).
+const QUEUE_URL_PATTERN: &str = "^(https://sqs\\.[a-z0-9-]+\\.amazonaws\\.com(\\.cn)?|https?://(127\\.0\\.0\\.1|localhost|\\[::1\\])(:[0-9]+)?)/[0-9]{12}/[A-Za-z0-9_.-]{1,80}$";
 /// The largest spec file or standard input the CLI reads. It is read through a bounded reader,
 /// so a larger input is refused after this many bytes, never read whole. A 5,000-instance spec
 /// is about 1.2 MB as compact JSON.
@@ -49,19 +58,23 @@ const RECORD_ALLOWANCE_BYTES: usize = 64 * 1024;
 const CHUNK_ITEM_OVERHEAD_BYTES: usize = 512;
 
 /// A run's input, exactly as the earlier phases hand it over (camelCase JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Spec {
-    /// The workflow run that owns the instances.
+    /// The workflow run that owns the instances (GITHUB_RUN_ID).
+    #[schemars(length(min = 1, max = MAX_RUN_ID_LEN), pattern(RUN_ID_PATTERN))]
     pub run_id: String,
     /// Which attempt of the workflow run this is (GitHub's `GITHUB_RUN_ATTEMPT`; "Re-run jobs"
     /// keeps the run id and increments it), 1..=[`MAX_RUN_ATTEMPT`]; 1 when absent. Left out of
     /// the canonical form when absent, so that specs written before it keep their digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_RUN_ATTEMPT))]
     pub run_attempt: Option<u32>,
     /// Lifetime of committed instances, in minutes.
+    #[schemars(range(min = 1, max = MAX_RUNTIME_MIN))]
     pub max_runtime_min: i64,
     /// Lifetime of instances returned to the pool, in seconds.
+    #[schemars(range(min = 1, max = MAX_IDLE_TIME_SEC))]
     pub idle_time_sec: i64,
     /// What selection claimed.
     pub selection: Selection,
@@ -69,11 +82,14 @@ pub struct Spec {
     pub creation: Creation,
     /// Resource class to pool queue; read from the table's metadata item when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = MAX_RESOURCE_CLASSES, "propertyNames" = {
+        "minLength": 1, "maxLength": MAX_RESOURCE_CLASS_LEN, "pattern": RESOURCE_CLASS_PATTERN
+    }))]
     pub resource_class_config: Option<ResourceClassConfig>,
 }
 
 /// Selection's output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selection {
     /// How many instances selection claimed.
@@ -81,11 +97,12 @@ pub struct Selection {
     /// How many instances creation still had to make.
     pub num_instances_required: u32,
     /// The pool messages of the claimed instances.
+    #[schemars(length(max = MAX_INSTANCES_PER_RUN))]
     pub instances: Vec<PoolInstance>,
 }
 
 /// Creation's outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CreationState {
     /// Every requested instance was created and validated.
@@ -97,7 +114,7 @@ pub enum CreationState {
 }
 
 /// Creation's output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Creation {
     /// Creation's outcome.
@@ -105,18 +122,23 @@ pub struct Creation {
     /// How many instances creation made and validated.
     pub num_instances_created: u32,
     /// The created instances, in pool-message shape.
+    #[schemars(length(max = MAX_INSTANCES_PER_RUN))]
     pub instances: Vec<PoolInstance>,
 }
 
 /// An instance as the pool describes it: the body of a pool message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PoolInstance {
     /// The EC2 instance id.
+    #[schemars(pattern(INSTANCE_ID_PATTERN))]
     pub id: String,
-    /// The pool (resource class) the instance belongs to.
+    /// The pool (resource class) the instance belongs to: no control characters (the schema
+    /// counts characters, the engine bytes).
+    #[schemars(length(min = 1, max = MAX_RESOURCE_CLASS_LEN), pattern(RESOURCE_CLASS_PATTERN))]
     pub resource_class: String,
-    /// The EC2 instance type.
+    /// The EC2 instance type: a-z 0-9 . -
+    #[schemars(length(min = 1, max = MAX_INSTANCE_TYPE_LEN), pattern("^[a-z0-9.-]+$"))]
     pub instance_type: String,
     /// vCPUs of the class.
     pub cpu: u32,
@@ -129,7 +151,7 @@ pub struct PoolInstance {
 }
 
 /// How an instance is paid for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum UsageClass {
     /// A spot instance.
     #[serde(rename = "spot")]
@@ -150,14 +172,18 @@ impl UsageClass {
 }
 
 /// One resource class's pool settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResourceClass {
     /// vCPUs.
+    #[schemars(range(min = 1))]
     pub cpu: u32,
     /// Memory, MiB.
+    #[schemars(range(min = 1))]
     pub mmem: u64,
-    /// The pool queue of the class.
+    /// The pool queue of the class: an SQS queue URL; an emulator's loopback URL only when the
+    /// engine's endpoint is loopback too.
+    #[schemars(length(max = MAX_QUEUE_URL_LEN), pattern(QUEUE_URL_PATTERN))]
     pub queue_url: String,
 }
 
@@ -182,7 +208,7 @@ impl SpecError {
 }
 
 /// Which list an instance came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Role {
     /// Claimed from the pool by selection.

@@ -18,6 +18,21 @@ pub struct Timestamp {
     unix_secs: i64,
 }
 
+/// The JSON Schema of a timestamp, for the schemas in `docs/schemas/`.
+impl schemars::JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "ISO-8601 UTC, whole seconds, Z",
+            "type": "string",
+            "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
+        })
+    }
+}
+
 /// A string that is not in the data model's timestamp format.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{value}` is not a timestamp of the form YYYY-MM-DDTHH:MM:SSZ (UTC, whole seconds)")]

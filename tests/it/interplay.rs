@@ -358,7 +358,7 @@ async fn cleanup_keeps_the_records_of_instances_ec2_refuses_to_terminate() {
             assert_eq!(picture.matches("record terminated runId=\"RUN\"").count(), 3, "{picture}");
             assert_eq!(picture.matches("ec2 running").count(), 3, "{picture}");
             // The report says so, instance by instance, rather than "terminated".
-            for result in post_provision::report::instance_results(&outcome) {
+            for result in post_provision::output::results::instance_results(&outcome) {
                 assert!(result.result.contains("termination refused"), "{result:?}");
             }
         } else {
