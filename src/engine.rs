@@ -373,40 +373,7 @@ impl Engine {
                 let Some(record) = record else {
                     return (RepairOutcome::Failed, Some("the record was not kept with the audit".into()));
                 };
-                let class = audit.config.as_ref().and_then(|config| config.get(&record.resource_class));
-                let (Some(class), Ok(threshold)) = (class, Timestamp::parse(&record.threshold)) else {
-                    return (
-                        RepairOutcome::Skipped,
-                        Some("the record's class has no pool queue, or its threshold is unreadable".into()),
-                    );
-                };
-                let message = PoolMessage {
-                    id: record.id.clone(),
-                    resource_class: record.resource_class.clone(),
-                    instance_type: record.instance_type.clone(),
-                    cpu: class.cpu,
-                    mmem: class.mmem,
-                    usage_class: if record.usage_class == "spot" { "spot" } else { "on-demand" },
-                    threshold,
-                };
-                let outgoing = OutgoingMessage { instance_id: record.id.clone(), body: message.body() };
-                match self.ports.send(&class.queue_url, &[outgoing]).await {
-                    Ok(failures) if failures.is_empty() => {
-                        // Sent; now the run's record says so. If this write fails, the next
-                        // audit sends the message again, which the pool tolerates (a hint).
-                        let run_id = finding.run_id.as_deref().unwrap_or_default();
-                        match self
-                            .ports
-                            .audit_mark_announced(run_id, finding.run_attempt.unwrap_or(1), &record.id)
-                            .await
-                        {
-                            Ok(_) => (RepairOutcome::Repaired, None),
-                            Err(error) => failed(&error),
-                        }
-                    }
-                    Ok(failures) => failed(&failures[0].1),
-                    Err(error) => failed(&error),
-                }
+                self.announce_again(audit, finding, record).await
             }
             Repair::Resume => {
                 let run_id = finding.run_id.clone().unwrap_or_default();
@@ -418,6 +385,47 @@ impl Engine {
                     Err(error) => failed(&error),
                 }
             }
+        }
+    }
+
+    /// Sends the pool message of an idle record a finished run released without announcing it,
+    /// then records it in that run's `messagesSent`.
+    async fn announce_again(
+        &self,
+        audit: &Audit,
+        finding: &AuditFinding,
+        record: &InstanceRecordSnapshot,
+    ) -> (RepairOutcome, Option<String>) {
+        let failed = |error: &dyn std::fmt::Display| (RepairOutcome::Failed, Some(error.to_string()));
+        let class = audit.config.as_ref().and_then(|config| config.get(&record.resource_class));
+        let (Some(class), Ok(threshold)) = (class, Timestamp::parse(&record.threshold)) else {
+            return (
+                RepairOutcome::Skipped,
+                Some("the record's class has no pool queue, or its threshold is unreadable".into()),
+            );
+        };
+        let message = PoolMessage {
+            id: record.id.clone(),
+            resource_class: record.resource_class.clone(),
+            instance_type: record.instance_type.clone(),
+            cpu: class.cpu,
+            mmem: class.mmem,
+            usage_class: if record.usage_class == "spot" { "spot" } else { "on-demand" },
+            threshold,
+        };
+        let outgoing = OutgoingMessage { instance_id: record.id.clone(), body: message.body() };
+        match self.ports.send(&class.queue_url, &[outgoing]).await {
+            Ok(failures) if failures.is_empty() => {
+                // Sent; now the run's record says so. If this write fails, the next audit sends
+                // the message again, which the pool tolerates (a hint).
+                let run_id = finding.run_id.as_deref().unwrap_or_default();
+                match self.ports.audit_mark_announced(run_id, finding.run_attempt.unwrap_or(1), &record.id).await {
+                    Ok(_) => (RepairOutcome::Repaired, None),
+                    Err(error) => failed(&error),
+                }
+            }
+            Ok(failures) => failed(&failures[0].1),
+            Err(error) => failed(&error),
         }
     }
 

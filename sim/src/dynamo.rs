@@ -372,10 +372,12 @@ mod tests {
 
     #[test]
     fn thresholds_compare_as_strings_and_the_boundary_is_strict() {
+        // `threshold > now + CLOCK_SKEW_MARGIN_SECS` (60 s), strictly.
         let t = transition("a");
         let now = Timestamp::parse("2026-01-01T00:05:00Z").unwrap();
-        assert!(!transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:00Z")), &t, now));
-        assert!(transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:01Z")), &t, now));
+        assert!(!transition_condition(Some(&item("claimed", "r", "2026-01-01T00:05:30Z")), &t, now));
+        assert!(!transition_condition(Some(&item("claimed", "r", "2026-01-01T00:06:00Z")), &t, now));
+        assert!(transition_condition(Some(&item("claimed", "r", "2026-01-01T00:06:01Z")), &t, now));
     }
 
     #[test]

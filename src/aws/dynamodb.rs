@@ -129,6 +129,43 @@ fn cancellation_results(
         .collect()
 }
 
+/// What a cancelled create says: the run existed already (or it is our own create, retried after
+/// its answer was lost), a riding transition was refused, or the create failed.
+fn read_create_cancellation(
+    reasons: &[aws_sdk_dynamodb::types::CancellationReason],
+    record: &RunRecord,
+    spec_chunks: &[String],
+    transitions: &[InstanceTransition],
+) -> Result<CreateOutcome, StoreError> {
+    let record_index = spec_chunks.len();
+    let reason = reasons.get(record_index);
+    if let Some(item) = reason.filter(|r| r.code() == Some("ConditionalCheckFailed")).and_then(|r| r.item()) {
+        let existing = record_from_item(item)?;
+        // A retried create whose first attempt landed finds itself: that is ours, and the
+        // transaction was atomic, so its transitions landed with it.
+        if existing.lease.owner == record.lease.owner && existing.version == record.version {
+            return Ok(CreateOutcome::Created);
+        }
+        return Ok(CreateOutcome::Exists(Box::new(existing)));
+    }
+    if !transitions.is_empty() && reasons.len() == items_len(spec_chunks, transitions) {
+        let effects = cancellation_results(&reasons[record_index + 1..], transitions.len());
+        if let Ok(effects) = effects {
+            if effects.iter().any(|result| *result != WriteResult::Cancelled) {
+                return Ok(CreateOutcome::EffectsRefused(effects));
+            }
+        }
+    }
+    let code = reasons.iter().filter_map(|r| r.code()).find(|c| *c != "None");
+    Err(StoreError::Aws(AwsError {
+        service: SERVICE,
+        operation: "TransactWriteItems",
+        code: code.map(str::to_string),
+        message: "creating the run record was cancelled".to_string(),
+        class: super::classify_code(code.unwrap_or(""), None),
+    }))
+}
+
 fn items_len(spec_chunks: &[String], transitions: &[InstanceTransition]) -> usize {
     spec_chunks.len() + 1 + transitions.len()
 }
@@ -389,7 +426,6 @@ impl RunStore for AwsPorts {
         for transition in transitions {
             items.push(self.transition_item(transition, now)?);
         }
-        let record_index = spec_chunks.len();
         let result = self
             .dynamodb
             .transact_write_items()
@@ -407,33 +443,7 @@ impl RunStore for AwsPorts {
             ),
         ) = error.as_service_error()
         {
-            let reasons = cancelled.cancellation_reasons();
-            let reason = reasons.get(record_index);
-            if let Some(item) = reason.filter(|r| r.code() == Some("ConditionalCheckFailed")).and_then(|r| r.item()) {
-                let existing = record_from_item(item)?;
-                // A retried create whose first attempt landed finds itself: that is ours, and
-                // the transaction was atomic, so its transitions landed with it.
-                if existing.lease.owner == record.lease.owner && existing.version == record.version {
-                    return Ok(CreateOutcome::Created);
-                }
-                return Ok(CreateOutcome::Exists(Box::new(existing)));
-            }
-            if !transitions.is_empty() && reasons.len() == items_len(spec_chunks, transitions) {
-                let effects = cancellation_results(&reasons[record_index + 1..], transitions.len());
-                if let Ok(effects) = effects {
-                    if effects.iter().any(|result| *result != WriteResult::Cancelled) {
-                        return Ok(CreateOutcome::EffectsRefused(effects));
-                    }
-                }
-            }
-            let code = reasons.iter().filter_map(|r| r.code()).find(|c| *c != "None");
-            return Err(StoreError::Aws(AwsError {
-                service: SERVICE,
-                operation: "TransactWriteItems",
-                code: code.map(str::to_string),
-                message: "creating the run record was cancelled".to_string(),
-                class: super::classify_code(code.unwrap_or(""), None),
-            }));
+            return read_create_cancellation(cancelled.cancellation_reasons(), record, spec_chunks, transitions);
         }
         Err(from_sdk(SERVICE, "TransactWriteItems", error).into())
     }
