@@ -316,7 +316,12 @@ impl Spec {
             ));
         }
         let counts = [
-            ("selection", "numInstancesSelected", self.selection.num_instances_selected, self.selection.instances.len()),
+            (
+                "selection",
+                "numInstancesSelected",
+                self.selection.num_instances_selected,
+                self.selection.instances.len(),
+            ),
             ("creation", "numInstancesCreated", self.creation.num_instances_created, self.creation.instances.len()),
         ];
         for (list, field, stated, listed) in counts {
@@ -340,7 +345,8 @@ impl Spec {
     fn validate_instance(&self, instance: &PoolInstance, at: impl Fn(&str) -> String) -> Result<(), SpecError> {
         validate_resource_class(&instance.resource_class)
             .map_err(|problem| SpecError::new(at("resourceClass"), problem))?;
-        validate_instance_type(&instance.instance_type).map_err(|problem| SpecError::new(at("instanceType"), problem))?;
+        validate_instance_type(&instance.instance_type)
+            .map_err(|problem| SpecError::new(at("instanceType"), problem))?;
         let Some(class) = self.resource_class_config.as_ref().and_then(|c| c.get(&instance.resource_class)) else {
             return Ok(());
         };
@@ -348,13 +354,19 @@ impl Spec {
         if instance.cpu != class.cpu {
             return Err(SpecError::new(
                 at("cpu"),
-                format!("resource class {name:?} has cpu {} in resourceClassConfig, but this instance of it has cpu {}", class.cpu, instance.cpu),
+                format!(
+                    "resource class {name:?} has cpu {} in resourceClassConfig, but this instance of it has cpu {}",
+                    class.cpu, instance.cpu
+                ),
             ));
         }
         if instance.mmem != class.mmem {
             return Err(SpecError::new(
                 at("mmem"),
-                format!("resource class {name:?} has mmem {} in resourceClassConfig, but this instance of it has mmem {}", class.mmem, instance.mmem),
+                format!(
+                    "resource class {name:?} has mmem {} in resourceClassConfig, but this instance of it has mmem {}",
+                    class.mmem, instance.mmem
+                ),
             ));
         }
         Ok(())

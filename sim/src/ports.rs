@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use post_provision::core::{InstanceDeletion, InstanceTransition, ObservedRecord, WriteResult};
 use post_provision::ports::{
-    Fence,
-    AwsError, Compute, CreateOutcome, ErrorClass, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues, RunStore,
-    StoreError, Termination,
+    AwsError, Compute, CreateOutcome, ErrorClass, Fence, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues,
+    RunStore, StoreError, Termination,
 };
 use post_provision::record::{self, RunRecord};
 use post_provision::spec::ResourceClassConfig;

@@ -29,11 +29,9 @@ impl<P: Ports> Driver<P> {
                 ids: batch.iter().map(|t| t.instance_id.clone()).collect(),
             },
         };
-        self.run_batched(
-            transitions,
-            kind,
-            move |batch| async move { self.write(self.ports.transition(&batch, self.clock.now(), fence)).await },
-        )
+        self.run_batched(transitions, kind, move |batch| async move {
+            self.write(self.ports.transition(&batch, self.clock.now(), fence)).await
+        })
         .await
     }
 
@@ -61,7 +59,12 @@ impl<P: Ports> Driver<P> {
     /// The batching both kinds of instance-record writes share: up to
     /// [`core::MAX_FENCED_BATCH`] items per fenced atomic transaction, at most `concurrency`
     /// transactions at once. Returns every item with its result, never `Cancelled` or `Throttled`.
-    async fn run_batched<T, Call, Fut>(&self, items: Vec<T>, kind: Kind<T>, call: Call) -> Result<Vec<(T, WriteResult)>, StepError>
+    async fn run_batched<T, Call, Fut>(
+        &self,
+        items: Vec<T>,
+        kind: Kind<T>,
+        call: Call,
+    ) -> Result<Vec<(T, WriteResult)>, StepError>
     where
         T: Clone,
         Call: Fn(Vec<T>) -> Fut,
@@ -88,7 +91,12 @@ impl<P: Ports> Driver<P> {
     /// backoff: after a conflict (or another item's failed condition) for at most `batch_rounds`
     /// rounds, after throttling (per item, or of the whole request) for as long as the throttle
     /// budget lasts. A transaction the run record's fence refused stops the driver.
-    async fn run_batch<T, Call, Fut>(&self, batch: Vec<T>, kind: &Kind<T>, call: &Call) -> Result<Vec<(T, WriteResult)>, StepError>
+    async fn run_batch<T, Call, Fut>(
+        &self,
+        batch: Vec<T>,
+        kind: &Kind<T>,
+        call: &Call,
+    ) -> Result<Vec<(T, WriteResult)>, StepError>
     where
         T: Clone,
         Call: Fn(Vec<T>) -> Fut,

@@ -148,7 +148,8 @@ impl<P: Ports> Driver<P> {
                 Ok(Box::pin(self.run_stage(record, stage)).await?.map(|()| Verdict::RolledBack))
             }
             Output::CleanUpInstances => {
-                let stage = run::cleanup::Cleanup::new(effects, &record.messages_sent, record.idle_threshold, marked_at);
+                let stage =
+                    run::cleanup::Cleanup::new(effects, &record.messages_sent, record.idle_threshold, marked_at);
                 Ok(Box::pin(self.run_stage(record, stage)).await?.map(Verdict::CleanedUp))
             }
             Output::ReportCommitted | Output::ReportShortfall | Output::ReportError => {

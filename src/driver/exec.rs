@@ -159,7 +159,10 @@ impl<P: Ports> Driver<P> {
                 resource_class: class.to_string(),
                 ids: pending.iter().map(|m| m.instance_id.clone()).collect(),
             });
-            let failed = self.write(self.ports.send(queue_url, &pending)).await?.map_err(|e| StepError::Failed(Failure::from_aws(e)))?;
+            let failed = self
+                .write(self.ports.send(queue_url, &pending))
+                .await?
+                .map_err(|e| StepError::Failed(Failure::from_aws(e)))?;
             let failed_ids: HashSet<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
             let delivered: Vec<String> = pending
                 .iter()
@@ -221,7 +224,10 @@ impl<P: Ports> Driver<P> {
         let parts: Vec<Termination> = stream::iter(chunks)
             .map(|chunk| async move {
                 self.record_event(TraceEvent::Terminate { ids: chunk.clone() });
-                let result = self.write(self.ports.terminate(&chunk)).await?.map_err(|e| StepError::Failed(Failure::from_aws(e)))?;
+                let result = self
+                    .write(self.ports.terminate(&chunk))
+                    .await?
+                    .map_err(|e| StepError::Failed(Failure::from_aws(e)))?;
                 info!(ids = ?result.terminated, "terminated instances");
                 for id in &result.not_found {
                     warn!(instance = %id, "EC2 does not know this instance: treated as already gone");
@@ -239,5 +245,4 @@ impl<P: Ports> Driver<P> {
         }
         Ok(termination)
     }
-
 }

@@ -111,7 +111,12 @@ impl<P: Ports> Driver<P> {
     /// still holds it, this one stops, `Busy`, naming it). And an earlier attempt resumed after a
     /// later one exists leaves the later one's instances alone. Returns the spec whose instances
     /// this run may act on.
-    pub(super) async fn attempts_in_order(&self, record: &RunRecord, spec: &Spec, resumed: bool) -> Result<Spec, DriveError> {
+    pub(super) async fn attempts_in_order(
+        &self,
+        record: &RunRecord,
+        spec: &Spec,
+        resumed: bool,
+    ) -> Result<Spec, DriveError> {
         // A first attempt started now has no earlier attempt, and a later one would only start
         // after it: only resumes and re-runs need to look.
         if record.run_attempt <= 1 && !resumed {
@@ -193,7 +198,6 @@ impl<P: Ports> Driver<P> {
             other => DriveError::Store(other),
         }
     }
-
 }
 
 enum TakeOver {

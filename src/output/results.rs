@@ -111,7 +111,10 @@ impl RunReport {
                 .iter()
                 .map(|h| Transition { state: h.state, at: h.at, reason: h.reason.clone() })
                 .collect(),
-            error: record.error.as_ref().map(|e| RunFailure { kind: e.kind.as_str().to_string(), message: e.message.clone() }),
+            error: record
+                .error
+                .as_ref()
+                .map(|e| RunFailure { kind: e.kind.as_str().to_string(), message: e.message.clone() }),
             instances: record.instance_count,
             commit_threshold: record.commit_threshold,
             idle_threshold: record.idle_threshold,

@@ -50,7 +50,12 @@ impl Cleanup {
     /// Cleans up `spec`'s instances except those in `messages_sent`. `idle_threshold`: the
     /// threshold a rollback of this run released records at, if it got that far; `marked_at`:
     /// when the run entered `EmergencyCleanup`.
-    pub fn new(spec: &Spec, messages_sent: &[String], idle_threshold: Option<Timestamp>, marked_at: Timestamp) -> Cleanup {
+    pub fn new(
+        spec: &Spec,
+        messages_sent: &[String],
+        idle_threshold: Option<Timestamp>,
+        marked_at: Timestamp,
+    ) -> Cleanup {
         let sent: HashSet<&String> = messages_sent.iter().collect();
         let instances: Vec<(Role, PoolInstance)> =
             spec.instances().filter(|(_, i)| !sent.contains(&i.id)).map(|(r, i)| (r, i.clone())).collect();

@@ -21,7 +21,9 @@ use std::collections::HashSet;
 
 use super::effect::{single, Effect, EffectResult, Failure, Found, Outcome, Poll};
 use super::{summarize, Stage};
-use crate::core::{classify_transition, Expectation, Finding, InstanceState, InstanceTransition, ThresholdCondition, WriteResult};
+use crate::core::{
+    classify_transition, Expectation, Finding, InstanceState, InstanceTransition, ThresholdCondition, WriteResult,
+};
 use crate::spec::{Role, Spec};
 use crate::timestamp::Timestamp;
 
@@ -77,7 +79,9 @@ impl Commit {
             let finding = classify_transition(transition, result).expect("cancelled writes were re-sent");
             match finding {
                 Finding::Done => committed += 1,
-                Finding::OwnedByOther { .. } if self.resumed && !applied_now && !self.refused_at_create.contains(id) => {
+                Finding::OwnedByOther { .. }
+                    if self.resumed && !applied_now && !self.refused_at_create.contains(id) =>
+                {
                     self.found.push(Found::new(id, format!("{finding}: committed earlier, handed on since")));
                     moved_on.push(id.clone());
                 }

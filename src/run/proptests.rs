@@ -46,7 +46,12 @@ fn instance() -> impl Strategy<Value = Instance> {
     let record = prop::option::weighted(0.85, (state, owner, threshold))
         .prop_map(|r| r.map(|(state, run_id, offset)| Record { state, run_id, threshold: start().plus_secs(offset) }));
     (record, prop::bool::weighted(0.9), prop::bool::weighted(0.9), prop::bool::weighted(0.1)).prop_map(
-        |(record, tagged, known_to_ec2, refuse_termination)| Instance { record, tagged, known_to_ec2, refuse_termination },
+        |(record, tagged, known_to_ec2, refuse_termination)| Instance {
+            record,
+            tagged,
+            known_to_ec2,
+            refuse_termination,
+        },
     )
 }
 
@@ -125,14 +130,17 @@ impl Model {
                                 e.states.iter().any(|s| s.as_str() == r.state)
                                     && e.run_id == r.run_id
                                     && match e.threshold {
-                                        ThresholdCondition::Unexpired => r.threshold > ThresholdCondition::unexpired_after(now),
+                                        ThresholdCondition::Unexpired => {
+                                            r.threshold > ThresholdCondition::unexpired_after(now)
+                                        }
                                         ThresholdCondition::Exactly(at) => r.threshold == at,
                                         ThresholdCondition::Any => true,
                                     }
                             })
                         });
                         let (state, run_id, threshold) = (t.new_state.as_str(), t.new_run_id.clone(), t.new_threshold);
-                        let result = self.write(&t.instance_id, holds, |r| *r = Some(Record { state, run_id, threshold }));
+                        let result =
+                            self.write(&t.instance_id, holds, |r| *r = Some(Record { state, run_id, threshold }));
                         (t, result)
                     })
                     .collect(),

@@ -25,8 +25,8 @@ use std::collections::HashSet;
 use super::effect::{single, Effect, EffectResult, Failure, Found, Outcome, Poll};
 use super::Stage;
 use crate::core::{
-    classify_transition, Expectation, Finding, InstanceDeletion, InstanceState, InstanceTransition,
-    ThresholdCondition, WriteResult,
+    classify_transition, Expectation, Finding, InstanceDeletion, InstanceState, InstanceTransition, ThresholdCondition,
+    WriteResult,
 };
 use crate::ports::{PoolMembership, Termination};
 use crate::spec::{PoolInstance, Role};
@@ -94,10 +94,16 @@ pub fn marks(
 
 /// The rule for one mark's result. `released`: the idle threshold this run released records
 /// at, when a record found exactly so is the caller's to decide.
-pub fn disposition(mark: &InstanceTransition, result: &WriteResult, released: Option<Timestamp>) -> (Disposition, Finding) {
+pub fn disposition(
+    mark: &InstanceTransition,
+    result: &WriteResult,
+    released: Option<Timestamp>,
+) -> (Disposition, Finding) {
     let finding = classify_transition(mark, result).expect("cancelled writes were re-sent");
     if let (Some(threshold), WriteResult::Rejected(Some(found))) = (released, result) {
-        if found.state == InstanceState::Idle.as_str() && found.run_id.is_empty() && found.threshold == threshold.to_string()
+        if found.state == InstanceState::Idle.as_str()
+            && found.run_id.is_empty()
+            && found.threshold == threshold.to_string()
         {
             return (Disposition::Released, finding);
         }
@@ -234,7 +240,10 @@ impl Retire {
                 self.unknown_fresh.join(", ")
             ))));
         }
-        Poll::Finished(Ok(Retired { terminated: self.terminated.len(), released: std::mem::take(&mut self.released_ids) }))
+        Poll::Finished(Ok(Retired {
+            terminated: self.terminated.len(),
+            released: std::mem::take(&mut self.released_ids),
+        }))
     }
 }
 

@@ -20,7 +20,9 @@ use std::collections::{BTreeMap, HashSet};
 use super::effect::{single, Announcement, Effect, EffectResult, Failure, Found, Outcome, Poll};
 use super::retire::{Retire, Retired};
 use super::Stage;
-use crate::core::{classify_transition, Expectation, Finding, InstanceState, InstanceTransition, ThresholdCondition, WriteResult};
+use crate::core::{
+    classify_transition, Expectation, Finding, InstanceState, InstanceTransition, ThresholdCondition, WriteResult,
+};
 use crate::spec::{PoolInstance, Role, Spec};
 use crate::timestamp::Timestamp;
 

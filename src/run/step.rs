@@ -82,9 +82,7 @@ pub fn route(record: &RunRecord, result: Result<Verdict, Failure>, policy: OnRet
         Err(Failure::Unexpected(message) | Failure::Gone(message)) => unexpected(message),
         Err(Failure::NotYet(message)) => Route::Stall(message),
         Err(Failure::Throttled(error)) => Route::Stall(format!("{error} (throttled past the throttle budget)")),
-        Err(Failure::Unavailable(error))
-            if state == State::EmergencyCleanup || policy == OnRetriesExhausted::Stall =>
-        {
+        Err(Failure::Unavailable(error)) if state == State::EmergencyCleanup || policy == OnRetriesExhausted::Stall => {
             Route::Stall(error.to_string())
         }
         // The step's retry budget is spent: as the design says, its error is unexpected. If AWS

@@ -22,9 +22,8 @@ use post_provision::core::{
 };
 use post_provision::machine::State;
 use post_provision::ports::{
-    Fence,
-    AwsError, Compute, CreateOutcome, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues, RunStore, StoreError,
-    Termination,
+    AwsError, Compute, CreateOutcome, Fence, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues, RunStore,
+    StoreError, Termination,
 };
 use post_provision::record::{HistoryEntry, Lease, RunRecord, RUN_RECORD_SCHEMA_VERSION};
 use post_provision::spec::Role;
