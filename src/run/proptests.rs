@@ -105,6 +105,41 @@ impl Model {
         }))
     }
 
+    /// Applies each transition whose condition holds, checking first that it has its ownership condition.
+    fn transitions(
+        &mut self,
+        transitions: Vec<crate::core::InstanceTransition>,
+    ) -> Vec<(crate::core::InstanceTransition, WriteResult)> {
+        transitions
+            .into_iter()
+            .map(|t| {
+                for expected in &t.expected {
+                    let owned = expected.run_id == RUN
+                        || (expected.run_id.is_empty()
+                            && expected.states == [InstanceState::Idle]
+                            && matches!(expected.threshold, ThresholdCondition::Exactly(_)));
+                    assert!(owned, "a write without its ownership condition: {t:?}");
+                }
+                let now = self.now;
+                let record = self.instances[&t.instance_id].record.clone();
+                let holds = record.as_ref().is_some_and(|r| {
+                    t.expected.iter().any(|e| {
+                        e.states.iter().any(|s| s.as_str() == r.state)
+                            && e.run_id == r.run_id
+                            && match e.threshold {
+                                ThresholdCondition::Unexpired => r.threshold > ThresholdCondition::unexpired_after(now),
+                                ThresholdCondition::Exactly(at) => r.threshold == at,
+                                ThresholdCondition::Any => true,
+                            }
+                    })
+                });
+                let (state, run_id, threshold) = (t.new_state.as_str(), t.new_run_id.clone(), t.new_threshold);
+                let result = self.write(&t.instance_id, holds, |r| *r = Some(Record { state, run_id, threshold }));
+                (t, result)
+            })
+            .collect()
+    }
+
     fn answer(&mut self, effect: Effect) -> Outcome {
         if !matches!(effect, Effect::Checkpoint) {
             if let Some(failure) = self.fault() {
@@ -112,39 +147,7 @@ impl Model {
             }
         }
         Ok(match effect {
-            Effect::Transition(transitions) => EffectResult::Transitioned(
-                transitions
-                    .into_iter()
-                    .map(|t| {
-                        for expected in &t.expected {
-                            let owned = expected.run_id == RUN
-                                || (expected.run_id.is_empty()
-                                    && expected.states == [InstanceState::Idle]
-                                    && matches!(expected.threshold, ThresholdCondition::Exactly(_)));
-                            assert!(owned, "a write without its ownership condition: {t:?}");
-                        }
-                        let now = self.now;
-                        let record = self.instances[&t.instance_id].record.clone();
-                        let holds = record.as_ref().is_some_and(|r| {
-                            t.expected.iter().any(|e| {
-                                e.states.iter().any(|s| s.as_str() == r.state)
-                                    && e.run_id == r.run_id
-                                    && match e.threshold {
-                                        ThresholdCondition::Unexpired => {
-                                            r.threshold > ThresholdCondition::unexpired_after(now)
-                                        }
-                                        ThresholdCondition::Exactly(at) => r.threshold == at,
-                                        ThresholdCondition::Any => true,
-                                    }
-                            })
-                        });
-                        let (state, run_id, threshold) = (t.new_state.as_str(), t.new_run_id.clone(), t.new_threshold);
-                        let result =
-                            self.write(&t.instance_id, holds, |r| *r = Some(Record { state, run_id, threshold }));
-                        (t, result)
-                    })
-                    .collect(),
-            ),
+            Effect::Transition(transitions) => EffectResult::Transitioned(self.transitions(transitions)),
             Effect::Delete(deletions) => EffectResult::Deleted(
                 deletions
                     .into_iter()
