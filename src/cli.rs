@@ -29,6 +29,9 @@ use crate::timestamp::Timestamp;
 
 /// Exit code: not finished, resumable.
 pub const EXIT_RESUMABLE: i32 = 3;
+/// Exit code: a listing was cut (`list --unfinished`, `resume --all`): unfinished runs may not
+/// have been shown or resumed.
+pub const EXIT_CUT: i32 = 4;
 /// Exit code: bad usage.
 pub const EXIT_USAGE: i32 = 64;
 /// Exit code: invalid spec.
@@ -51,6 +54,7 @@ Exit codes:
   1   Failed after graceful rollback (capacity shortfall)
   2   Failed after emergency cleanup; the original error is on stderr
   3   not finished: state persisted, run `post-provision resume RUN_ID`
+  4   list --unfinished / resume --all: cut, some unfinished runs were not read
   64  bad usage (flags, run id argument, unreadable spec file, out-of-range limits)
   65  invalid spec, or a different spec for an existing run id; nothing written
   66  no such run
@@ -387,6 +391,11 @@ pub fn classify_drive_error(error: &DriveError) -> (i32, &'static str) {
         DriveError::Stalled { .. } => (EXIT_RESUMABLE, "stalled"),
         DriveError::Crashed { .. } => (EXIT_RESUMABLE, "crashed"),
         DriveError::Uncertain { .. } => (EXIT_RESUMABLE, "uncertain"),
+        // The run's creating transaction throttled past the throttle budget: nothing was
+        // written, and like any run stopped by load it is repeated later (3), not "unavailable".
+        DriveError::NotStarted(aws) if aws.class == ErrorClass::Throttling && aws.operation == "TransactWriteItems" => {
+            (EXIT_RESUMABLE, "throttled")
+        }
         DriveError::NotStarted(aws) | DriveError::Store(StoreError::Aws(aws)) => classify_aws_error(aws),
         DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, "internal"),
     }
@@ -486,7 +495,9 @@ impl Printer {
                 " — table {table} does not exist here; create it with `post-provision --table {table} init`"
             ));
         }
-        if code == EXIT_RESUMABLE {
+        if kind == "throttled" {
+            message.push_str(" — repeat the same `run` later");
+        } else if code == EXIT_RESUMABLE {
             message.push_str(" — the state is persisted; run `post-provision resume RUN_ID` to finish it");
         }
         self.error(code, kind, message, field)
@@ -840,12 +851,12 @@ pub async fn run(args: Vec<String>) -> i32 {
                 Err(error) => printer.drive_error_for(Some(&run_id), &error),
             }
         }
-        Command::Resume { run_id: None, .. } => match engine.resume_all(10_000).await {
+        Command::Resume { run_id: None, .. } => match engine.resume_all(RESUME_ALL_BOUND).await {
             Err(error) => printer.drive_error(&DriveError::Store(error)),
-            Ok(results) => {
+            Ok(sweep) => {
                 let mut worst = 0;
                 let mut reports = Vec::new();
-                for (run_id, result) in &results {
+                for (run_id, result) in &sweep.results {
                     let (code, line) = match result {
                         Ok(outcome) => {
                             (outcome.kind.exit_code(), format!("{}: {}", plain(run_id), outcome.record.state))
@@ -872,6 +883,14 @@ pub async fn run(args: Vec<String>) -> i32 {
                         reports.iter().map(|r| format!("{}\n", r["summary"].as_str().unwrap_or(""))).collect()
                     }
                 });
+                if sweep.cut {
+                    // Never silent: runs beyond the bound are still unfinished and unread.
+                    eprintln!(
+                        "error: the sweep was cut: it read {} unfinished runs and more may exist; repeat `resume --all`",
+                        sweep.unfinished_read
+                    );
+                    worst = worst.max(EXIT_CUT);
+                }
                 worst
             }
         },
@@ -886,9 +905,10 @@ pub async fn run(args: Vec<String>) -> i32 {
         },
         Command::List { unfinished, limit } => match engine.list(unfinished, limit).await {
             Err(error) => printer.drive_error(&DriveError::Store(error)),
-            Ok(records) => {
+            Ok(listing) => {
                 let now = engine.now();
-                let rows: Vec<serde_json::Value> = records
+                let rows: Vec<serde_json::Value> = listing
+                    .records
                     .iter()
                     .map(|r| {
                         serde_json::json!({
@@ -922,7 +942,7 @@ pub async fn run(args: Vec<String>) -> i32 {
                     }
                     out
                 });
-                0
+                list_exit_code(&listing, unfinished)
             }
         },
         Command::Audit { fix, grace_secs, .. } => {
@@ -963,6 +983,11 @@ pub async fn run(args: Vec<String>) -> i32 {
                 Ok(ttl) => ttl,
                 Err(message) => return init_error(message),
             };
+            // After the table and its TTL: the run index, and the records written before it.
+            let index = match crate::aws::ensure_run_index(client, &table, engine.now()).await {
+                Ok(index) => index,
+                Err(message) => return init_error(message),
+            };
             let ttl_word = match &ttl {
                 crate::aws::TtlCheck::Enabled => "enabled",
                 crate::aws::TtlCheck::AlreadyEnabled => "already-enabled",
@@ -972,6 +997,8 @@ pub async fn run(args: Vec<String>) -> i32 {
                 "table": table,
                 "result": format!("{check:?}").to_lowercase(),
                 "ttl": ttl_word,
+                "runIndex": if index.created { "created" } else { "exists" },
+                "runIndexBackfilled": index.backfilled,
             });
             printer.value(&result, || {
                 let mut text = match check {
@@ -984,11 +1011,41 @@ pub async fn run(args: Vec<String>) -> i32 {
                     ),
                     _ => format!("TTL on attribute \"ttl\": {ttl_word}\n"),
                 });
+                text.push_str(&format!(
+                    "run index {}: {}; {} earlier run records indexed\n",
+                    crate::aws::RUN_INDEX_NAME,
+                    if index.created { "created" } else { "exists" },
+                    index.backfilled
+                ));
                 text
             });
             0
         }
     }
+}
+
+/// How many unfinished runs `resume --all` reads at most; more make it exit [`EXIT_CUT`].
+const RESUME_ALL_BOUND: usize = 10_000;
+
+/// `list`'s exit code: [`EXIT_CUT`] (with a line on stderr) when the listing may hide an
+/// unfinished run: `--unfinished` with more runs than shown, or a read bound that stopped a
+/// table without the run index. A plain `list` showing the newest `--limit` runs is not cut.
+fn list_exit_code(listing: &crate::ports::RunListing, unfinished: bool) -> i32 {
+    if listing.bounded {
+        eprintln!(
+            "error: the listing was cut: it stopped at {} run records, so newer runs may be missing; run `post-provision init` to build the run index",
+            crate::record::MAX_LISTED_RUNS
+        );
+        return EXIT_CUT;
+    }
+    if unfinished && listing.more {
+        eprintln!(
+            "error: the listing was cut: more than {} unfinished runs; raise --limit to see them all",
+            listing.records.len()
+        );
+        return EXIT_CUT;
+    }
+    0
 }
 
 /// The audit's job summary and one warning annotation per finding.

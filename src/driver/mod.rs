@@ -550,7 +550,7 @@ impl<P: Ports> Driver<P> {
         now: Timestamp,
         spec_digest: &str,
     ) -> Result<Created, DriveError> {
-        let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
+        let created = self.create_within_throttle_budget(record, chunks, ttl, transitions, now).await?;
         match created {
             Ok(CreateOutcome::Created) => Ok(Created::Landed(record.clone())),
             Ok(CreateOutcome::Exists(existing)) => {
@@ -573,12 +573,67 @@ impl<P: Ports> Driver<P> {
                         Ok(Created::Landed(existing))
                     }
                     Ok(Some(existing)) => Ok(Created::Other(Box::pin(self.rejoin(existing, spec_digest)).await)),
+                    // Throttling outlasted the budget: the run stops with nothing written, and
+                    // does not try the staged path under the same load.
+                    Ok(None) if aws.class == ErrorClass::Throttling => Err(DriveError::NotStarted(aws)),
                     Ok(None) if !transitions.is_empty() => Ok(Created::Refused(Vec::new())),
                     Ok(None) => Err(DriveError::NotStarted(aws)),
                     Err(check) => Err(DriveError::Uncertain { run_id: record.display_name(), error: aws, check }),
                 }
             }
             Err(other) => Err(not_started(other)),
+        }
+    }
+
+    /// Sends the creating transaction again, with backoff, while DynamoDB throttles it (the whole
+    /// request, or any of its items), for as long as the throttle budget lasts: like every other
+    /// write of a run. A throttled transaction writes nothing, so sending it again is safe; a
+    /// create that landed with its answer lost is recognised by `create_run` as this driver's.
+    /// Past the budget, the last throttle comes back as a retryable `Aws` error (for
+    /// `EffectsRefused`, one is made up), which `create` reads back and reports as
+    /// `NotStarted` with class `Throttling` (exit 3).
+    async fn create_within_throttle_budget(
+        &self,
+        record: &RunRecord,
+        chunks: &[String],
+        ttl: i64,
+        transitions: &[InstanceTransition],
+        now: Timestamp,
+    ) -> Result<Result<CreateOutcome, StoreError>, DriveError> {
+        let mut throttled_since: Option<tokio::time::Instant> = None;
+        let mut round = 0;
+        loop {
+            let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
+            let throttled = match &created {
+                Err(StoreError::Aws(aws)) => aws.class == ErrorClass::Throttling,
+                // Only throttled items (no refusal): the same transaction may land later.
+                Ok(CreateOutcome::EffectsRefused(results)) => {
+                    results.iter().any(|r| *r == core::WriteResult::Throttled)
+                        && results
+                            .iter()
+                            .all(|r| matches!(r, core::WriteResult::Throttled | core::WriteResult::Cancelled))
+                }
+                _ => false,
+            };
+            if !throttled {
+                return Ok(created);
+            }
+            let since = *throttled_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= self.limits.throttle_budget {
+                return Ok(Err(StoreError::Aws(AwsError {
+                    service: "DynamoDB",
+                    operation: "TransactWriteItems",
+                    code: Some("ThrottlingError".into()),
+                    message: format!(
+                        "creating the run record was still throttled after {} s (the throttle budget)",
+                        self.limits.throttle_budget.as_secs()
+                    ),
+                    class: ErrorClass::Throttling,
+                })));
+            }
+            round += 1;
+            warn!(round, "the creating transaction was throttled; sending it again within the throttle budget");
+            tokio::time::sleep(self.backoff(round)).await;
         }
     }
 
