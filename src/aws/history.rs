@@ -155,7 +155,7 @@ impl AwsPorts {
             listing.more |= finished.more;
             listing.records.extend(finished.records);
             // Both partitions are sorted by creation time: the newest `limit` of the two.
-            listing.records.sort_by(|a, b| newest_first_key(b).cmp(&newest_first_key(a)));
+            listing.records.sort_by_key(|record| std::cmp::Reverse(newest_first_key(record)));
             if listing.records.len() > limit {
                 listing.records.truncate(limit);
                 listing.more = true;

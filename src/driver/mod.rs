@@ -608,7 +608,7 @@ impl<P: Ports> Driver<P> {
                 Err(StoreError::Aws(aws)) => aws.class == ErrorClass::Throttling,
                 // Only throttled items (no refusal): the same transaction may land later.
                 Ok(CreateOutcome::EffectsRefused(results)) => {
-                    results.iter().any(|r| *r == core::WriteResult::Throttled)
+                    results.contains(&core::WriteResult::Throttled)
                         && results
                             .iter()
                             .all(|r| matches!(r, core::WriteResult::Throttled | core::WriteResult::Cancelled))
