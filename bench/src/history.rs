@@ -61,7 +61,16 @@ impl Clock for FixedClock {
 }
 
 async fn engine(endpoint: &str, table: &str, clock: Option<Arc<dyn Clock>>, hooks: Hooks) -> anyhow::Result<Engine> {
-    let mut builder = Engine::builder().table(table).region("us-east-1").endpoint_url(endpoint).hooks(hooks);
+    // moto walks every item it holds for each Query: at 100,000 items one takes longer than the
+    // default 10 s attempt timeout on a loaded machine. One attempt, so nothing is counted twice.
+    let limits = post_provision::config::Limits {
+        max_attempts: 1,
+        attempt_timeout: std::time::Duration::from_secs(240),
+        operation_timeout: std::time::Duration::from_secs(300),
+        ..post_provision::config::Limits::default()
+    };
+    let mut builder =
+        Engine::builder().table(table).region("us-east-1").endpoint_url(endpoint).hooks(hooks).limits(limits);
     if let Some(clock) = clock {
         builder = builder.clock(clock);
     }
