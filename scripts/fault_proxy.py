@@ -6,12 +6,14 @@ Usage:
                    [--faults throttle,error500,slow,drop_before,drop_after[,sqs_partial]]
                    [--slow-ms 2000] [--latency-ms 0] [--seed 1]
                    [--only DynamoDB.UpdateItem,EC2.TerminateInstances] [--budget N] [--skip N]
+                   [--window-ms N]
 
 Prints exactly one line "LISTENING <port>" on stdout once it accepts connections.
 
 Each proxied request is identified as "<Service>.<Operation>" (DynamoDB / SQS by X-Amz-Target,
 EC2 by Action= in the form body). With probability --rate (and only for operations in --only,
-when given, and while --budget is not used up; the first --skip such requests are let through)
+when given, and while --budget is not used up; the first --skip such requests are let through;
+with --window-ms, only until N ms after the first injected fault: load that lasts a given time)
 one fault kind from --faults is picked uniformly:
   throttle     service-correct throttling error, not forwarded
   error500     HTTP 500 with the service's internal-error shape, not forwarded
@@ -40,7 +42,7 @@ Control endpoints (never forwarded):
                         or forwarding counts): {"idle": true, "in_flight": 0}; after N ms (default
                         10000) {"idle": false, "in_flight": n}. Lets a test wait on a condition.
   POST /__proxy/config  JSON body with any of: rate, faults, slow_ms, latency_ms, seed, only, budget,
-                        skip
+                        skip, window_ms
   POST /__proxy/reset   zero the counters
 """
 
@@ -124,6 +126,8 @@ class State:
         self.only: list[str] = []
         self.budget: int | None = None  # None = unlimited
         self.skip = 0  # eligible requests still to let through before faults may start
+        self.window_ms: int | None = None  # None = faults for as long as the other limits allow
+        self.window_started: float | None = None  # monotonic time of the first injected fault
         self.rng = random.Random(args.seed)
         self.apply_config(
             {
@@ -134,6 +138,7 @@ class State:
                 "only": args.only,
                 "budget": args.budget,
                 "skip": args.skip,
+                "window_ms": args.window_ms,
             }
         )
         self.reset()
@@ -148,7 +153,7 @@ class State:
             self.in_flight = getattr(self, "in_flight", 0)
 
     def apply_config(self, cfg: dict) -> None:
-        unknown = set(cfg) - {"rate", "faults", "slow_ms", "latency_ms", "seed", "only", "budget", "skip"}
+        unknown = set(cfg) - {"rate", "faults", "slow_ms", "latency_ms", "seed", "only", "budget", "skip", "window_ms"}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         new = {}
@@ -179,6 +184,10 @@ class State:
         if "budget" in cfg:
             budget = cfg["budget"]
             new["budget"] = None if budget is None or int(budget) < 0 else int(budget)
+        if "window_ms" in cfg:
+            window = cfg["window_ms"]
+            new["window_ms"] = None if window is None or int(window) < 0 else int(window)
+            new["window_started"] = None
         with self.lock:
             for key, value in new.items():
                 setattr(self, key, value)
@@ -195,6 +204,7 @@ class State:
                 "only": list(self.only),
                 "budget": self.budget,
                 "skip": self.skip,
+                "window_ms": self.window_ms,
             }
 
     def on_request(self, op: str) -> tuple[str | None, int, int]:
@@ -207,8 +217,12 @@ class State:
             if eligible and self.skip > 0:
                 self.skip -= 1
                 eligible = False
+            if eligible and self.window_ms is not None and self.window_started is not None:
+                eligible = (time.monotonic() - self.window_started) * 1000 < self.window_ms
             if eligible and kinds and self.budget != 0 and self.rate > 0 and self.rng.random() < self.rate:
                 fault = self.rng.choice(kinds)
+                if self.window_started is None:
+                    self.window_started = time.monotonic()
                 self.fault_counts[fault] = self.fault_counts.get(fault, 0) + 1
                 key = f"{op}:{fault}"
                 self.faults_by_op[key] = self.faults_by_op.get(key, 0) + 1
@@ -626,6 +640,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma list of Service.Operation eligible for faults")
     p.add_argument("--budget", type=int, default=-1, help="max faults to inject (-1 = unlimited)")
     p.add_argument("--skip", type=int, default=0, help="let the first N eligible requests through")
+    p.add_argument("--window-ms", type=int, default=-1, help="inject faults only until N ms after the first (-1 = no window)")
     p.add_argument("--upstream-timeout", type=float, default=30.0, help="seconds")
     p.add_argument("--serialize-upstream", action="store_true",
                    help="forward one request at a time (moto's transactions are not isolated between threads)")

@@ -36,6 +36,10 @@ pub struct InstanceRecordSnapshot {
     pub usage_class: String,
     /// When the record was last written, as stored.
     pub updated_at: String,
+    /// `releasedBy`: the run id that last returned the instance to the pool through this
+    /// engine's rollback, `""` when none did. The pool's own writes never set or clear it, so it
+    /// counts as evidence only together with that run's `idleThreshold` (see [`classify`]).
+    pub released_by: String,
 }
 
 /// The attributes of one run record the audit reads (a Query projection).
@@ -251,14 +255,18 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Aud
     for run in &snapshot.runs {
         *run_unfinished.entry(run.run_id.as_str()).or_default() |= !run.is_finished();
     }
-    // Idle thresholds of finished runs (the first such run names the finding), and every
-    // (threshold, id) those runs know they announced.
-    let mut released_by: HashMap<&str, &RunSnapshot> = HashMap::new();
+    // The (run id, idle threshold) of each finished run that released instances (the first
+    // attempt found names the finding), and every (run id, id) those runs know they announced.
+    // An idle record is tied to a run only by both: the `releasedBy` that run's rollback wrote,
+    // and that run's threshold. The pool's own release writes the same state, runId and (in the
+    // same second, with the same idle time) threshold, but never `releasedBy`: a threshold alone
+    // would mistake it for ours.
+    let mut released_by: HashMap<(&str, &str), &RunSnapshot> = HashMap::new();
     let mut announced: HashSet<(&str, &str)> = HashSet::new();
     for run in snapshot.runs.iter().filter(|run| run.is_finished()) {
         if let Some(threshold) = run.idle_threshold.as_deref() {
-            released_by.entry(threshold).or_insert(run);
-            announced.extend(run.messages_sent.iter().map(|id| (threshold, id.as_str())));
+            released_by.entry((run.run_id.as_str(), threshold)).or_insert(run);
+            announced.extend(run.messages_sent.iter().map(|id| (run.run_id.as_str(), id.as_str())));
         }
     }
     let finished_or_absent = |run_id: &str| !run_unfinished.get(run_id).copied().unwrap_or(false);
@@ -298,9 +306,9 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Aud
         }
         if record.state == "idle" && record.run_id.is_empty() && !expired {
             *unexpired_idle.entry(record.resource_class.as_str()).or_default() += 1;
-            let releaser = released_by.get(record.threshold.as_str());
+            let releaser = released_by.get(&(record.released_by.as_str(), record.threshold.as_str()));
             if let Some(run) =
-                releaser.filter(|_| !announced.contains(&(record.threshold.as_str(), record.id.as_str())))
+                releaser.filter(|_| !announced.contains(&(record.released_by.as_str(), record.id.as_str())))
             {
                 let mut finding =
                     AuditFinding::of_record(FindingKind::UnannouncedIdle, Repair::SendPoolMessage, record, now);
@@ -525,6 +533,7 @@ mod tests {
             instance_type: "c6i.large".into(),
             usage_class: "on-demand".into(),
             updated_at: at(-3_600),
+            released_by: String::new(),
         }
     }
 
@@ -603,7 +612,9 @@ mod tests {
         rolled_back.idle_threshold = Some(at(300));
         rolled_back.messages_sent = vec!["i-idle".into()];
         snapshot.runs.push(rolled_back);
-        snapshot.records.push(record("i-quiet", "idle", "", 300));
+        snapshot
+            .records
+            .push(InstanceRecordSnapshot { released_by: "r3".into(), ..record("i-quiet", "idle", "", 300) });
         snapshot.instances.push(alive("i-quiet"));
         // unfinished-run: lease ended.
         snapshot.runs.push(run("r4", "RollingBack", -30));
@@ -684,6 +695,29 @@ mod tests {
         // record with no message is refresh's to terminate.
         snapshot.records.push(record("i-expired", "idle", "", -1));
         snapshot.instances.push(alive("i-expired"));
+        assert_eq!(kinds(&snapshot), Vec::new());
+    }
+
+    #[test]
+    fn the_pools_own_release_at_a_rollbacks_threshold_is_not_unannounced() {
+        let mut snapshot = healthy();
+        let mut rolled_back = run("r3", "Failed", -100);
+        rolled_back.idle_threshold = Some(at(300));
+        snapshot.runs.push(rolled_back);
+        // Released by the pool in the same second with the same idle time: no `releasedBy`, or
+        // the `releasedBy` of an earlier rollback by another run. Neither is this run's.
+        snapshot.records.push(record("i-pool", "idle", "", 300));
+        snapshot.instances.push(alive("i-pool"));
+        snapshot
+            .records
+            .push(InstanceRecordSnapshot { released_by: "r9".into(), ..record("i-earlier", "idle", "", 300) });
+        snapshot.instances.push(alive("i-earlier"));
+        // Released by this run long ago, then by the pool at another threshold.
+        snapshot
+            .records
+            .push(InstanceRecordSnapshot { released_by: "r3".into(), ..record("i-again", "idle", "", 200) });
+        snapshot.instances.push(alive("i-again"));
+        snapshot.queued_messages.insert("large".into(), 4);
         assert_eq!(kinds(&snapshot), Vec::new());
     }
 

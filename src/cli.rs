@@ -29,8 +29,8 @@ use crate::engine::{BuildError, Engine};
 use crate::machine;
 use crate::output::escape::{neutralize_commands, plain};
 use crate::output::results::{
-    ErrorBody, ErrorKind, ErrorReport, InitResult, ListRow, ResumeAllEntry, RunReport, TableResult, TtlResult,
-    ValidateResult,
+    ErrorBody, ErrorKind, ErrorReport, InitResult, ListRow, ResumeAllEntry, RunIndexResult, RunReport, TableResult,
+    TtlResult, ValidateResult,
 };
 use crate::output::{exit, github, json, text};
 use crate::ports::{ErrorClass, StoreError};
@@ -38,6 +38,9 @@ use crate::spec::{Spec, SpecError, MAX_SPEC_FILE_BYTES};
 
 /// Exit code: not finished, resumable.
 pub const EXIT_RESUMABLE: i32 = exit::RESUMABLE;
+/// Exit code: a listing was cut (`list --unfinished`, `resume --all`): unfinished runs may not
+/// have been shown or resumed.
+pub const EXIT_CUT: i32 = exit::CUT;
 /// Exit code: bad usage.
 pub const EXIT_USAGE: i32 = exit::USAGE;
 /// Exit code: invalid spec, or a spec or run id that is not the job's run.
@@ -59,7 +62,9 @@ Exit codes:
   0   Done: committed (and success of status, list, table, init, validate)
   1   Failed after graceful rollback (capacity shortfall)
   2   Failed after emergency cleanup; the original error is on stderr
-  3   not finished: state persisted, run `post-provision resume RUN_ID`
+  3   not finished: state persisted, run `post-provision resume RUN_ID`; or a run whose first
+      write DynamoDB throttled past the throttle budget (nothing written; repeat it later)
+  4   list --unfinished / resume --all: cut, some unfinished runs were not read
   64  bad usage (flags, run id argument, unreadable spec file, out-of-range limits)
   65  invalid spec, a different spec for an existing run id, or (in a GitHub Actions job) a
       spec or run id that is not the job's run; nothing written
@@ -283,6 +288,11 @@ pub fn classify_drive_error(error: &DriveError) -> (i32, ErrorKind) {
         DriveError::Stalled { .. } => (EXIT_RESUMABLE, ErrorKind::Stalled),
         DriveError::Crashed { .. } => (EXIT_RESUMABLE, ErrorKind::Crashed),
         DriveError::Uncertain { .. } => (EXIT_RESUMABLE, ErrorKind::Uncertain),
+        // The run's creating transaction throttled past the throttle budget: nothing was
+        // written, and like any run stopped by load it is repeated later (3), not "unavailable".
+        DriveError::NotStarted(aws) if aws.class == ErrorClass::Throttling && aws.operation == "TransactWriteItems" => {
+            (EXIT_RESUMABLE, ErrorKind::Throttled)
+        }
         DriveError::NotStarted(aws) | DriveError::Store(StoreError::Aws(aws)) => classify_aws_error(aws),
         DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, ErrorKind::Internal),
     }
@@ -403,7 +413,9 @@ impl Printer {
                 " — table {table} does not exist here; create it with `post-provision --table {table} init`"
             ));
         }
-        if code == EXIT_RESUMABLE {
+        if kind == ErrorKind::Throttled {
+            message.push_str(" — repeat the same `run` later");
+        } else if code == EXIT_RESUMABLE {
             message.push_str(" — the state is persisted; run `post-provision resume RUN_ID` to finish it");
         }
         self.error(code, kind, message, field)
@@ -694,13 +706,13 @@ async fn resume(
 /// `resume --all`: every unfinished run whose driver is gone.
 async fn resume_all(cli: &Cli, limits: Limits, printer: &Printer) -> Result<i32, i32> {
     let engine = build_engine(cli, limits, printer).await?;
-    let results = match engine.resume_all(10_000).await {
-        Ok(results) => results,
+    let sweep = match engine.resume_all(RESUME_ALL_BOUND).await {
+        Ok(sweep) => sweep,
         Err(error) => return Ok(printer.drive_error(&DriveError::Store(error))),
     };
     let mut worst = 0;
     let mut entries = Vec::new();
-    for (run_id, result) in &results {
+    for (run_id, result) in &sweep.results {
         let (code, summary) = match result {
             Ok(outcome) => (outcome.kind.exit_code(), format!("{}: {}", plain(run_id), outcome.record.state)),
             Err(error) => (classify_drive_error(error).0, plain(&format!("{run_id}: {error}"))),
@@ -709,8 +721,19 @@ async fn resume_all(cli: &Cli, limits: Limits, printer: &Printer) -> Result<i32,
         entries.push(ResumeAllEntry { run_id: run_id.clone(), exit_code: code, summary });
     }
     printer.value(&entries, || text::resume_all(&entries));
+    if sweep.cut {
+        // Never silent: runs beyond the bound are still unfinished and unread.
+        eprintln!(
+            "error: the sweep was cut: it read {} unfinished runs and more may exist; repeat `resume --all`",
+            sweep.unfinished_read
+        );
+        worst = worst.max(EXIT_CUT);
+    }
     Ok(worst)
 }
+
+/// How many unfinished runs `resume --all` reads at most; more make it exit [`EXIT_CUT`].
+const RESUME_ALL_BOUND: usize = 10_000;
 
 /// What one run's exit code makes of `resume --all`'s. A run left unfinished makes the whole
 /// call "resumable" (3), unless some run can never be resumed as it is (no such run, corrupt
@@ -744,13 +767,34 @@ async fn list(cli: &Cli, limits: Limits, printer: &Printer, unfinished: bool, li
     let engine = build_engine(cli, limits, printer).await?;
     Ok(match engine.list(unfinished, limit).await {
         Err(error) => printer.drive_error(&DriveError::Store(error)),
-        Ok(records) => {
+        Ok(listing) => {
             let now = engine.now();
-            let rows: Vec<ListRow> = records.iter().map(|record| ListRow::of(record, now)).collect();
+            let rows: Vec<ListRow> = listing.records.iter().map(|record| ListRow::of(record, now)).collect();
             printer.value(&rows, || text::list(&rows));
-            0
+            list_exit_code(&listing, unfinished)
         }
     })
+}
+
+/// `list`'s exit code: [`EXIT_CUT`] (with a line on stderr) when the listing may hide an
+/// unfinished run: `--unfinished` with more runs than shown, or a read bound that stopped a
+/// table without the run index. A plain `list` showing the newest `--limit` runs is not cut.
+fn list_exit_code(listing: &crate::ports::RunListing, unfinished: bool) -> i32 {
+    if listing.bounded {
+        eprintln!(
+            "error: the listing was cut: it stopped at {} run records, so newer runs may be missing; run `post-provision init` to build the run index",
+            crate::record::MAX_LISTED_RUNS
+        );
+        return EXIT_CUT;
+    }
+    if unfinished && listing.more {
+        eprintln!(
+            "error: the listing was cut: more than {} unfinished runs; raise --limit to see them all",
+            listing.records.len()
+        );
+        return EXIT_CUT;
+    }
+    0
 }
 
 /// The flags of `audit`.
@@ -818,7 +862,8 @@ fn skip_foreign_repairs(report: &mut AuditReport, job: &JobIdentity) {
     }
 }
 
-/// `init`: creates the table if it is missing, checks its key schema, and enables TTL.
+/// `init`: creates the table if it is missing, checks its key schema, enables TTL, and builds the
+/// run index.
 async fn init(cli: &Cli, limits: Limits, printer: &Printer) -> Result<i32, i32> {
     let engine = build_engine(cli, limits, printer).await?;
     let client = engine.ports().dynamodb();
@@ -838,7 +883,14 @@ async fn init(cli: &Cli, limits: Limits, printer: &Printer) -> Result<i32, i32> 
         Ok(crate::aws::TtlCheck::OtherAttribute(name)) => (TtlResult::OtherAttribute, Some(name)),
         Err(message) => return Err(init_error(message)),
     };
-    let result = InitResult { table, result, ttl, other_ttl_attribute };
+    // After the table and its TTL: the run index, and the records written before it.
+    let index = match crate::aws::ensure_run_index(client, &table, engine.now()).await {
+        Ok(index) => index,
+        Err(message) => return Err(init_error(message)),
+    };
+    let run_index = if index.created { RunIndexResult::Created } else { RunIndexResult::Exists };
+    let result =
+        InitResult { table, result, ttl, other_ttl_attribute, run_index, run_index_backfilled: index.backfilled };
     printer.value(&result, || text::init(&result));
     Ok(0)
 }

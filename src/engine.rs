@@ -10,7 +10,7 @@ use crate::aws::{self, AwsPorts, Connection, RequestCounter};
 use crate::config::Limits;
 use crate::core::PoolMessage;
 use crate::driver::{Clock, DriveError, Driver, Hooked, Hooks, RunOutcome, SystemClock};
-use crate::ports::{Compute, OutgoingMessage, PoolQueues, RunStore, StoreError};
+use crate::ports::{Compute, OutgoingMessage, PoolQueues, RunListing, RunStore, StoreError};
 use crate::record::RunRecord;
 use crate::spec::Spec;
 use crate::timestamp::Timestamp;
@@ -130,6 +130,18 @@ pub struct Engine {
 /// One run's result from [`Engine::resume_all`].
 pub type ResumeResult = (String, Result<RunOutcome, DriveError>);
 
+/// What one [`Engine::resume_all`] did.
+#[derive(Debug)]
+pub struct Sweep {
+    /// Each run it tried to resume (unfinished, lease ended), newest first.
+    pub results: Vec<ResumeResult>,
+    /// How many unfinished runs it read (those still leased included).
+    pub unfinished_read: usize,
+    /// Whether unfinished runs may have been left unread: more than the bound exist, or (on a
+    /// table without the run index) the read stopped at its bound. The CLI exits non-zero.
+    pub cut: bool,
+}
+
 impl Engine {
     /// A builder.
     pub fn builder() -> EngineBuilder {
@@ -195,23 +207,29 @@ impl Engine {
         self.driver().load_attempt(run_id, attempt).await
     }
 
-    /// Run records, newest first; only unfinished ones with `unfinished_only`.
-    pub async fn list(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+    /// Run records, newest first, at most `limit`; only unfinished ones with `unfinished_only`.
+    /// The listing says whether it was cut ([`RunListing::is_cut`]).
+    pub async fn list(&self, unfinished_only: bool, limit: usize) -> Result<RunListing, StoreError> {
         self.ports.list_runs(unfinished_only, limit).await
     }
 
-    /// Finishes every unfinished run whose lease has ended (its driver is gone), one at a time.
-    pub async fn resume_all(&self, limit: usize) -> Result<Vec<ResumeResult>, StoreError> {
+    /// Finishes every unfinished run whose lease has ended (its driver is gone), one at a time,
+    /// newest first. At most `bound` unfinished runs are read; a sweep that could not read them
+    /// all says so ([`Sweep::cut`]).
+    pub async fn resume_all(&self, bound: usize) -> Result<Sweep, StoreError> {
         let now = self.clock.now();
+        let listing = self.list(true, bound).await?;
         let mut results = Vec::new();
-        for record in self.list(true, limit).await? {
+        for record in &listing.records {
+            // The index is eventually consistent: a run that has just finished may still be
+            // listed, and resuming it would only report it.
             if record.state.is_terminal() || record.lease_active(now) {
                 continue;
             }
             let outcome = self.resume_attempt(&record.run_id, Some(record.run_attempt), false).await;
             results.push((record.display_name(), outcome));
         }
-        Ok(results)
+        Ok(Sweep { results, unfinished_read: listing.records.len(), cut: listing.is_cut() })
     }
 
     /// The AWS requests sent so far, by operation.

@@ -95,6 +95,30 @@ pub enum CreateOutcome {
     EffectsRefused(Vec<WriteResult>),
 }
 
+/// What [`RunStore::list_runs`] read.
+#[derive(Debug, Clone, Default)]
+pub struct RunListing {
+    /// Newest first, at most the limit asked for.
+    pub records: Vec<RunRecord>,
+    /// More records match than `records` holds: the limit cut the listing.
+    pub more: bool,
+    /// A read bound stopped the read before every record was seen, so records that match,
+    /// the newest among them, may be missing. Only the fallback for a table whose run index
+    /// `init` has not built reads with such a bound ([`crate::record::MAX_LISTED_RUNS`]).
+    pub bounded: bool,
+    /// Items DynamoDB read to answer (filtered ones included): what the listing cost.
+    pub items_read: u64,
+    /// Whether the run index answered (rather than a read of every run record).
+    pub indexed: bool,
+}
+
+impl RunListing {
+    /// Whether records that match may be missing from `records`.
+    pub fn is_cut(&self) -> bool {
+        self.more || self.bounded
+    }
+}
+
 /// Result of one `TerminateInstances` request set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Termination {
@@ -167,14 +191,15 @@ pub trait RunStore: Send + Sync {
         digest: &str,
         chunks: u32,
     ) -> impl Future<Output = Result<String, StoreError>> + Send;
-    /// Run records, newest first, at most `limit`; only those not in `Done` or `Failed` when
-    /// `unfinished_only`. Reads every run record of the table (up to
-    /// [`crate::record::MAX_LISTED_RUNS`]), so the newest are never missed.
+    /// Run records, newest first (by creation time), at most `limit`; only those not in `Done`
+    /// or `Failed` when `unfinished_only`. The listing says whether more records match
+    /// ([`RunListing::more`]) and whether a read bound may have hidden some
+    /// ([`RunListing::bounded`]): a caller never drops either silently.
     fn list_runs(
         &self,
         unfinished_only: bool,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<RunRecord>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<RunListing, StoreError>> + Send;
     /// The pool's `resource_class_config` metadata item, if it exists.
     fn load_resource_class_config(
         &self,

@@ -13,7 +13,7 @@ use crate::timestamp::Timestamp;
 
 /// The schema version this build writes. Older versions it can still read are listed in
 /// `docs/schema.md`; a newer one is refused rather than misread.
-pub const RUN_RECORD_SCHEMA_VERSION: u32 = 3;
+pub const RUN_RECORD_SCHEMA_VERSION: u32 = 4;
 
 /// The most attempts of one run id read by [`crate::ports::RunStore::load_attempts`].
 pub const MAX_ATTEMPTS_READ: usize = 1_000;
@@ -34,8 +34,10 @@ pub fn record_identifier(run_id: &str, attempt: u32) -> String {
 /// each far below DynamoDB's 400 KB item limit.
 pub const SPEC_CHUNK_BYTES: usize = 300_000;
 
-/// The most run records `list` and `resume --all` read in one call. Finished records expire
-/// after the retention (30 days by default), so this bounds a pool of about 3,000 runs a day.
+/// The most run records `list` and `resume --all` read in one call on a table whose run index
+/// `init` has not built yet (they read every run record then). A listing this bound stops is
+/// reported as cut (`RunListing::bounded`), never silently short. With the index, they read
+/// only the records they return.
 pub const MAX_LISTED_RUNS: usize = 100_000;
 
 /// The persisted run.

@@ -12,6 +12,7 @@
 //! existing system's calls itself, because what is measured is that system's pattern.
 
 mod baseline;
+mod history;
 mod measure;
 mod report;
 mod world;
@@ -92,6 +93,20 @@ enum Command {
         #[arg(long)]
         emulator_pid: Option<u32>,
     },
+    /// Seeds a table with `retained` finished and `unfinished` unfinished runs, then measures
+    /// `list --unfinished`, `resume --all` and `list --limit 100` on it (issue 19); prints one JSON
+    /// line. Run by `scripts/bench-history`.
+    History {
+        /// Finished runs written directly.
+        #[arg(long)]
+        retained: usize,
+        /// Unfinished runs (drivers that died), the last one the newest.
+        #[arg(long)]
+        unfinished: usize,
+        /// The emulator's endpoint.
+        #[arg(long)]
+        endpoint: String,
+    },
     /// Writes the Markdown report from the JSON lines of `measure`.
     Report {
         /// The JSON lines.
@@ -116,6 +131,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Measure { world, system, endpoint, network, emulator_pid } => {
             let world: world::World = serde_json::from_str(&std::fs::read_to_string(&world)?)?;
             let figures = measure::run(&world, system, &endpoint, &network, emulator_pid).await?;
+            println!("{}", serde_json::to_string(&figures)?);
+        }
+        Command::History { retained, unfinished, endpoint } => {
+            let figures = history::run(&endpoint, retained, unfinished).await?;
             println!("{}", serde_json::to_string(&figures)?);
         }
         Command::Report { results, out, context } => {

@@ -523,10 +523,19 @@ impl RunStore for SimPorts {
             .map_err(StoreError::Corrupt)
     }
 
-    async fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
-        self.call("DynamoDB", "Query", false, |world| world.table.list_runs(unfinished_only, limit))
+    async fn list_runs(
+        &self,
+        unfinished_only: bool,
+        limit: usize,
+    ) -> Result<post_provision::ports::RunListing, StoreError> {
+        // The simulated table lists exactly (no index, no read bound): `more` is all it can say.
+        let records = self
+            .call("DynamoDB", "Query", false, |world| world.table.list_runs(unfinished_only, limit.saturating_add(1)))
             .await?
-            .map_err(StoreError::Corrupt)
+            .map_err(StoreError::Corrupt)?;
+        let more = records.len() > limit;
+        let records: Vec<RunRecord> = records.into_iter().take(limit).collect();
+        Ok(post_provision::ports::RunListing { items_read: records.len() as u64, records, more, ..Default::default() })
     }
 
     async fn load_resource_class_config(&self) -> Result<Option<ResourceClassConfig>, StoreError> {

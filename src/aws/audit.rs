@@ -80,7 +80,9 @@ impl AwsPorts {
             .table_name(&self.table)
             .key_condition_expression("PK = :pk")
             .expression_attribute_values(":pk", AttributeValue::S("TYPE#INSTANCE".into()))
-            .projection_expression("SK, #state, #runId, #threshold, resourceClass, instanceType, usageClass, updatedAt")
+            .projection_expression(
+                "SK, #state, #runId, #threshold, resourceClass, instanceType, usageClass, updatedAt, releasedBy",
+            )
             .expression_attribute_names("#state", "state")
             .expression_attribute_names("#runId", "runId")
             .expression_attribute_names("#threshold", "threshold")
@@ -100,6 +102,7 @@ impl AwsPorts {
                     instance_type: text(item, "instanceType"),
                     usage_class: text(item, "usageClass"),
                     updated_at: text(item, "updatedAt"),
+                    released_by: text(item, "releasedBy"),
                 });
             }
             if records.len() > MAX_AUDITED_ITEMS {

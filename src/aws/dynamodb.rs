@@ -13,7 +13,7 @@ use super::AwsPorts;
 use crate::core::{
     InstanceDeletion, InstanceState, InstanceTransition, ObservedRecord, ThresholdCondition, WriteResult,
 };
-use crate::ports::{AwsError, CreateOutcome, ErrorClass, Fence, InstanceStore, RunStore, StoreError};
+use crate::ports::{AwsError, CreateOutcome, ErrorClass, Fence, InstanceStore, RunListing, RunStore, StoreError};
 use crate::record::{self, RunRecord};
 use crate::spec::ResourceClassConfig;
 use crate::timestamp::Timestamp;
@@ -76,13 +76,23 @@ fn record_item(record: &RunRecord) -> Result<Item, StoreError> {
     item.extend(key("RUN", &identifier));
     item.insert("entityType".into(), s("RUN"));
     item.insert("identifier".into(), s(identifier));
+    // Every write carries the run index's keys, so the write that finishes a run also moves it
+    // out of the index's unfinished partition (see `history.rs`).
+    item.extend(super::history::index_attributes(record));
     Ok(item)
 }
 
-fn record_from_item(item: &Item) -> Result<RunRecord, StoreError> {
+/// The item a run record is stored as, with its key and run-index attributes: for tests and
+/// the benchmark, which seed run records directly.
+pub fn run_record_item(record: &RunRecord) -> Result<Item, StoreError> {
+    record_item(record)
+}
+
+pub(super) fn record_from_item(item: &Item) -> Result<RunRecord, StoreError> {
     let object: serde_json::Map<String, serde_json::Value> = item
         .iter()
         .filter(|(name, _)| !matches!(name.as_str(), "PK" | "SK" | "entityType" | "identifier"))
+        .filter(|(name, _)| !super::history::is_index_attribute(name))
         .map(|(name, value)| (name.clone(), from_attribute(value)))
         .collect();
     record::from_json_value(serde_json::Value::Object(object)).map_err(StoreError::Corrupt)
@@ -283,20 +293,38 @@ impl AwsPorts {
         values.insert(":newRunId".to_string(), s(transition.new_run_id.clone()));
         values.insert(":newThreshold".to_string(), s(transition.new_threshold.to_string()));
         values.insert(":now".to_string(), s(now.to_string()));
+        let mut names = instance_attribute_names();
+        let mut update_expression =
+            "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now".to_string();
+        if let Some(releaser) = releasing_run(transition) {
+            // The audit's evidence that this run, not the pool, released the instance: an
+            // attribute of this engine's own, which the pool's writers leave alone.
+            names.insert("#releasedBy".to_string(), RELEASED_BY.to_string());
+            values.insert(":releasedBy".to_string(), s(releaser));
+            update_expression.push_str(", #releasedBy = :releasedBy");
+        }
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(key("INSTANCE", &transition.instance_id)))
-            .update_expression(
-                "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now",
-            )
+            .update_expression(update_expression)
             .condition_expression(condition)
-            .set_expression_attribute_names(Some(instance_attribute_names()))
+            .set_expression_attribute_names(Some(names))
             .set_expression_attribute_values(Some(values))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .map_err(|error| build_error("TransactWriteItems", error))?;
         Ok(TransactWriteItem::builder().update(update).build())
     }
+}
+
+/// The instance-record attribute naming the run whose rollback returned the instance to the pool.
+const RELEASED_BY: &str = "releasedBy";
+
+/// The run a transition returns an instance to the pool for (`idle`, owner `""`): the owner of
+/// its first expectation, which is always the run's own hold on the record.
+fn releasing_run(transition: &InstanceTransition) -> Option<&str> {
+    let releases = transition.new_state == InstanceState::Idle && transition.new_run_id.is_empty();
+    releases.then(|| transition.expected.first().map(|e| e.run_id.as_str())).flatten().filter(|id| !id.is_empty())
 }
 
 fn instance_attribute_names() -> HashMap<String, String> {
@@ -549,45 +577,8 @@ impl RunStore for AwsPorts {
         Ok(text)
     }
 
-    async fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
-        let mut query = self
-            .dynamodb
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("PK = :pk")
-            .expression_attribute_values(":pk", s("TYPE#RUN"));
-        if unfinished_only {
-            // Filtered by DynamoDB: finished records are read but not sent back.
-            query = query
-                .filter_expression("NOT (#state IN (:done, :failed))")
-                .expression_attribute_names("#state", "state")
-                .expression_attribute_values(":done", s("Done"))
-                .expression_attribute_values(":failed", s("Failed"));
-        }
-        let mut pages = query.into_paginator().send();
-        let mut records: Vec<RunRecord> = Vec::new();
-        let mut read = 0usize;
-        let newest_first =
-            |a: &RunRecord, b: &RunRecord| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id));
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|error| from_sdk(SERVICE, "Query", error))?;
-            read += page.scanned_count() as usize;
-            for item in page.items() {
-                records.push(record_from_item(item)?);
-            }
-            // Keep memory bounded by the limit, not by the table: only the newest can be shown.
-            if records.len() > limit.saturating_mul(2).max(1_000) {
-                records.sort_by(newest_first);
-                records.truncate(limit);
-            }
-            if read >= crate::record::MAX_LISTED_RUNS {
-                tracing::warn!(read, "stopped listing runs at the bound; older runs are not shown");
-                break;
-            }
-        }
-        records.sort_by(newest_first);
-        records.truncate(limit);
-        Ok(records)
+    async fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<RunListing, StoreError> {
+        self.list_run_history(unfinished_only, limit).await
     }
 
     async fn load_resource_class_config(&self) -> Result<Option<ResourceClassConfig>, StoreError> {
@@ -648,13 +639,19 @@ pub async fn ensure_table(client: &Client, table: &str) -> Result<TableCheck, St
             let key_element = |name: &str, key_type| {
                 KeySchemaElement::builder().attribute_name(name).key_type(key_type).build().expect("key schema")
             };
+            // A new table gets the run index at once (`history.rs`); an existing one gets it
+            // from `ensure_run_index`.
+            let (index, [index_pk, index_sk]) = super::history::index_for_new_table();
             client
                 .create_table()
                 .table_name(table)
                 .attribute_definitions(attribute("PK"))
                 .attribute_definitions(attribute("SK"))
+                .attribute_definitions(index_pk)
+                .attribute_definitions(index_sk)
                 .key_schema(key_element("PK", KeyType::Hash))
                 .key_schema(key_element("SK", KeyType::Range))
+                .global_secondary_indexes(index)
                 .billing_mode(BillingMode::PayPerRequest)
                 .send()
                 .await

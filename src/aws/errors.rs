@@ -21,6 +21,8 @@ pub fn classify_code(code: &str, status: Option<u16>) -> ErrorClass {
         | "RequestThrottled"
         | "RequestThrottledException"
         | "ProvisionedThroughputExceededException"
+        // The same, as a transaction's cancellation reason names it per item.
+        | "ProvisionedThroughputExceeded"
         | "TooManyRequestsException"
         | "TransactionConflict"
         | "TransactionConflictException"

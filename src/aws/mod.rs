@@ -5,11 +5,13 @@ mod audit;
 mod dynamodb;
 mod ec2;
 mod errors;
+mod history;
 mod metrics;
 mod sqs;
 
 pub use audit::{InstanceFilter, MAX_AUDITED_ITEMS};
 pub use errors::classify_code;
+pub use history::{ensure_run_index, RunIndexCheck, RUN_INDEX_NAME};
 pub use metrics::RequestCounter;
 
 use aws_config::retry::RetryConfig;
@@ -161,4 +163,4 @@ impl AwsPorts {
     }
 }
 
-pub use dynamodb::{ensure_table, ensure_ttl, TableCheck, TtlCheck, TTL_ATTRIBUTE};
+pub use dynamodb::{ensure_table, ensure_ttl, run_record_item, TableCheck, TtlCheck, TTL_ATTRIBUTE};

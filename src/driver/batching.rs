@@ -175,8 +175,8 @@ struct Kind<T> {
 
 /// A batch's re-send rounds and their budgets.
 #[derive(Default)]
-struct Rounds {
-    round: u32,
+pub(super) struct Rounds {
+    pub(super) round: u32,
     conflict_rounds: u32,
     throttled_since: Option<tokio::time::Instant>,
     /// The last round was cancelled for load or conflicts (not merely because some items failed
@@ -186,7 +186,7 @@ struct Rounds {
 
 impl Rounds {
     /// Throttled again: `Err` once the throttle budget, counted from the first throttling, is spent.
-    fn throttled(&mut self, budget: std::time::Duration) -> Result<(), ()> {
+    pub(super) fn throttled(&mut self, budget: std::time::Duration) -> Result<(), ()> {
         self.contended = true;
         let since = *self.throttled_since.get_or_insert_with(tokio::time::Instant::now);
         if since.elapsed() >= budget {

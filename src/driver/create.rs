@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use super::drive::Start;
 use super::*;
@@ -227,7 +227,7 @@ impl<P: Ports> Driver<P> {
         now: Timestamp,
         spec_digest: &str,
     ) -> Result<Created, DriveError> {
-        let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
+        let created = self.create_within_throttle_budget(record, chunks, ttl, transitions, now).await?;
         match created {
             Ok(CreateOutcome::Created) => Ok(Created::Landed(record.clone())),
             Ok(CreateOutcome::Exists(existing)) => {
@@ -250,12 +250,53 @@ impl<P: Ports> Driver<P> {
                         Ok(Created::Landed(existing))
                     }
                     Ok(Some(existing)) => Ok(Created::Other(Box::pin(self.rejoin(existing, spec_digest)).await)),
+                    // Throttling outlasted the budget: the run stops with nothing written, and
+                    // does not try the staged path under the same load.
+                    Ok(None) if aws.class == ErrorClass::Throttling => Err(DriveError::NotStarted(aws)),
                     Ok(None) if !transitions.is_empty() => Ok(Created::Refused(Vec::new())),
                     Ok(None) => Err(DriveError::NotStarted(aws)),
                     Err(check) => Err(DriveError::Uncertain { run_id: record.display_name(), error: aws, check }),
                 }
             }
             Err(other) => Err(not_started(other)),
+        }
+    }
+
+    /// Sends the creating transaction again, with backoff, while DynamoDB throttles it (the whole
+    /// request, or only items of it), for as long as the throttle budget lasts: like every other
+    /// write of a run. A throttled transaction writes nothing, so sending it again is safe. Past
+    /// the budget the last throttle comes back as a retryable `Aws` error (made up for throttled
+    /// items), which `create` reads back and reports as `NotStarted` (exit 3).
+    async fn create_within_throttle_budget(
+        &self,
+        record: &RunRecord,
+        chunks: &[String],
+        ttl: i64,
+        transitions: &[InstanceTransition],
+        now: Timestamp,
+    ) -> Result<Result<CreateOutcome, StoreError>, DriveError> {
+        let mut rounds = super::batching::Rounds::default();
+        loop {
+            let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
+            if !create_throttled(&created) {
+                return Ok(created);
+            }
+            if rounds.throttled(self.limits.throttle_budget).is_err() {
+                let message = format!(
+                    "creating the run record was still throttled after {} s (the throttle budget)",
+                    self.limits.throttle_budget.as_secs()
+                );
+                return Ok(Err(StoreError::Aws(AwsError {
+                    service: "DynamoDB",
+                    operation: "TransactWriteItems",
+                    code: Some("ThrottlingError".into()),
+                    message,
+                    class: ErrorClass::Throttling,
+                })));
+            }
+            rounds.round += 1;
+            warn!(round = rounds.round, "the creating transaction was throttled; sending it again within the throttle budget");
+            tokio::time::sleep(self.backoff(rounds.round)).await;
         }
     }
 
@@ -346,5 +387,18 @@ pub(super) fn set_entry_thresholds(record: &mut RunRecord, spec: &Spec, now: Tim
             record.idle_threshold = Some(now.plus_secs(spec.idle_time_sec));
         }
         _ => {}
+    }
+}
+
+/// Whether a create was throttled as a whole, or only in items (none refused): the same
+/// transaction may land later.
+fn create_throttled(created: &Result<CreateOutcome, StoreError>) -> bool {
+    match created {
+        Err(StoreError::Aws(aws)) => aws.class == ErrorClass::Throttling,
+        Ok(CreateOutcome::EffectsRefused(results)) => {
+            results.contains(&core::WriteResult::Throttled)
+                && results.iter().all(|r| matches!(r, core::WriteResult::Throttled | core::WriteResult::Cancelled))
+        }
+        _ => false,
     }
 }

@@ -149,7 +149,7 @@ impl<P: RunStore> RunStore for Hooked<P> {
     async fn load_spec(&self, run_id: &str, digest: &str, chunks: u32) -> Result<String, StoreError> {
         self.read(self.inner.load_spec(run_id, digest, chunks)).await
     }
-    async fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+    async fn list_runs(&self, unfinished_only: bool, limit: usize) -> Result<crate::ports::RunListing, StoreError> {
         self.read(self.inner.list_runs(unfinished_only, limit)).await
     }
     async fn load_resource_class_config(&self) -> Result<Option<ResourceClassConfig>, StoreError> {

@@ -9,6 +9,9 @@ pub const ROLLED_BACK: i32 = 1;
 pub const CLEANED_UP: i32 = 2;
 /// Not finished, resumable.
 pub const RESUMABLE: i32 = 3;
+/// A listing was cut (`list --unfinished`, `resume --all`): unfinished runs may not have been
+/// shown or resumed.
+pub const CUT: i32 = 4;
 /// Bad usage.
 pub const USAGE: i32 = 64;
 /// Invalid spec, or a spec for another run than the job's.

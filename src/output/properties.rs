@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 use super::escape::{self, is_workflow_command, runner_lines};
 use super::results::{ErrorBody, ErrorKind, ErrorReport, InitResult, ListRow, ResumeAllEntry, RunReport};
-use super::results::{TableResult, TtlResult, ValidateResult};
+use super::results::{RunIndexResult, TableResult, TtlResult, ValidateResult};
 use super::{annotations, github, json, summary, text};
 use crate::audit::{AuditEntry, AuditFinding, AuditReport, FindingKind, Repair, RepairOutcome, Snapshot};
 use crate::driver::{OutcomeKind, RunOutcome, TraceEvent};
@@ -191,7 +191,7 @@ proptest! {
         assert_json(&entries);
         let init = InitResult {
             table: text.clone(), result: TableResult::Ok, ttl: TtlResult::OtherAttribute,
-            other_ttl_attribute: Some(text.clone()),
+            other_ttl_attribute: Some(text.clone()), run_index: RunIndexResult::Created, run_index_backfilled: 3,
         };
         assert_no_command("init", &text::init(&init));
         assert_json(&init);

@@ -237,6 +237,8 @@ pub enum ErrorKind {
     Crashed,
     /// An answer was lost: the run may have started.
     Uncertain,
+    /// The run's first write was throttled past the throttle budget: nothing was written.
+    Throttled,
     /// The table does not exist.
     MissingTable,
     /// AWS unavailable before anything was written.
@@ -263,6 +265,7 @@ impl ErrorKind {
             ErrorKind::Stalled => "stalled",
             ErrorKind::Crashed => "crashed",
             ErrorKind::Uncertain => "uncertain",
+            ErrorKind::Throttled => "throttled",
             ErrorKind::MissingTable => "missing-table",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
@@ -378,6 +381,20 @@ pub struct InitResult {
     /// The attribute TTL is enabled on, when it is not `ttl` (not printed in JSON).
     #[serde(skip)]
     pub other_ttl_attribute: Option<String>,
+    /// The run index `post-provision-runs`: created now, or it existed (see docs/schema.md).
+    pub run_index: RunIndexResult,
+    /// Run records written before the run index that init gave their index attributes.
+    pub run_index_backfilled: u64,
+}
+
+/// The run index `init` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunIndexResult {
+    /// Created now.
+    Created,
+    /// There before.
+    Exists,
 }
 
 /// The table `init` found.

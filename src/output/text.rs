@@ -5,7 +5,9 @@
 //! once more as it prints it.
 
 use super::escape::plain;
-use super::results::{InitResult, ListRow, ResumeAllEntry, RunReport, TableResult, TtlResult, ValidateResult};
+use super::results::{
+    InitResult, ListRow, ResumeAllEntry, RunIndexResult, RunReport, TableResult, TtlResult, ValidateResult,
+};
 use crate::audit::{AuditEntry, AuditReport, RepairOutcome};
 use crate::driver::OutcomeKind;
 
@@ -93,6 +95,11 @@ pub fn init(result: &InitResult) -> String {
         ),
         (ttl, _) => format!("TTL on attribute \"ttl\": {}\n", ttl.as_str()),
     });
+    text.push_str(&format!(
+        "run index post-provision-runs: {}; {} earlier run records indexed\n",
+        if result.run_index == RunIndexResult::Created { "created" } else { "exists" },
+        result.run_index_backfilled
+    ));
     text
 }
 

@@ -64,6 +64,22 @@ async fn put_finished_rollback(world: &World, run_id: &str, idle_threshold: &str
         .expect("put run record");
 }
 
+/// The `releasedBy` a rollback writes with an instance it returns to the pool.
+async fn mark_released_by(world: &World, id: &str, run_id: &str) {
+    world
+        .clients
+        .dynamodb
+        .update_item()
+        .table_name(&world.table)
+        .key("PK", AttributeValue::S("TYPE#INSTANCE".into()))
+        .key("SK", AttributeValue::S(format!("ID#{id}")))
+        .update_expression("SET releasedBy = :run")
+        .expression_attribute_values(":run", AttributeValue::S(run_id.into()))
+        .send()
+        .await
+        .expect("mark released");
+}
+
 async fn send_pool_message(world: &World, class: &str, id: &str) {
     let body = serde_json::json!({"id": id, "resourceClass": class}).to_string();
     world.clients.sqs.send_message().queue_url(&world.queues[class]).message_body(body).send().await.expect("send");
@@ -129,6 +145,7 @@ async fn audit_names_each_stray_and_fix_repairs_them() {
     let quiet = launch(&world, "large").await;
     let idle_threshold = later.plus_secs(300);
     world.put_record(&quiet, "large", "idle", "", idle_threshold).await;
+    mark_released_by(&world, &quiet, "rolled-back").await;
     put_finished_rollback(&world, "rolled-back", &idle_threshold.to_string(), &["i-0000000000000000a"]).await;
     names.insert(quiet.clone(), "quiet");
     // unfinished-run: a real run whose driver died right after persisting its state.
@@ -372,4 +389,55 @@ async fn a_large_pool_is_audited_in_pages_within_the_request_bound() {
     let describe_pages = requests.get("EC2.DescribeInstances").copied().unwrap_or(0);
     assert!((1..=count.div_ceil(1_000).max(1) as u64).contains(&describe_pages), "{requests:?}");
     assert_eq!(requests.get("SQS.GetQueueAttributes").copied(), Some(2), "{requests:?}");
+}
+
+/// A busy, healthy pool: the pool's release returns an instance in the same second, with the
+/// same idle time, as a rollback returns its own. The records are alike but for the rollback's
+/// `releasedBy`: `audit` reports nothing, and `audit --fix` changes nothing.
+#[tokio::test]
+async fn a_release_and_a_rollback_in_the_same_second_audit_clean() {
+    let mut world = World::new("audit-same-second").await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[]).await;
+    let clock = TestClock::at(world.start);
+    // The pool's release, at the start second: running for another run, then idle with the
+    // idle time the spec carries (300 s), re-queued.
+    let released = launch(&world, "large").await;
+    world.put_record(&released, "large", "idle", "", world.start.plus_secs(300)).await;
+    send_pool_message(&world, "large", &released).await;
+    // The rollback, in the same second: its idle threshold is the same start + 300 s.
+    let engine = world.engine(clock.clone(), Hooks::default()).await;
+    let outcome = engine.start(world.spec("failed", 1)).await.expect("rollback");
+    assert_eq!(outcome.kind, post_provision::OutcomeKind::RolledBack);
+    assert_eq!(outcome.record.idle_threshold, Some(world.start.plus_secs(300)));
+    let ours = world.record(&world.selected[0].id).await.expect("record");
+    let theirs = world.record(&released).await.expect("record");
+    for name in ["state", "runId", "threshold", "updatedAt"] {
+        assert_eq!(ours.get(name), theirs.get(name), "{name}: the two releases look alike");
+    }
+
+    clock.advance(60);
+    let ids = [world.selected[0].id.clone(), world.selected[1].id.clone(), released.clone()];
+    let mut before = Vec::new();
+    for id in &ids {
+        before.push(world.record(id).await);
+    }
+    let run_before = engine.status(&world.run_id).await.expect("status").expect("record");
+    let mut audit = engine.audit(&options(&world)).await.expect("audit");
+    let findings: Vec<_> = audit.report.findings.iter().filter(|e| !e.finding.is_hint()).collect();
+    assert!(findings.is_empty(), "{:#?}", audit.report);
+    assert_eq!(audit.report.exit_code(), 0);
+    engine.audit_fix(&mut audit).await;
+    assert_eq!(audit.report.exit_code(), 0);
+    let mut after = Vec::new();
+    for id in &ids {
+        after.push(world.record(id).await);
+    }
+    assert_eq!(after, before, "--fix changed no record");
+    assert_eq!(engine.status(&world.run_id).await.expect("status").expect("record"), run_before);
+    // No pool message was sent again: each instance has the one its releaser sent.
+    let queued: Vec<String> = world.queue_contents().await.into_values().flatten().collect();
+    assert_eq!(queued.len(), 3, "{queued:?}");
+    for name in ["sel0|", "sel1|", &format!("{released}|")] {
+        assert_eq!(queued.iter().filter(|entry| entry.starts_with(name)).count(), 1, "{name}: {queued:?}");
+    }
 }

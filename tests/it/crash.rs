@@ -222,9 +222,9 @@ async fn resume_all_finishes_runs_whose_driver_is_gone() {
     assert!(matches!(crashing_again.start(guest.spec("success", 0)).await, Err(DriveError::Crashed { .. })));
     let sweeper = host.engine(clock.clone(), Hooks::default()).await;
     // While the dead drivers' leases last, nothing is taken over.
-    assert!(sweeper.resume_all(100).await.expect("resume all").is_empty());
+    assert!(sweeper.resume_all(100).await.expect("resume all").results.is_empty());
     clock.advance(test_limits().lease_secs + 1);
-    let results = sweeper.resume_all(100).await.expect("resume all");
+    let results = sweeper.resume_all(100).await.expect("resume all").results;
     let mut finished: Vec<(String, OutcomeKind)> =
         results.into_iter().map(|(run_id, result)| (run_id, result.expect("finished").kind)).collect();
     finished.sort();
@@ -232,8 +232,8 @@ async fn resume_all_finishes_runs_whose_driver_is_gone() {
         vec![(host.run_id.clone(), OutcomeKind::Committed), (guest.run_id.clone(), OutcomeKind::Committed)];
     expected.sort();
     assert_eq!(finished, expected);
-    assert!(sweeper.list(false, 100).await.expect("list").iter().all(|r| r.state.is_terminal()));
-    assert!(sweeper.list(true, 100).await.expect("list").is_empty());
+    assert!(sweeper.list(false, 100).await.expect("list").records.iter().all(|r| r.state.is_terminal()));
+    assert!(sweeper.list(true, 100).await.expect("list").records.is_empty());
 }
 
 /// A stage longer than the lease (a slow TransactWriteItems) does not let the lease lapse: the

@@ -155,6 +155,10 @@ impl World {
         let unique = &uuid::Uuid::new_v4().simple().to_string()[..10];
         let table = format!("pp-{name}-{unique}");
         ensure_table(&clients.dynamodb, &table).await.expect("create table");
+        // As `init` leaves a table: the run index built and marked ready.
+        post_provision::aws::ensure_run_index(&clients.dynamodb, &table, Timestamp::now_utc())
+            .await
+            .expect("run index");
         let mut queues = BTreeMap::new();
         for (class, _, _, _) in CLASSES {
             let url = clients

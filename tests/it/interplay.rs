@@ -107,6 +107,64 @@ async fn throttled_transaction_items_are_resent_and_the_run_commits() {
     assert_eq!(picture.matches("record running runId=\"RUN\" threshold=start+1800s; ec2 running").count(), 3);
 }
 
+/// DynamoDB throttles the items of the run's first transaction, the one that creates its
+/// record, for 4 s (well within the 20 s throttle budget). The create is sent again like every
+/// other write, and the run commits, on the one-transaction path and on the staged path.
+#[tokio::test]
+async fn a_create_throttled_for_four_seconds_is_resent_and_the_run_commits() {
+    let one_transaction = Limits { throttle_budget: Duration::from_secs(20), ..test_limits() };
+    for (path, limits) in [("one-transaction", one_transaction), ("staged", throttle_limits(Duration::from_secs(20)))] {
+        let proxy = FaultProxy::start(&[
+            "--rate",
+            "1",
+            "--only",
+            "DynamoDB.TransactWriteItems",
+            "--faults",
+            "txn_throttle",
+            "--window-ms",
+            "4000",
+        ]);
+        let mut world = World::new("createthrottle").await;
+        world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
+        let engine = world.engine_with(TestClock::at(world.start), Hooks::default(), limits, Some(proxy.url())).await;
+        let outcome = engine.start(world.spec("success", 1)).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(outcome.kind, OutcomeKind::Committed, "{path}: {:?}", outcome.record.error);
+        let throttled = faults(&proxy.stats().await, "DynamoDB.TransactWriteItems:txn_throttle");
+        assert!(throttled >= 2, "{path}: the create was throttled {throttled} times");
+        let picture = world.picture(world.start, false).await;
+        assert_eq!(picture.matches("record running runId=\"RUN\"").count(), 2, "{path}: {picture}");
+    }
+}
+
+/// Throttling of the creating transaction that outlasts the budget stops the run with exit 3
+/// and nothing written; the same `run` later commits.
+#[tokio::test]
+async fn a_create_throttled_past_the_budget_writes_nothing_and_exits_3() {
+    for (path, limits) in [
+        ("one-transaction", Limits { throttle_budget: Duration::from_millis(300), ..test_limits() }),
+        ("staged", throttle_limits(Duration::from_millis(300))),
+    ] {
+        let proxy =
+            FaultProxy::start(&["--rate", "1", "--only", "DynamoDB.TransactWriteItems", "--faults", "txn_throttle"]);
+        let mut world = World::new("createstall").await;
+        world.seed(&[Seed::claimed("small")], &[]).await;
+        let engine = world.engine_with(TestClock::at(world.start), Hooks::default(), limits, Some(proxy.url())).await;
+        let before = world.picture(world.start, false).await;
+        let spec = world.spec("success", 0);
+        match engine.start(spec.clone()).await {
+            Err(error @ DriveError::NotStarted(_)) => {
+                assert_eq!(classify_drive_error(&error).0, EXIT_RESUMABLE, "{path}: {error}");
+            }
+            other => panic!("{path}: expected nothing written, got {other:?}"),
+        }
+        assert!(engine.status(&spec.run_id).await.expect("status").is_none(), "{path}: no run record");
+        assert_eq!(world.picture(world.start, false).await, before, "{path}: nothing changed");
+        proxy.configure(serde_json::json!({"rate": 0})).await;
+        proxy.wait_idle().await;
+        assert_eq!(engine.start(spec).await.expect("run again").kind, OutcomeKind::Committed, "{path}");
+    }
+}
+
 /// Throttling that outlasts the throttle budget, per item or per request, stops the run
 /// resumable (exit 3) with its fleet intact, even under the default `--on-retries-exhausted
 /// clean-up`; a resume once the load is gone commits.

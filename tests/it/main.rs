@@ -11,6 +11,7 @@ mod crash;
 mod differential;
 mod faults;
 mod github;
+mod history;
 mod identity;
 mod interplay;
 mod paths;

@@ -27,6 +27,7 @@ fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
         ("dynamodb", "create_table") => &["dynamodb:CreateTable"],
         ("dynamodb", "describe_time_to_live") => &["dynamodb:DescribeTimeToLive"],
         ("dynamodb", "update_time_to_live") => &["dynamodb:UpdateTimeToLive"],
+        ("dynamodb", "update_table") => &["dynamodb:UpdateTable"],
         ("sqs", "send_message_batch") => &["sqs:SendMessage"],
         ("sqs", "get_queue_attributes") => &["sqs:GetQueueAttributes"],
         ("ec2", "terminate_instances") => &["ec2:TerminateInstances"],
@@ -63,8 +64,19 @@ fn operations_in_source() -> BTreeSet<(String, String)> {
 
 /// Operations only `post-provision init` calls: granted by docs/iam-policy-init.json, so the
 /// role that drives runs never holds CreateTable or UpdateTimeToLive.
-const INIT_ONLY: [&str; 5] =
-    ["describe_table", "create_table", "describe_time_to_live", "update_time_to_live", "wait_until_table_exists"];
+const INIT_ONLY: [&str; 6] = [
+    "describe_table",
+    "create_table",
+    "describe_time_to_live",
+    "update_time_to_live",
+    "wait_until_table_exists",
+    "update_table",
+];
+
+/// Item actions `init` needs besides: it gives run records written before the run index their
+/// index attributes (Query and UpdateItem of `TYPE#RUN`) and marks the index ready (PutItem of
+/// `TYPE#RUNINDEX`).
+const INIT_ITEM_ACTIONS: [&str; 3] = ["dynamodb:Query", "dynamodb:UpdateItem", "dynamodb:PutItem"];
 
 fn policy(policy_file: &str) -> serde_json::Value {
     let path = format!("{}/docs/{policy_file}", env!("CARGO_MANIFEST_DIR"));
@@ -95,6 +107,7 @@ fn the_iam_policies_grant_exactly_what_the_code_calls() {
         target.extend(actions.into_iter().map(String::from));
     }
     assert_eq!(granted("iam-policy.json"), runtime, "docs/iam-policy.json must grant exactly what driving runs needs");
+    init.extend(INIT_ITEM_ACTIONS.map(String::from));
     assert_eq!(granted("iam-policy-init.json"), init, "docs/iam-policy-init.json must grant exactly what init needs");
     assert!(
         granted("iam-policy.json").iter().chain(granted("iam-policy-init.json").iter()).all(|a| !a.contains('*')),
@@ -123,8 +136,11 @@ fn leading_keys(statement: &serde_json::Value) -> Option<BTreeSet<String>> {
 fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
     let set = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
     let writes = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#INSTANCE"]);
-    // `audit` reads the instance partition too (one paged Query of TYPE#INSTANCE).
-    let reads = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#METADATA", "TYPE#INSTANCE"]);
+    // `audit` reads the instance partition too (one paged Query of TYPE#INSTANCE); listings read
+    // the run index's readiness item (TYPE#RUNINDEX).
+    let reads = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#METADATA", "TYPE#INSTANCE", "TYPE#RUNINDEX"]);
+    // The run index is queried by its own partitions, on the index's own resource.
+    let index_partitions = set(&["RUN#UNFINISHED", "RUN#FINISHED"]);
     for (action, allowed) in [
         ("dynamodb:PutItem", &writes),
         ("dynamodb:ConditionCheckItem", &writes),
@@ -138,12 +154,17 @@ fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
         for statement in statements {
             let keys = leading_keys(&statement)
                 .unwrap_or_else(|| panic!("{action} is granted without a dynamodb:LeadingKeys condition: {statement}"));
-            assert_eq!(&keys, allowed, "{action}: {statement}");
+            let on_index = statement["Resource"].as_str().is_some_and(|r| r.ends_with("/index/post-provision-runs"));
+            if on_index {
+                assert_eq!((action, &keys), ("dynamodb:Query", &index_partitions), "{statement}");
+            } else {
+                assert_eq!(&keys, allowed, "{action}: {statement}");
+            }
         }
     }
     // The source names exactly these partitions (`key("RUN", …)`, `s("TYPE#RUN")`): a new one
     // needs a policy change.
-    let source = ["/src/aws/dynamodb.rs", "/src/aws/audit.rs"]
+    let source = ["/src/aws/dynamodb.rs", "/src/aws/audit.rs", "/src/aws/history.rs"]
         .iter()
         .map(|file| std::fs::read_to_string(format!("{}{file}", env!("CARGO_MANIFEST_DIR"))).expect("source"))
         .collect::<Vec<_>>()
