@@ -230,6 +230,12 @@ enum Command {
     },
     /// Create the pool table if it is missing; check an existing one's key schema.
     Init,
+    /// Print the least-privilege IAM policy of a role, for the pool tag in --pool-tag-key.
+    IamPolicy {
+        /// Whose policy: a workflow's `run`, the `sweeper` (resume --all), `audit`, or `init`.
+        #[arg(long, value_enum, default_value_t = crate::iam::Role::Run)]
+        role: crate::iam::Role,
+    },
     /// Find what no run will finish (orphan instances, ghost records, leaked creations, stale
     /// claims, unannounced idle instances, unfinished runs); repair them with --fix.
     #[command(after_help = AUDIT_EXIT_CODES_HELP)]
@@ -721,6 +727,15 @@ pub async fn run(args: Vec<String>) -> i32 {
         print!("{text}");
         return 0;
     }
+    if let Command::IamPolicy { role } = cli.command {
+        return match crate::iam::policy_text(role, &cli.pool_tag_key) {
+            Ok(text) => {
+                print!("{text}");
+                0
+            }
+            Err(problem) => printer.error(EXIT_USAGE, "usage", format!("invalid --pool-tag-key: {problem}"), None),
+        };
+    }
     // A run id argument is checked before any AWS client exists, like a spec's.
     let run_id_argument = match &cli.command {
         Command::Resume { run_id: Some(run_id), .. } | Command::Status { run_id, .. } => Some(run_id),
@@ -825,7 +840,9 @@ pub async fn run(args: Vec<String>) -> i32 {
         }
     };
     match cli.command {
-        Command::Table { .. } | Command::Validate { .. } => unreachable!("handled above"),
+        Command::Table { .. } | Command::Validate { .. } | Command::IamPolicy { .. } => {
+            unreachable!("handled above")
+        }
         Command::Run { .. } => {
             let spec = spec.expect("parsed above");
             let run_id = spec.run_id.clone();
