@@ -249,6 +249,12 @@ enum Command {
     },
     /// Create the pool table if it is missing; check an existing one's key schema.
     Init,
+    /// Print the least-privilege IAM policy of a role, for the pool tag in --pool-tag-key.
+    IamPolicy {
+        /// Whose policy: a workflow's `run`, the `sweeper` (resume --all), `audit`, or `init`.
+        #[arg(long, value_enum, default_value_t = crate::iam::Role::Run)]
+        role: crate::iam::Role,
+    },
     /// Find what no run will finish (orphan instances, ghost records, leaked creations, stale
     /// claims, unannounced idle instances, unfinished runs); repair them with --fix.
     #[command(after_help = AUDIT_EXIT_CODES_HELP)]
@@ -602,6 +608,9 @@ pub async fn run(args: Vec<String>) -> i32 {
     if let Command::Table { format } = cli.command {
         return table(format);
     }
+    if let Command::IamPolicy { role } = cli.command {
+        return iam_policy(&printer, role, &cli.pool_tag_key);
+    }
     let limits = match limits_of(&cli, &printer) {
         Ok(limits) => limits,
         Err(code) => return code,
@@ -610,7 +619,7 @@ pub async fn run(args: Vec<String>) -> i32 {
     let job = job.as_ref();
     let (rule, command) = (limits.queue_urls, &cli.command);
     let result = match command {
-        Command::Table { .. } => unreachable!("handled above"),
+        Command::Table { .. } | Command::IamPolicy { .. } => unreachable!("handled above"),
         Command::Validate { spec } => load_spec(&printer, spec, rule, job).map(|spec| validate(&printer, &spec)),
         Command::Run { spec } => match load_spec(&printer, spec, rule, job) {
             Ok(spec) => run_spec(&cli, limits, &printer, spec).await,
@@ -636,6 +645,17 @@ pub async fn run(args: Vec<String>) -> i32 {
         Command::Init => init(&cli, limits, &printer).await,
     };
     result.unwrap_or_else(|code| code)
+}
+
+/// `iam-policy`: the role's policy, for the pool tag key given. Needs no AWS.
+fn iam_policy(printer: &Printer, role: crate::iam::Role, pool_tag_key: &str) -> i32 {
+    match crate::iam::policy_text(role, pool_tag_key) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(problem) => printer.error(EXIT_USAGE, ErrorKind::Usage, format!("invalid --pool-tag-key: {problem}"), None),
+    }
 }
 
 /// clap's own errors (usage) and its help and version, which it renders itself. It quotes the

@@ -71,6 +71,7 @@ pub mod core;
 pub mod driver;
 #[cfg(feature = "aws")]
 pub mod engine;
+pub mod iam;
 pub mod machine;
 pub mod output;
 pub mod ports;

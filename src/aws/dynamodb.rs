@@ -29,34 +29,10 @@ fn key(entity: &str, identifier: &str) -> Item {
     HashMap::from([("PK".to_string(), s(format!("TYPE#{entity}"))), ("SK".to_string(), s(format!("ID#{identifier}")))])
 }
 
-/// JSON to a DynamoDB attribute, natively (maps stay maps), so records read well in the console.
-fn to_attribute(value: &serde_json::Value) -> AttributeValue {
-    match value {
-        serde_json::Value::Null => AttributeValue::Null(true),
-        serde_json::Value::Bool(flag) => AttributeValue::Bool(*flag),
-        serde_json::Value::Number(number) => AttributeValue::N(number.to_string()),
-        serde_json::Value::String(text) => s(text.clone()),
-        serde_json::Value::Array(items) => AttributeValue::L(items.iter().map(to_attribute).collect()),
-        serde_json::Value::Object(map) => {
-            AttributeValue::M(map.iter().map(|(k, v)| (k.clone(), to_attribute(v))).collect())
-        }
-    }
-}
-
-fn from_attribute(value: &AttributeValue) -> serde_json::Value {
-    match value {
-        AttributeValue::S(text) => serde_json::Value::String(text.clone()),
-        AttributeValue::N(number) => serde_json::from_str(number).unwrap_or(serde_json::Value::String(number.clone())),
-        AttributeValue::Bool(flag) => serde_json::Value::Bool(*flag),
-        AttributeValue::L(items) => serde_json::Value::Array(items.iter().map(from_attribute).collect()),
-        AttributeValue::M(map) => {
-            serde_json::Value::Object(map.iter().map(|(k, v)| (k.clone(), from_attribute(v))).collect())
-        }
-        AttributeValue::Ss(items) => {
-            serde_json::Value::Array(items.iter().cloned().map(serde_json::Value::String).collect())
-        }
-        _ => serde_json::Value::Null,
-    }
+/// A DynamoDB attribute as JSON (`serde_dynamo`: numbers stay numbers, maps stay maps), for the
+/// pool's metadata items, which other phases write.
+fn json_from_attribute(value: &AttributeValue) -> Result<serde_json::Value, serde_dynamo::Error> {
+    serde_dynamo::aws_sdk_dynamodb_1::from_attribute_value(value.clone())
 }
 
 /// The identifier of a spec chunk item: the run, the spec's digest (so two different specs
@@ -65,13 +41,13 @@ fn spec_chunk_identifier(run_id: &str, digest: &str, index: usize) -> String {
     format!("{run_id}#{}#{index}", &digest[..16])
 }
 
+/// A run record as its item: the record's fields as native attributes (`serde_dynamo`: maps
+/// stay maps, numbers `N`, `None` fields left out as the record's serde attributes say), so
+/// records read well in the console, plus the data model's key and common attributes.
 fn record_item(record: &RunRecord) -> Result<Item, StoreError> {
     record::check_size(record).map_err(StoreError::TooLarge)?;
-    let value = serde_json::to_value(record).expect("a run record always serializes");
-    let mut item: Item = match to_attribute(&value) {
-        AttributeValue::M(map) => map,
-        _ => unreachable!("a run record serializes to an object"),
-    };
+    let mut item: Item =
+        serde_dynamo::aws_sdk_dynamodb_1::to_item(record).expect("a run record always converts to an item");
     let identifier = record.identifier();
     item.extend(key("RUN", &identifier));
     item.insert("entityType".into(), s("RUN"));
@@ -88,14 +64,18 @@ pub fn run_record_item(record: &RunRecord) -> Result<Item, StoreError> {
     record_item(record)
 }
 
+/// Reads a run record from its item through its JSON form, which `record::from_json_value`
+/// checks for the schema version first.
 pub(super) fn record_from_item(item: &Item) -> Result<RunRecord, StoreError> {
-    let object: serde_json::Map<String, serde_json::Value> = item
+    let fields: Item = item
         .iter()
         .filter(|(name, _)| !matches!(name.as_str(), "PK" | "SK" | "entityType" | "identifier"))
         .filter(|(name, _)| !super::history::is_index_attribute(name))
-        .map(|(name, value)| (name.clone(), from_attribute(value)))
+        .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
-    record::from_json_value(serde_json::Value::Object(object)).map_err(StoreError::Corrupt)
+    let value: serde_json::Value = serde_dynamo::aws_sdk_dynamodb_1::from_item(fields)
+        .map_err(|error| StoreError::Corrupt(format!("run record is not readable: {error}")))?;
+    record::from_json_value(value).map_err(StoreError::Corrupt)
 }
 
 fn observed(item: Option<&Item>) -> Option<ObservedRecord> {
@@ -593,9 +573,11 @@ impl RunStore for AwsPorts {
         let Some(value) = output.item().and_then(|item| item.get("value")) else {
             return Ok(None);
         };
-        serde_json::from_value(from_attribute(value))
-            .map(Some)
-            .map_err(|error| StoreError::Corrupt(format!("TYPE#METADATA ID#resource_class_config: {error}")))
+        let corrupt = |error: &dyn std::fmt::Display| {
+            StoreError::Corrupt(format!("TYPE#METADATA ID#resource_class_config: {error}"))
+        };
+        let value = json_from_attribute(value).map_err(|error| corrupt(&error))?;
+        serde_json::from_value(value).map(Some).map_err(|error| corrupt(&error))
     }
 }
 
@@ -727,9 +709,75 @@ impl AwsPorts {
 mod tests {
     use super::*;
 
+    fn record() -> RunRecord {
+        let text = r#"{"schemaVersion": 2, "runId": "r1", "runAttempt": 2, "version": 3, "state": "RollingBack",
+            "specDigest": "ab", "specChunks": 1, "instanceCount": 2, "createdAt": "2025-06-01T10:00:00Z",
+            "updatedAt": "2025-06-01T10:00:01Z",
+            "history": [{"state": "Reconciling", "at": "2025-06-01T10:00:00Z", "reason": "start"}],
+            "idleThreshold": "2025-06-01T11:00:00Z", "queueUrls": {"small": "https://q/small"},
+            "messagesSent": [], "lease": {"owner": "o", "expiresAt": "2025-06-01T10:01:00Z"}, "ttl": 1750000000}"#;
+        record::from_json_value(serde_json::from_str(text).unwrap()).unwrap()
+    }
+
+    /// The item layout of docs/schema.md, attribute by attribute and type by type: what the
+    /// hand-written conversion wrote before `serde_dynamo`, and what stored records hold.
     #[test]
-    fn json_and_attributes_round_trip() {
-        let value = serde_json::json!({"a": [1, "x", true, null], "b": {"c": 2.5}, "d": ""});
-        assert_eq!(from_attribute(&to_attribute(&value)), value);
+    fn a_run_record_item_keeps_its_layout() {
+        let item = record_item(&record()).unwrap();
+        let n = |text: &str| AttributeValue::N(text.into());
+        assert_eq!(item["PK"], s("TYPE#RUN"));
+        assert_eq!(item["SK"], s("ID#r1#2"));
+        assert_eq!(item["entityType"], s("RUN"));
+        assert_eq!(item["identifier"], s("r1#2"));
+        assert_eq!(item["schemaVersion"], n("2"));
+        assert_eq!(item["runAttempt"], n("2"));
+        assert_eq!(item["version"], n("3"));
+        assert_eq!(item["ttl"], n("1750000000"));
+        assert_eq!(item["state"], s("RollingBack"));
+        assert_eq!(item["createdAt"], s("2025-06-01T10:00:00Z"));
+        assert_eq!(item["messagesSent"], AttributeValue::L(vec![]));
+        assert_eq!(
+            item["history"],
+            AttributeValue::L(vec![AttributeValue::M(HashMap::from([
+                ("state".to_string(), s("Reconciling")),
+                ("at".to_string(), s("2025-06-01T10:00:00Z")),
+                ("reason".to_string(), s("start")),
+            ]))])
+        );
+        assert_eq!(item["queueUrls"], AttributeValue::M(HashMap::from([("small".to_string(), s("https://q/small"))])));
+        assert_eq!(
+            item["lease"],
+            AttributeValue::M(HashMap::from([
+                ("owner".to_string(), s("o")),
+                ("expiresAt".to_string(), s("2025-06-01T10:01:00Z")),
+            ]))
+        );
+        // Fields the record leaves out when empty stay out of the item.
+        for absent in ["commitThreshold", "error", "refusedAtCreate"] {
+            assert!(!item.contains_key(absent), "{absent}");
+        }
+        // The fence's epoch (version 2 reads as 0), and the run index's keys.
+        assert_eq!(item["fencingEpoch"], n("0"));
+        assert_eq!(item["runIndexPK"], s("RUN#UNFINISHED"));
+        assert_eq!(item["runIndexSK"], s("2025-06-01T10:00:00Z#r1#2"));
+        assert_eq!(item.len(), 23, "{:?}", item.keys().collect::<Vec<_>>());
+        assert_eq!(record_from_item(&item).unwrap(), record());
+    }
+
+    #[test]
+    fn metadata_attributes_read_as_json() {
+        let value = AttributeValue::M(HashMap::from([(
+            "small".to_string(),
+            AttributeValue::M(HashMap::from([
+                ("cpu".to_string(), AttributeValue::N("2".into())),
+                ("mmem".to_string(), AttributeValue::N("4096".into())),
+                ("queueUrl".to_string(), s("https://q")),
+                ("flags".to_string(), AttributeValue::L(vec![AttributeValue::Bool(true), AttributeValue::Null(true)])),
+            ])),
+        )]));
+        assert_eq!(
+            json_from_attribute(&value).unwrap(),
+            serde_json::json!({"small": {"cpu": 2, "mmem": 4096, "queueUrl": "https://q", "flags": [true, null]}})
+        );
     }
 }

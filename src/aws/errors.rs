@@ -1,46 +1,48 @@
 //! Turning SDK errors into [`AwsError`]s, keeping the service's code and deciding its class.
 
+use aws_runtime::retries::classifiers::{THROTTLING_ERRORS, TRANSIENT_ERRORS};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use crate::ports::{AwsError, ErrorClass};
 
+/// Throttling codes the SDK's list ([`THROTTLING_ERRORS`]) does not hold: DynamoDB's
+/// transaction cancellation reasons (`ThrottlingError`, and the conflicts, which are load on an
+/// item rather than an error), and codes some services send with another suffix.
+const MORE_THROTTLING_ERRORS: &[&str] = &[
+    "ThrottlingError",
+    // `ProvisionedThroughputExceededException` as a cancellation reason names it per item.
+    "ProvisionedThroughputExceeded",
+    "TransactionConflict",
+    "TransactionConflictException",
+    "RequestLimitExceededException",
+];
+
+/// Transient codes the SDK's list ([`TRANSIENT_ERRORS`]) does not hold, because it classifies
+/// them by their HTTP status: a transaction's cancellation reason carries a code and no status.
+const MORE_TRANSIENT_ERRORS: &[&str] = &[
+    "InternalServerError",
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "Unavailable",
+];
+
 /// The class of an AWS error code (and HTTP status, when there is one). Pure; unit-tested.
 ///
-/// The throttling codes include every code the SDK's own retry classifier treats as throttling
-/// (`aws_runtime::retries::classifiers::THROTTLING_ERRORS`), so that what the SDK retried is never
-/// taken for a final error once its retries are spent.
+/// Throttling and transient codes come from the SDK's own retry classifier
+/// (`aws_runtime::retries::classifiers`), so that what the SDK retried is never taken for a
+/// final error once its retries are spent, plus the few it decides by status instead.
 pub fn classify_code(code: &str, status: Option<u16>) -> ErrorClass {
+    if THROTTLING_ERRORS.contains(&code) || MORE_THROTTLING_ERRORS.contains(&code) {
+        return ErrorClass::Throttling;
+    }
+    if TRANSIENT_ERRORS.contains(&code) || MORE_TRANSIENT_ERRORS.contains(&code) {
+        return ErrorClass::Transient;
+    }
     match code {
-        "ThrottlingException"
-        | "Throttling"
-        | "ThrottlingError"
-        | "ThrottledException"
-        | "RequestLimitExceeded"
-        | "RequestThrottled"
-        | "RequestThrottledException"
-        | "ProvisionedThroughputExceededException"
-        // The same, as a transaction's cancellation reason names it per item.
-        | "ProvisionedThroughputExceeded"
-        | "TooManyRequestsException"
-        | "TransactionConflict"
-        | "TransactionConflictException"
-        | "TransactionInProgressException"
-        | "SlowDown"
-        | "PriorRequestNotComplete"
-        | "RequestLimitExceededException"
-        | "BandwidthLimitExceeded"
-        | "LimitExceededException"
-        | "EC2ThrottledException" => ErrorClass::Throttling,
-        "InternalServerError"
-        | "InternalError"
-        | "InternalFailure"
-        | "ServiceUnavailable"
-        | "ServiceUnavailableException"
-        | "Unavailable"
-        | "RequestTimeout"
-        | "RequestTimeoutException" => ErrorClass::Transient,
         "ConditionalCheckFailedException" | "ConditionalCheckFailed" => ErrorClass::ConditionFailed,
         "AccessDenied"
         | "AccessDeniedException"
@@ -249,9 +251,10 @@ mod tests {
     }
 
     #[test]
-    fn every_code_the_sdk_retries_as_throttling_is_throttling() {
-        // aws-runtime 1.x `retries::classifiers::THROTTLING_ERRORS`.
-        let sdk_throttling = [
+    fn every_code_the_sdk_retries_is_retryable_here() {
+        // The SDK's own lists, and the codes the hand-written copy held (aws-runtime 1.x): if a
+        // new SDK drops one of them, this fails, so the change of behaviour is seen.
+        let copied = [
             "Throttling",
             "ThrottlingException",
             "ThrottledException",
@@ -266,9 +269,18 @@ mod tests {
             "SlowDown",
             "PriorRequestNotComplete",
             "EC2ThrottledException",
+            "ThrottlingError",
+            "TransactionConflict",
+            "TransactionConflictException",
+            "RequestLimitExceededException",
+            "ProvisionedThroughputExceeded",
         ];
-        for code in sdk_throttling {
+        for code in THROTTLING_ERRORS.iter().chain(&copied) {
             assert_eq!(classify_code(code, Some(400)), ErrorClass::Throttling, "{code}");
+        }
+        let transient = ["InternalServerError", "InternalError", "InternalFailure", "ServiceUnavailable"];
+        for code in TRANSIENT_ERRORS.iter().chain(&transient).chain(&["Unavailable", "RequestTimeoutException"]) {
+            assert_eq!(classify_code(code, None), ErrorClass::Transient, "{code}");
         }
     }
 }

@@ -1,17 +1,29 @@
 //! `action.yml` run as the GitHub runner would run its composite steps, locally against moto:
 //! each `shell: bash` step's script under `bash --noprofile --norc -eo pipefail`, its `env`
-//! evaluated from the inputs and earlier steps' outputs, in a simulated GitHub environment
-//! (`GITHUB_OUTPUT` per step, `GITHUB_STEP_SUMMARY`, `GITHUB_RUN_ID`, `GITHUB_RUN_ATTEMPT`,
-//! `RUNNER_TEMP`). The `uses:` cache step is not run (it only caches the build). The binary is
-//! the test build's, given through the `binary` input.
+//! evaluated from the inputs and earlier steps' outputs, its `if` from their outcomes, in a
+//! simulated GitHub environment (`GITHUB_OUTPUT` per step, `GITHUB_STEP_SUMMARY`,
+//! `GITHUB_RUN_ID`, `GITHUB_RUN_ATTEMPT`, `RUNNER_TEMP`, `RUNNER_OS`, `RUNNER_ARCH`,
+//! `GITHUB_SERVER_URL`). A step whose environment the kernel refuses (over 128 KiB in one
+//! variable) fails without starting, as on a runner. The `uses:` cache step only runs when
+//! building from source, which no test here does. The binary is the test build's: given through
+//! the `binary` input, or served as a release asset by [`ReleaseServer`] on loopback.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::github::parse_github_file;
 use crate::harness::{Seed, World};
+
+/// The repository and ref the action is used at in these tests (`github.action_repository`,
+/// `github.action_ref`).
+const ACTION_REPOSITORY: &str = "pool-owner/post-provision";
+const ACTION_REF: &str = "v9.9.9";
 
 /// action.yml as JSON (PyYAML from the test virtualenv reads it).
 fn action() -> Value {
@@ -25,9 +37,74 @@ fn action() -> Value {
     serde_json::from_slice(&output.stdout).expect("action.yml as JSON")
 }
 
+/// A loopback HTTP server that serves a GitHub release's assets at
+/// `/<repository>/releases/download/<tag>/<file>`, as `GITHUB_SERVER_URL` would, and records
+/// the paths asked for.
+struct ReleaseServer {
+    url: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl ReleaseServer {
+    /// Serves `files` (name → bytes) as the assets of release [`ACTION_REF`]. The thread ends
+    /// with the test process.
+    fn start(files: BTreeMap<String, Vec<u8>>) -> ReleaseServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let prefix = format!("/{ACTION_REPOSITORY}/releases/download/{ACTION_REF}/");
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut head = String::new();
+                let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+                // The request line, then headers up to the blank line (bounded: 100 lines).
+                for _ in 0..100 {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                seen.lock().expect("lock").push(path.clone());
+                let body = path.strip_prefix(&prefix).and_then(|name| files.get(name));
+                let (status, body) = match body {
+                    Some(body) => ("200 OK", body.as_slice()),
+                    None => ("404 Not Found", b"not found".as_slice()),
+                };
+                let header =
+                    format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = stream.write_all(header.as_bytes()).and_then(|()| stream.write_all(body));
+            }
+        });
+        ReleaseServer { url, requests }
+    }
+
+    fn requested(&self) -> Vec<String> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+/// This machine's release asset name, as `scripts/release` names it.
+fn asset_name() -> String {
+    format!("post-provision-{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A release of the test build: the asset and a SHA256SUMS line for `checksum_of`'s bytes.
+fn release_files(asset: Vec<u8>, checksum_of: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    let sums = format!("{}  {}\n", sha256_hex(checksum_of), asset_name());
+    BTreeMap::from([(asset_name(), asset), ("SHA256SUMS".to_string(), sums.into_bytes())])
+}
+
 /// What one use of the action did.
 struct ActionRun {
-    /// The exit code of the step that failed, or 0.
+    /// The exit code of the first step that failed, or 0.
     code: i32,
     outputs: BTreeMap<String, String>,
     log: String,
@@ -50,6 +127,10 @@ fn evaluate(
             inputs.get(name).cloned().unwrap_or_else(|| panic!("unknown input {name}"))
         } else if expression == "github.action_path" {
             env!("CARGO_MANIFEST_DIR").to_string()
+        } else if expression == "github.action_ref" {
+            ACTION_REF.to_string()
+        } else if expression == "github.action_repository" {
+            ACTION_REPOSITORY.to_string()
         } else if let Some(path) = expression.strip_prefix("steps.") {
             let (step, output) = path.split_once(".outputs.").expect("steps.ID.outputs.NAME");
             steps.get(step).and_then(|o| o.get(output)).cloned().unwrap_or_default()
@@ -63,7 +144,50 @@ fn evaluate(
     out
 }
 
+/// Evaluates a step's `if`: terms joined by `&&`, each `failure()` or `NAME == 'v'` /
+/// `NAME != 'v'` with NAME an input, a step's output or a step's `outcome`. Without an `if`, a
+/// step runs only while no earlier step failed (the runner's `success()`).
+fn should_run(
+    condition: Option<&str>,
+    failed: bool,
+    inputs: &BTreeMap<String, String>,
+    steps: &BTreeMap<String, BTreeMap<String, String>>,
+) -> bool {
+    let Some(condition) = condition else { return !failed };
+    let body = condition.trim().strip_prefix("${{").and_then(|c| c.strip_suffix("}}")).unwrap_or(condition);
+    let mut checks_status = false;
+    let mut result = true;
+    for term in body.split("&&").map(str::trim) {
+        if term == "failure()" {
+            checks_status = true;
+            result &= failed;
+            continue;
+        }
+        let (name, expected, equal) = if let Some((name, value)) = term.split_once("==") {
+            (name.trim(), value.trim(), true)
+        } else if let Some((name, value)) = term.split_once("!=") {
+            (name.trim(), value.trim(), false)
+        } else {
+            panic!("action.yml uses a condition this test does not evaluate: {term}")
+        };
+        let expected = expected.trim_matches('\'');
+        let actual = match name.strip_suffix(".outcome").and_then(|n| n.strip_prefix("steps.")) {
+            Some(step) => steps.get(step).and_then(|o| o.get("\0outcome")).cloned().unwrap_or_default(),
+            None => evaluate(&format!("${{{{ {name} }}}}"), inputs, steps),
+        };
+        result &= (actual == expected) == equal;
+    }
+    // Like the runner: a condition without a status function means `success() && …`.
+    result && (checks_status || !failed)
+}
+
 fn use_action(world: &World, given: &[(&str, String)]) -> ActionRun {
+    let binary = crate::harness::cli_binary().display().to_string();
+    use_action_from(world, &[&[("binary", binary)], given].concat(), None)
+}
+
+/// Uses the action with `given` inputs; with `release`, `GITHUB_SERVER_URL` is that server.
+fn use_action_from(world: &World, given: &[(&str, String)], release: Option<&ReleaseServer>) -> ActionRun {
     let action = action();
     let mut inputs: BTreeMap<String, String> = action["inputs"]
         .as_object()
@@ -71,7 +195,6 @@ fn use_action(world: &World, given: &[(&str, String)]) -> ActionRun {
         .iter()
         .map(|(name, input)| (name.clone(), input["default"].as_str().unwrap_or_default().to_string()))
         .collect();
-    inputs.insert("binary".into(), crate::harness::cli_binary().display().to_string());
     for (name, value) in given {
         assert!(inputs.contains_key(*name), "no input {name}");
         inputs.insert(name.to_string(), value.clone());
@@ -79,16 +202,13 @@ fn use_action(world: &World, given: &[(&str, String)]) -> ActionRun {
     let dir = tempfile::tempdir().expect("runner temp");
     let summary = dir.path().join("summary");
     let mut steps: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let mut log = String::new();
-    let mut code = 0;
+    let (mut log, mut code) = (String::new(), 0);
     for (index, step) in action["runs"]["steps"].as_array().expect("steps").iter().enumerate() {
-        if step.get("uses").is_some() {
-            // Only the build cache, and only when no binary is given.
-            assert_eq!(step["if"], "${{ inputs.binary == '' }}", "{step}");
+        if !should_run(step["if"].as_str(), code != 0, &inputs, &steps) {
             continue;
         }
+        assert!(step.get("uses").is_none(), "only the build-from-source cache step uses an action: {step}");
         assert_eq!(step["shell"], "bash", "{step}");
-        assert!(step.get("if").is_none(), "every script step runs: {step}");
         let output = dir.path().join(format!("output-{index}"));
         let script = dir.path().join(format!("step-{index}.sh"));
         let run = step["run"].as_str().expect("run");
@@ -105,20 +225,34 @@ fn use_action(world: &World, given: &[(&str, String)]) -> ActionRun {
             .env("GITHUB_STEP_SUMMARY", &summary)
             .env("GITHUB_RUN_ID", &world.run_id)
             .env("GITHUB_RUN_ATTEMPT", "1")
+            .env("GITHUB_SERVER_URL", release.map_or("https://github.invalid", |r| r.url.as_str()))
+            .env("RUNNER_OS", "Linux")
+            .env("RUNNER_ARCH", if std::env::consts::ARCH == "aarch64" { "ARM64" } else { "X64" })
             .env("RUNNER_TEMP", dir.path());
         for (name, value) in step["env"].as_object().into_iter().flatten() {
             command.env(name, evaluate(value.as_str().expect("env string"), &inputs, &steps));
         }
-        let result = command.output().expect("bash");
-        log.push_str(&String::from_utf8_lossy(&result.stdout));
-        log.push_str(&String::from_utf8_lossy(&result.stderr));
+        let step_code = match command.output() {
+            Ok(result) => {
+                log.push_str(&String::from_utf8_lossy(&result.stdout));
+                log.push_str(&String::from_utf8_lossy(&result.stderr));
+                result.status.code().expect("exited")
+            }
+            // The kernel refused the environment (E2BIG): the step never started.
+            Err(error) => {
+                log.push_str(&format!("step {index} could not start: {error}\n"));
+                1
+            }
+        };
         let written = std::fs::read_to_string(&output).unwrap_or_default();
         if let Some(id) = step["id"].as_str() {
-            steps.insert(id.to_string(), parse_github_file(&written));
+            let mut outputs = parse_github_file(&written);
+            let outcome = if step_code == 0 { "success" } else { "failure" };
+            outputs.insert("\0outcome".into(), outcome.into());
+            steps.insert(id.to_string(), outputs);
         }
-        code = result.status.code().expect("exited");
-        if code != 0 {
-            break;
+        if code == 0 {
+            code = step_code;
         }
     }
     let outputs = action["outputs"]
@@ -178,4 +312,80 @@ async fn the_action_refuses_bad_input_without_running_it_as_shell() {
     assert_eq!(neither.code, 64, "{}", neither.log);
     let wrong = use_action(&world, &[("table", world.table.clone()), ("mode", "commit".into())]);
     assert_eq!(wrong.code, 64, "{}", wrong.log);
+}
+
+#[tokio::test]
+async fn the_action_installs_the_release_binary_it_verified() {
+    let mut world = World::new("action-release").await;
+    world.seed(&[Seed::claimed("small")], &[]).await;
+    let binary = std::fs::read(crate::harness::cli_binary()).expect("the test build");
+    let server = ReleaseServer::start(release_files(binary.clone(), &binary));
+    let spec = world.spec_json("success", 0).to_string();
+    let run = use_action_from(&world, &[("table", world.table.clone()), ("spec", spec)], Some(&server));
+    assert_eq!(run.code, 0, "{}", run.log);
+    assert_eq!(run.outputs["outcome"], "committed", "{:?}", run.outputs);
+    let release = format!("/{ACTION_REPOSITORY}/releases/download/{ACTION_REF}");
+    assert_eq!(server.requested(), vec![format!("{release}/SHA256SUMS"), format!("{release}/{}", asset_name())]);
+}
+
+#[tokio::test]
+async fn the_action_refuses_a_release_asset_that_does_not_match_its_checksum() {
+    let mut world = World::new("action-tampered").await;
+    world.seed(&[Seed::claimed("small")], &[]).await;
+    let binary = std::fs::read(crate::harness::cli_binary()).expect("the test build");
+    let mut tampered = binary.clone();
+    tampered.extend_from_slice(b"\n# appended");
+    let no_entry = BTreeMap::from([
+        (asset_name(), binary.clone()),
+        ("SHA256SUMS".to_string(), format!("{}  post-provision-other-target\n", sha256_hex(&binary)).into_bytes()),
+    ]);
+    let cases = [
+        (release_files(tampered, &binary), "does not match its SHA-256"),
+        (no_entry, "has no single SHA-256"),
+        (BTreeMap::from([(asset_name(), binary.clone())]), "could not download SHA256SUMS"),
+    ];
+    for (files, problem) in cases {
+        let server = ReleaseServer::start(files);
+        let spec = world.spec_json("success", 0).to_string();
+        let run = use_action_from(&world, &[("table", world.table.clone()), ("spec", spec)], Some(&server));
+        assert_eq!(run.code, 1, "{}", run.log);
+        assert!(
+            run.log.lines().any(|l| l.starts_with("::error title=post-provision::") && l.contains(problem)),
+            "{}",
+            run.log
+        );
+        // Nothing ran: no outputs, and the claimed instance is as it was.
+        assert_eq!(run.outputs["exit-code"], "", "{}", run.log);
+        let record = world.record(&world.selected[0].id).await.expect("record");
+        assert_eq!(record["state"].as_s().expect("state"), "claimed");
+    }
+}
+
+#[tokio::test]
+async fn a_run_id_input_never_becomes_a_flag() {
+    let world = World::new("action-run-id").await;
+    // `resume --all` would succeed with nothing to do; `resume -- --all` asks for a run of that id.
+    let run =
+        use_action(&world, &[("table", world.table.clone()), ("mode", "resume".into()), ("run-id", "--all".into())]);
+    assert_ne!(run.code, 0, "{}", run.log);
+    assert!(run.log.contains("--all"), "{}", run.log);
+    assert!(!run.log.to_lowercase().contains("unfinished run"), "{}", run.log);
+}
+
+#[tokio::test]
+async fn a_spec_input_over_the_environment_limit_says_to_use_spec_file() {
+    let world = World::new("action-big-spec").await;
+    // 140 KiB: over Linux's 128 KiB for one environment variable.
+    let spec = json!({"runId": world.run_id, "padding": "x".repeat(140 * 1024)}).to_string();
+    let run = use_action(&world, &[("table", world.table.clone()), ("spec", spec)]);
+    assert_ne!(run.code, 0, "{}", run.log);
+    assert!(
+        run.log.lines().any(|l| l.starts_with("::error title=post-provision::") && l.contains("spec-file")),
+        "{}",
+        run.log
+    );
+    // A spec that fits is not explained away: its own error (65) is reported.
+    let small = use_action(&world, &[("table", world.table.clone()), ("spec", json!({"runId": "x"}).to_string())]);
+    assert_eq!(small.code, 65, "{}", small.log);
+    assert!(!small.log.contains("did not start"), "{}", small.log);
 }
