@@ -272,10 +272,8 @@ fn capitalised(word: &str) -> String {
 /// `POOL_QUEUE_PREFIX`, and the pool tag `pool_tag_key` in the terminate condition.
 pub fn policy(role: Role, pool_tag_key: &str) -> Result<Value, String> {
     check_tag_key(pool_tag_key)?;
-    let statements: Vec<Value> = grants(role)
-        .iter()
-        .flat_map(|(action, partitions)| statements(action, partitions, pool_tag_key))
-        .collect();
+    let statements: Vec<Value> =
+        grants(role).iter().flat_map(|(action, partitions)| statements(action, partitions, pool_tag_key)).collect();
     Ok(json!({"Version": "2012-10-17", "Statement": statements}))
 }
 
@@ -362,7 +360,8 @@ mod tests {
             policy["Statement"].as_array().unwrap().iter().filter(|s| s["Action"][0] == "dynamodb:Query").collect();
         assert_eq!(queries.len(), 2, "{queries:?}");
         let index = queries.iter().find(|s| s["Resource"].as_str().unwrap().ends_with("/index/post-provision-runs"));
-        let keys = &index.expect("a statement on the index")["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"];
+        let keys =
+            &index.expect("a statement on the index")["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"];
         assert_eq!(keys, &json!(["RUN#FINISHED", "RUN#UNFINISHED"]));
     }
 }

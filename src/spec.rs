@@ -802,7 +802,9 @@ pub(crate) mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str, &str)> = vec![
+        // (how the spec is spoiled, the field named, a word of the problem)
+        type Case = (Box<dyn FnOnce(&mut serde_json::Value)>, &'static str, &'static str);
+        let cases: Vec<Case> = vec![
             (
                 Box::new(|v| {
                     v.as_object_mut().unwrap().remove("runId");

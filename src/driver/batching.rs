@@ -120,7 +120,7 @@ impl<P: Ports> Driver<P> {
                 }
                 Err(error) => return Err(StepError::Failed(Failure::from_aws(error))),
             };
-            if results.iter().any(|result| *result == WriteResult::Fenced) {
+            if results.contains(&WriteResult::Fenced) {
                 // The store refused this driver: another one took the run over, or it finished.
                 return Err(StepError::Stop(DriveError::LeaseLost { run_id: String::new() }));
             }

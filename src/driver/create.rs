@@ -295,7 +295,10 @@ impl<P: Ports> Driver<P> {
                 })));
             }
             rounds.round += 1;
-            warn!(round = rounds.round, "the creating transaction was throttled; sending it again within the throttle budget");
+            warn!(
+                round = rounds.round,
+                "the creating transaction was throttled; sending it again within the throttle budget"
+            );
             tokio::time::sleep(self.backoff(rounds.round)).await;
         }
     }

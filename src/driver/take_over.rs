@@ -200,6 +200,8 @@ impl<P: Ports> Driver<P> {
     }
 }
 
+// One value per take-over, moved at once into the drive: boxing the record would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum TakeOver {
     Finished(Box<RunOutcome>),
     Taken(RunRecord, Spec),

@@ -194,7 +194,9 @@ async fn two_drivers_started_at_once_one_drives_the_other_exits_3() {
 async fn sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run() {
     const ITERATIONS: usize = 9;
     let mut rng = rand::rngs::StdRng::seed_from_u64(20261127);
-    let paths: [(&str, &[Seed], &[Seed], &str, usize, i32); 3] = [
+    // (path, selected, created, creation status, required instances, exit code)
+    type Path<'a> = (&'a str, &'a [Seed], &'a [Seed], &'a str, usize, i32);
+    let paths: [Path; 3] = [
         ("commit", &[CLAIMED_SMALL, CLAIMED_LARGE], &[CREATED_RUNNING], "success", 1, 0),
         ("rollback", &[CLAIMED_SMALL, CLAIMED_LARGE], &[CREATED_RUNNING], "partial", 2, 1),
         ("cleanup", &[CLAIMED_SMALL, EXPIRED_LARGE], &[CREATED_RUNNING], "success", 1, 2),

@@ -600,7 +600,9 @@ async fn injected_faults_are_classified_by_code_and_retried_by_the_sdk() {
     let ports = engine.ports();
     let message = OutgoingMessage { instance_id: instance.clone(), body: "{}".into() };
 
-    let cases: [(&str, [(&str, Option<&str>, ErrorClass); 3]); 4] = [
+    // (fault, per service: (operation, the error code it answers, the class it must get))
+    type Answer<'a> = (&'a str, Option<&'a str>, ErrorClass);
+    let cases: [(&str, [Answer; 3]); 4] = [
         (
             "throttle",
             [

@@ -161,10 +161,8 @@ fn the_iam_table_lists_exactly_the_calls_in_the_source() {
     assert!(stale.is_empty(), "src/iam.rs lists functions that call no AWS (any more): {stale:?}");
     // A DynamoDB item action is always narrowed by partition; nothing else is.
     for access in iam::ACCESSES {
-        let item_action = access
-            .actions
-            .iter()
-            .any(|a| a.starts_with("dynamodb:") && (a.ends_with("Item") || a.ends_with(":Query")));
+        let item_action =
+            access.actions.iter().any(|a| a.starts_with("dynamodb:") && (a.ends_with("Item") || a.ends_with(":Query")));
         assert_eq!(item_action, !access.partitions.is_empty(), "{access:?}");
         assert!(!access.roles.is_empty(), "{access:?}");
     }

@@ -19,7 +19,6 @@ use crate::harness::{endpoint, test_limits, Clients, Seeded, TestClock, World, C
 const ITEM_LIMIT_BYTES: usize = 400 * 1024;
 /// Most items in one BatchWriteItem call (moto accepts more; AWS does not).
 const BATCH_WRITE_ITEMS: usize = 25;
-/// Most instances in one RunInstances call of these tests.
 
 /// Clients for moto at this scale. Two things differ from AWS and are compensated here:
 /// - Cost: moto's TransactWriteItems deep-copies the whole table once per action (about 4 s for
