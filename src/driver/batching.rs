@@ -235,7 +235,7 @@ fn sort_results<T>(
     (retry, throttled, cancelled && !rejected)
 }
 
-fn load_error(code: &str, message: String) -> AwsError {
+pub(super) fn load_error(code: &str, message: String) -> AwsError {
     AwsError {
         service: "DynamoDB",
         operation: "TransactWriteItems",

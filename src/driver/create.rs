@@ -286,13 +286,7 @@ impl<P: Ports> Driver<P> {
                     "creating the run record was still throttled after {} s (the throttle budget)",
                     self.limits.throttle_budget.as_secs()
                 );
-                return Ok(Err(StoreError::Aws(AwsError {
-                    service: "DynamoDB",
-                    operation: "TransactWriteItems",
-                    code: Some("ThrottlingError".into()),
-                    message,
-                    class: ErrorClass::Throttling,
-                })));
+                return Ok(Err(StoreError::Aws(super::batching::load_error("ThrottlingError", message))));
             }
             rounds.round += 1;
             warn!(

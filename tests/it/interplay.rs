@@ -280,40 +280,66 @@ async fn a_run_that_stalls_gives_its_lease_back() {
     assert_eq!(outcome.kind, OutcomeKind::RolledBack);
 }
 
+/// A commit driver paused right after creating its run (its first write), whose writes go
+/// through a proxy that counts them: the stale driver of the two fencing tests below.
+struct PausedDriver {
+    world: World,
+    proxy: FaultProxy,
+    spec: post_provision::Spec,
+    /// The stale driver's clock.
+    clock: Arc<TestClock>,
+    resume: Arc<tokio::sync::Notify>,
+    running: tokio::task::JoinHandle<Result<post_provision::RunOutcome, DriveError>>,
+}
+
+impl PausedDriver {
+    async fn start(name: &str) -> PausedDriver {
+        let proxy = FaultProxy::start(&["--rate", "0"]);
+        let mut world = World::new(name).await;
+        world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
+        let clock = TestClock::at(world.start);
+        let paused = Arc::new(tokio::sync::Notify::new());
+        let resume = Arc::new(tokio::sync::Notify::new());
+        let hooks = Hooks { pause_after_writes: Some((1, paused.clone(), resume.clone())), ..Hooks::default() };
+        let stale = world.engine_with(clock.clone(), hooks, staged_limits(), Some(proxy.url())).await;
+        let spec = world.spec("success", 1);
+        let running = tokio::spawn({
+            let spec = spec.clone();
+            async move { stale.start(spec).await }
+        });
+        paused.notified().await;
+        PausedDriver { world, proxy, spec, clock, resume, running }
+    }
+
+    /// Lets the stale driver go on; it must stop with `LeaseLost` having changed nothing.
+    /// Returns the transactions the proxy saw.
+    async fn continue_and_expect_nothing_changed(self, why: &str) -> serde_json::Value {
+        let finished = self.world.picture(self.world.start, false).await;
+        self.resume.notify_one();
+        match self.running.await.expect("task") {
+            Err(DriveError::LeaseLost { .. }) => {}
+            other => panic!("expected {why}, got {other:?}"),
+        }
+        self.proxy.wait_idle().await;
+        assert_eq!(self.world.picture(self.world.start, false).await, finished, "the stale driver changed nothing");
+        self.proxy.stats().await["requests"]["DynamoDB.TransactWriteItems"].clone()
+    }
+}
+
 /// A driver stopped past its lease (a frozen process, or renewals that took too long) while a
 /// sweeper took the run over and finished it: when it continues, it confirms its lease before its
 /// next write, finds it gone, and stops without acting. Its instance writes go through a proxy
 /// that counts them: only the create.
 #[tokio::test]
 async fn a_driver_whose_lease_ran_out_fences_itself_before_acting() {
-    let proxy = FaultProxy::start(&["--rate", "0"]);
-    let mut world = World::new("selffence").await;
-    world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
-    let clock = TestClock::at(world.start);
-    let paused = Arc::new(tokio::sync::Notify::new());
-    let resume = Arc::new(tokio::sync::Notify::new());
-    let hooks = Hooks { pause_after_writes: Some((1, paused.clone(), resume.clone())), ..Hooks::default() };
-    let stale = Arc::new(world.engine_with(clock.clone(), hooks, staged_limits(), Some(proxy.url())).await);
-    let spec = world.spec("success", 1);
-    let running = tokio::spawn({
-        let stale = stale.clone();
-        let spec = spec.clone();
-        async move { stale.start(spec).await }
-    });
-    paused.notified().await;
-    clock.advance(test_limits().lease_secs + 5);
-    let outcome = world.engine(clock.clone(), Hooks::default()).await.resume(&spec.run_id).await.expect("sweeper");
+    let stale = PausedDriver::start("selffence").await;
+    // One clock for both: the stale driver's own says its lease has passed.
+    stale.clock.advance(test_limits().lease_secs + 5);
+    let sweeper = stale.world.engine(stale.clock.clone(), Hooks::default()).await;
+    let outcome = sweeper.resume(&stale.spec.run_id).await.expect("sweeper");
     assert_eq!(outcome.kind, OutcomeKind::Committed);
-    let finished = world.picture(world.start, false).await;
-    resume.notify_one();
-    match running.await.expect("task") {
-        Err(DriveError::LeaseLost { .. }) => {}
-        other => panic!("expected the stale driver to fence itself, got {other:?}"),
-    }
-    proxy.wait_idle().await;
-    let stats = proxy.stats().await;
-    assert_eq!(stats["requests"]["DynamoDB.TransactWriteItems"], 1, "only the create: {stats}");
-    assert_eq!(world.picture(world.start, false).await, finished, "the stale driver changed nothing");
+    let transactions = stale.continue_and_expect_nothing_changed("the stale driver to fence itself").await;
+    assert_eq!(transactions, 1, "only the create");
 }
 
 /// The fence is the store's, not the clock's: a driver paused after creating its run, whose own
@@ -323,41 +349,17 @@ async fn a_driver_whose_lease_ran_out_fences_itself_before_acting() {
 /// owner, a bumped fencing epoch, a finished run). The proxy counts that refused transaction.
 #[tokio::test]
 async fn a_stale_driver_s_transaction_is_refused_by_the_store_whatever_its_clock_says() {
-    let proxy = FaultProxy::start(&["--rate", "0"]);
-    let mut world = World::new("storefence").await;
-    world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
-    let stale_clock = TestClock::at(world.start);
-    let paused = Arc::new(tokio::sync::Notify::new());
-    let resume = Arc::new(tokio::sync::Notify::new());
-    let hooks = Hooks { pause_after_writes: Some((1, paused.clone(), resume.clone())), ..Hooks::default() };
-    let stale = Arc::new(world.engine_with(stale_clock.clone(), hooks, staged_limits(), Some(proxy.url())).await);
-    let spec = world.spec("success", 1);
-    let running = tokio::spawn({
-        let stale = stale.clone();
-        let spec = spec.clone();
-        async move { stale.start(spec).await }
-    });
-    paused.notified().await;
-    let sweeper_clock = TestClock::at(world.start);
+    // The stale driver's clock never moves: only the sweeper's passes the lease.
+    let stale = PausedDriver::start("storefence").await;
+    let sweeper_clock = TestClock::at(stale.world.start);
     sweeper_clock.advance(test_limits().lease_secs + 5);
-    let sweeper = world.engine(sweeper_clock, Hooks::default()).await;
-    let outcome = sweeper.resume(&spec.run_id).await.expect("sweeper");
+    let sweeper = stale.world.engine(sweeper_clock, Hooks::default()).await;
+    let outcome = sweeper.resume(&stale.spec.run_id).await.expect("sweeper");
     assert_eq!(outcome.kind, OutcomeKind::Committed);
-    let record = sweeper.status(&spec.run_id).await.expect("status").expect("record");
+    let record = sweeper.status(&stale.spec.run_id).await.expect("status").expect("record");
     assert_eq!(record.fencing_epoch, 2, "the take-over bumped the fencing epoch");
-    let finished = world.picture(world.start, false).await;
-    resume.notify_one();
-    match running.await.expect("task") {
-        Err(DriveError::LeaseLost { .. }) => {}
-        other => panic!("expected the store to refuse the stale driver, got {other:?}"),
-    }
-    proxy.wait_idle().await;
-    let stats = proxy.stats().await;
-    assert_eq!(
-        stats["requests"]["DynamoDB.TransactWriteItems"], 2,
-        "the create, then the stale commit the store refused: {stats}"
-    );
-    assert_eq!(world.picture(world.start, false).await, finished, "the stale driver changed nothing");
+    let transactions = stale.continue_and_expect_nothing_changed("the store to refuse the stale driver").await;
+    assert_eq!(transactions, 2, "the create, then the stale commit the store refused");
 }
 
 /// The create transaction landed but its answer was lost, with no retry left: the run is found
