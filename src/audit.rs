@@ -248,103 +248,184 @@ const LIVE_RECORD_STATES: [&str; 4] = ["idle", "claimed", "running", "created"];
 /// that eventual consistency or a phase still at work could explain: an instance launched by
 /// creation whose record is not written yet, a record whose instance EC2 does not list yet.
 pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<AuditFinding> {
-    let now_text = now.to_string();
-    let ec2: HashMap<&str, &Ec2Snapshot> = snapshot.instances.iter().map(|i| (i.id.as_str(), i)).collect();
-    // A run id is unfinished while any of its attempts is: attempts share the run id in records.
-    let mut run_unfinished: HashMap<&str, bool> = HashMap::new();
-    for run in &snapshot.runs {
-        *run_unfinished.entry(run.run_id.as_str()).or_default() |= !run.is_finished();
-    }
-    // The (run id, idle threshold) of each finished run that released instances (the first
-    // attempt found names the finding), and every (run id, id) those runs know they announced.
-    // An idle record is tied to a run only by both: the `releasedBy` that run's rollback wrote,
-    // and that run's threshold. The pool's own release writes the same state, runId and (in the
-    // same second, with the same idle time) threshold, but never `releasedBy`: a threshold alone
-    // would mistake it for ours.
-    let mut released_by: HashMap<(&str, &str), &RunSnapshot> = HashMap::new();
-    let mut announced: HashSet<(&str, &str)> = HashSet::new();
-    for run in snapshot.runs.iter().filter(|run| run.is_finished()) {
-        if let Some(threshold) = run.idle_threshold.as_deref() {
-            released_by.entry((run.run_id.as_str(), threshold)).or_insert(run);
-            announced.extend(run.messages_sent.iter().map(|id| (run.run_id.as_str(), id.as_str())));
-        }
-    }
-    let finished_or_absent = |run_id: &str| !run_unfinished.get(run_id).copied().unwrap_or(false);
-    let young = |stamp: &str| age_secs(stamp, now).is_some_and(|age| age < grace_secs);
-
+    let context = Context::of(snapshot, now, grace_secs);
     let mut findings = Vec::new();
-    let mut recorded: HashSet<&str> = HashSet::with_capacity(snapshot.records.len());
     let mut unexpired_idle: BTreeMap<&str, u64> = BTreeMap::new();
     for record in &snapshot.records {
-        recorded.insert(record.id.as_str());
-        if !LIVE_RECORD_STATES.contains(&record.state.as_str()) {
-            continue;
+        if let Some(finding) = context.record_finding(record, &mut unexpired_idle) {
+            findings.push(finding);
         }
-        let ec2_state = ec2.get(record.id.as_str()).map_or("unknown", |i| i.state.as_str());
-        let expired = record.threshold < now_text;
+    }
+    findings.extend(context.orphans());
+    findings.extend(queue_hints(&unexpired_idle, &snapshot.queued_messages));
+    findings.extend(context.unfinished_runs());
+    findings.sort_by(|a, b| (a.kind, &a.instance_id, &a.run_id).cmp(&(b.kind, &b.instance_id, &b.run_id)));
+    findings
+}
+
+/// What the classification of one record needs to know of the rest of the snapshot.
+struct Context<'a> {
+    snapshot: &'a Snapshot,
+    now: Timestamp,
+    now_text: String,
+    grace_secs: i64,
+    ec2: HashMap<&'a str, &'a Ec2Snapshot>,
+    /// A run id is unfinished while any of its attempts is: attempts share the run id in records.
+    run_unfinished: HashMap<&'a str, bool>,
+    /// The (run id, idle threshold) of each finished run that released instances (the first
+    /// attempt found names the finding).
+    released_by: HashMap<(&'a str, &'a str), &'a RunSnapshot>,
+    /// Every (run id, instance id) those runs know they announced.
+    announced: HashSet<(&'a str, &'a str)>,
+    recorded: HashSet<&'a str>,
+}
+
+impl<'a> Context<'a> {
+    fn of(snapshot: &'a Snapshot, now: Timestamp, grace_secs: i64) -> Context<'a> {
+        let mut run_unfinished: HashMap<&str, bool> = HashMap::new();
+        for run in &snapshot.runs {
+            *run_unfinished.entry(run.run_id.as_str()).or_default() |= !run.is_finished();
+        }
+        // An idle record is tied to a run only by both: the `releasedBy` that run's rollback
+        // wrote, and that run's threshold. The pool's own release writes the same state, runId
+        // and (in the same second, with the same idle time) threshold, but never `releasedBy`:
+        // a threshold alone would mistake it for ours.
+        let mut released_by = HashMap::new();
+        let mut announced = HashSet::new();
+        for run in snapshot.runs.iter().filter(|run| run.is_finished()) {
+            if let Some(threshold) = run.idle_threshold.as_deref() {
+                released_by.entry((run.run_id.as_str(), threshold)).or_insert(run);
+                announced.extend(run.messages_sent.iter().map(|id| (run.run_id.as_str(), id.as_str())));
+            }
+        }
+        Context {
+            snapshot,
+            now,
+            now_text: now.to_string(),
+            grace_secs,
+            ec2: snapshot.instances.iter().map(|i| (i.id.as_str(), i)).collect(),
+            run_unfinished,
+            released_by,
+            announced,
+            recorded: snapshot.records.iter().map(|record| record.id.as_str()).collect(),
+        }
+    }
+
+    fn finished_or_absent(&self, run_id: &str) -> bool {
+        !self.run_unfinished.get(run_id).copied().unwrap_or(false)
+    }
+
+    fn young(&self, stamp: &str) -> bool {
+        age_secs(stamp, self.now).is_some_and(|age| age < self.grace_secs)
+    }
+
+    /// The finding of one live record, if it has one: a ghost (its instance is gone), a leak
+    /// (`created` or `claimed` past its threshold, its run finished or absent), or an idle record
+    /// a finished run released without announcing it. Counts unexpired pool idles by class.
+    fn record_finding(
+        &self,
+        record: &'a InstanceRecordSnapshot,
+        unexpired_idle: &mut BTreeMap<&'a str, u64>,
+    ) -> Option<AuditFinding> {
+        if !LIVE_RECORD_STATES.contains(&record.state.as_str()) {
+            return None;
+        }
+        let ec2_state = self.ec2.get(record.id.as_str()).map_or("unknown", |i| i.state.as_str());
+        let expired = record.threshold < self.now_text;
         if is_dead(ec2_state) {
             // An unknown id may be a launch EC2 does not list yet: only old records count.
-            if ec2_state != "unknown" || !young(&record.updated_at) {
-                let mut finding = AuditFinding::of_record(FindingKind::GhostRecord, Repair::DeleteRecord, record, now);
-                finding.ec2_state = Some(ec2_state.to_string());
-                finding.detail = format!("{} record of an instance EC2 reports {ec2_state}", record.state);
-                findings.push(finding);
+            if ec2_state == "unknown" && self.young(&record.updated_at) {
+                return None;
             }
-            continue;
+            let mut finding = AuditFinding::of_record(FindingKind::GhostRecord, Repair::DeleteRecord, record, self.now);
+            finding.ec2_state = Some(ec2_state.to_string());
+            finding.detail = format!("{} record of an instance EC2 reports {ec2_state}", record.state);
+            return Some(finding);
         }
         let leaked = match record.state.as_str() {
             "created" => Some(FindingKind::CreatedLeak),
             "claimed" => Some(FindingKind::StaleClaim),
             _ => None,
         };
-        if let Some(kind) = leaked.filter(|_| expired && finished_or_absent(&record.run_id)) {
-            let mut finding = AuditFinding::of_record(kind, Repair::DeleteRecordThenTerminate, record, now);
+        if let Some(kind) = leaked.filter(|_| expired && self.finished_or_absent(&record.run_id)) {
+            let mut finding = AuditFinding::of_record(kind, Repair::DeleteRecordThenTerminate, record, self.now);
             finding.ec2_state = Some(ec2_state.to_string());
             finding.detail = format!("{} past its threshold; its run is finished or has no record", record.state);
-            findings.push(finding);
-            continue;
+            return Some(finding);
         }
         if record.state == "idle" && record.run_id.is_empty() && !expired {
             *unexpired_idle.entry(record.resource_class.as_str()).or_default() += 1;
-            let releaser = released_by.get(&(record.released_by.as_str(), record.threshold.as_str()));
-            if let Some(run) =
-                releaser.filter(|_| !announced.contains(&(record.released_by.as_str(), record.id.as_str())))
-            {
-                let mut finding =
-                    AuditFinding::of_record(FindingKind::UnannouncedIdle, Repair::SendPoolMessage, record, now);
-                finding.ec2_state = Some(ec2_state.to_string());
-                // The run that released it: `--fix` adds the id to its `messagesSent`.
-                finding.run_id = Some(run.run_id.clone());
-                finding.run_attempt = Some(run.attempt);
-                finding.detail = "released by a finished run that did not record its pool message".into();
-                findings.push(finding);
+            return self.unannounced_idle(record, ec2_state);
+        }
+        None
+    }
+
+    /// An unexpired pool idle that a finished run released (its `releasedBy` and that run's
+    /// threshold) and never recorded announcing.
+    fn unannounced_idle(&self, record: &InstanceRecordSnapshot, ec2_state: &str) -> Option<AuditFinding> {
+        let run = self.released_by.get(&(record.released_by.as_str(), record.threshold.as_str()))?;
+        if self.announced.contains(&(record.released_by.as_str(), record.id.as_str())) {
+            return None;
+        }
+        let mut finding =
+            AuditFinding::of_record(FindingKind::UnannouncedIdle, Repair::SendPoolMessage, record, self.now);
+        finding.ec2_state = Some(ec2_state.to_string());
+        // The run that released it: `--fix` adds the id to its `messagesSent`.
+        finding.run_id = Some(run.run_id.clone());
+        finding.run_attempt = Some(run.attempt);
+        finding.detail = "released by a finished run that did not record its pool message".into();
+        Some(finding)
+    }
+
+    /// Pool-tagged, live instances with no record, older than the grace period.
+    fn orphans(&self) -> impl Iterator<Item = AuditFinding> + '_ {
+        self.snapshot.instances.iter().filter_map(|instance| {
+            if !instance.pool_tagged || is_dead(&instance.state) || self.recorded.contains(instance.id.as_str()) {
+                return None;
             }
-        }
+            let age = instance.launched_at.map(|at| self.now.unix_secs() - at.unix_secs());
+            // Without a launch time the age is unknown: treat it as young rather than terminate.
+            if !matches!(age, Some(age) if age >= self.grace_secs) {
+                return None;
+            }
+            let mut finding = AuditFinding::new(
+                FindingKind::OrphanInstance,
+                Repair::Terminate,
+                "pool-tagged instance with no record".into(),
+            );
+            finding.instance_id = Some(instance.id.clone());
+            finding.ec2_state = Some(instance.state.clone());
+            finding.age_secs = age;
+            Some(finding)
+        })
     }
 
-    for instance in &snapshot.instances {
-        if !instance.pool_tagged || is_dead(&instance.state) || recorded.contains(instance.id.as_str()) {
-            continue;
-        }
-        let age = instance.launched_at.map(|at| now.unix_secs() - at.unix_secs());
-        // Without a launch time the age is unknown: treat it as young rather than terminate.
-        if !matches!(age, Some(age) if age >= grace_secs) {
-            continue;
-        }
-        let mut finding = AuditFinding::new(
-            FindingKind::OrphanInstance,
-            Repair::Terminate,
-            "pool-tagged instance with no record".into(),
-        );
-        finding.instance_id = Some(instance.id.clone());
-        finding.ec2_state = Some(instance.state.clone());
-        finding.age_secs = age;
-        findings.push(finding);
+    /// Runs not finished whose lease has ended.
+    fn unfinished_runs(&self) -> impl Iterator<Item = AuditFinding> + '_ {
+        self.snapshot.runs.iter().filter(|run| !run.is_finished()).filter_map(|run| {
+            if run.lease_expires_at.as_str() >= self.now_text.as_str() {
+                return None;
+            }
+            let mut finding = AuditFinding::new(
+                FindingKind::UnfinishedRun,
+                Repair::Resume,
+                format!("run left in {} and its lease has ended", run.state),
+            );
+            finding.run_id = Some(run.run_id.clone());
+            finding.run_attempt = Some(run.attempt);
+            finding.age_secs = age_secs(&run.lease_expires_at, self.now);
+            Some(finding)
+        })
     }
+}
 
+/// A hint per class with more unexpired idle records than queued messages (counts are
+/// approximate): no instance, no repair.
+fn queue_hints(unexpired_idle: &BTreeMap<&str, u64>, queued_messages: &BTreeMap<String, u64>) -> Vec<AuditFinding> {
+    let mut hints = Vec::new();
     for (class, idle) in unexpired_idle {
-        let Some(&queued) = snapshot.queued_messages.get(class) else { continue };
-        if idle > queued {
+        let Some(&queued) = queued_messages.get(*class) else { continue };
+        if *idle > queued {
             let mut finding = AuditFinding::new(
                 FindingKind::UnannouncedIdle,
                 Repair::None,
@@ -353,26 +434,10 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Aud
                 ),
             );
             finding.resource_class = Some(class.to_string());
-            findings.push(finding);
+            hints.push(finding);
         }
     }
-
-    for run in snapshot.runs.iter().filter(|run| !run.is_finished()) {
-        if run.lease_expires_at.as_str() >= now_text.as_str() {
-            continue;
-        }
-        let mut finding = AuditFinding::new(
-            FindingKind::UnfinishedRun,
-            Repair::Resume,
-            format!("run left in {} and its lease has ended", run.state),
-        );
-        finding.run_id = Some(run.run_id.clone());
-        finding.run_attempt = Some(run.attempt);
-        finding.age_secs = age_secs(&run.lease_expires_at, now);
-        findings.push(finding);
-    }
-    findings.sort_by(|a, b| (a.kind, &a.instance_id, &a.run_id).cmp(&(b.kind, &b.instance_id, &b.run_id)));
-    findings
+    hints
 }
 
 /// What became of one finding under `--fix`.
