@@ -88,6 +88,7 @@ impl Model {
             1 => Some(Failure::Unavailable(aws(ErrorClass::Transient))),
             2 => Some(Failure::Throttled(aws(ErrorClass::Throttling))),
             3 => Some(Failure::Unexpected("injected".into())),
+            4 => Some(Failure::Gone("injected: the queue is gone".into())),
             _ => None,
         }
     }
@@ -142,8 +143,13 @@ impl Model {
 
     fn answer(&mut self, effect: Effect) -> Outcome {
         if !matches!(effect, Effect::Checkpoint) {
-            if let Some(failure) = self.fault() {
-                return Err(failure);
+            match (self.fault(), &effect) {
+                // A pool queue that is gone refuses every message of the batch: none delivered.
+                (Some(failure @ Failure::Gone(_)), Effect::Send(_)) => {
+                    return Ok(EffectResult::Sent { delivered: Vec::new(), failure: Some(failure) })
+                }
+                (Some(failure), _) => return Err(failure),
+                (None, _) => {}
             }
         }
         Ok(match effect {
