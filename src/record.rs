@@ -83,9 +83,17 @@ pub struct RunRecord {
     pub messages_sent: Vec<String>,
     /// Instances that refused the one-transaction create of this run (at most
     /// [`crate::core::MAX_TRANSACTION_ITEMS`]), before this record was written: this run never
-    /// held them after that, so a resume never reads them as "committed earlier, handed on since".
+    /// held them after that. Kept for the audit; the commit rule reads [`RunRecord::committed_ids`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused_at_create: Vec<String>,
+    /// The instances whose commit landed: every fenced commit transaction appends its ids here
+    /// in the same transaction (the fence's `Update` of this record), so a resume has positive
+    /// evidence that an instance reached `running` for the run before somebody took it on.
+    /// Written only by those transactions. A versioned write carries what its driver read: the
+    /// only one after a commit transaction, in `Committing`, is the write that leaves that state,
+    /// after which no rule reads this list (a take-over reads it back before writing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub committed_ids: Vec<String>,
     /// Why the run failed: the shortfall, or the original unexpected error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<RunError>,

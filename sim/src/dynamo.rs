@@ -127,6 +127,21 @@ impl Table {
         owner == Some(fence.owner.as_str()) && epoch == Some(fence.epoch) && !matches!(state, "Done" | "Failed")
     }
 
+    /// The fence of a commit transaction that landed: its `Update` appends the committed ids to
+    /// the run record's `committedIds` (`src/aws/dynamodb.rs`'s `fence_update`; the version is
+    /// not touched).
+    pub fn append_committed(&mut self, fence: &post_provision::ports::Fence, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let identifier = post_provision::record::record_identifier(&fence.run_id, fence.attempt);
+        let Some(serde_json::Value::Object(record)) = self.runs.get_mut(&identifier) else { return };
+        let list = record.entry("committedIds").or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(list) = list {
+            list.extend(ids.into_iter().map(serde_json::Value::String));
+        }
+    }
+
     /// `TransactWriteItems` of instance actions, with `injected` cancellation codes the simulation
     /// adds for some items (load or conflicts, by item index). All or nothing.
     pub fn transact(

@@ -579,6 +579,7 @@ impl InstanceStore for SimPorts {
                 batch.iter().map(|t| world.table.instances.get(&t.instance_id).cloned()).collect();
             let outcome = world.table.transact(&actions, &injected);
             if outcome.is_ok() {
+                world.table.append_committed(fence, post_provision::ports::committed_ids(batch, fence));
                 let attempt = world.clients[&self.client].acting_attempt;
                 invariants::check_one_driver(world, self.client, attempt);
                 for (transition, item) in batch.iter().zip(before) {

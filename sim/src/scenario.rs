@@ -784,6 +784,7 @@ mod tests {
                 queue_urls: BTreeMap::new(),
                 messages_sent: Vec::new(),
                 refused_at_create: Vec::new(),
+                committed_ids: Vec::new(),
                 error: None,
                 lease: post_provision::record::Lease { owner: "x".into(), expires_at: now },
                 fencing_epoch: 1,

@@ -171,6 +171,9 @@ pub struct Ledger {
     /// Instances a driver wrote in a way the oracle refused, with the tag of that violation: a
     /// later consequence (`i-live-behind`) carries the same tag.
     pub bad_writes: BTreeMap<String, Option<&'static str>>,
+    /// Instances whose last driver write landed late only because its process was stopped during
+    /// that call ([`crate::invariants::LATE_BY_STOPPED_PROCESS`]), with when it landed (ms).
+    pub late_by_stop: BTreeMap<String, i64>,
 }
 
 /// Each machine's clock (issue 17, item 2). Drivers' clocks live in their `SimClock`s.

@@ -170,11 +170,18 @@ fn fresh_token() -> String {
 }
 
 impl AwsPorts {
-    /// One fenced transaction: `items`, then the [`Fence`]'s `ConditionCheck` on the run record.
-    /// Refused by the fence, every item comes back [`WriteResult::Fenced`].
-    async fn transact(&self, mut items: Vec<TransactWriteItem>, fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {
+    /// One fenced transaction: `items`, then the [`Fence`] on the run record: a `ConditionCheck`,
+    /// or, when `committed` names commit transitions, an `Update` with the same condition that
+    /// appends them to `committedIds` (`crate::ports::committed_ids`). Refused by the fence,
+    /// every item comes back [`WriteResult::Fenced`].
+    async fn transact(
+        &self,
+        mut items: Vec<TransactWriteItem>,
+        fence: &Fence,
+        committed: Vec<String>,
+    ) -> Result<Vec<WriteResult>, AwsError> {
         let count = items.len();
-        items.push(self.fence_check(fence)?);
+        items.push(self.fence_check(fence, committed)?);
         let result = self
             .dynamodb
             .transact_write_items()
@@ -202,8 +209,12 @@ impl AwsPorts {
     }
 
     /// The fence: this driver holds the lease, its epoch is unchanged, and the run is not
-    /// finished. No clock is involved: the lease's expiry is not part of it.
-    fn fence_check(&self, fence: &Fence) -> Result<TransactWriteItem, AwsError> {
+    /// finished. No clock is involved: the lease's expiry is not part of it. With `committed`,
+    /// the same condition guards an `Update` appending those ids to `committedIds`.
+    fn fence_check(&self, fence: &Fence, committed: Vec<String>) -> Result<TransactWriteItem, AwsError> {
+        if !committed.is_empty() {
+            return self.fence_update(fence, committed);
+        }
         let check = ConditionCheck::builder()
             .table_name(&self.table)
             .set_key(Some(key("RUN", &crate::record::record_identifier(&fence.run_id, fence.attempt))))
@@ -222,6 +233,33 @@ impl AwsPorts {
             .map_err(|error| build_error("TransactWriteItems", error))?;
         Ok(TransactWriteItem::builder().condition_check(check).build())
     }
+
+    /// The fence of a commit transaction: the `ConditionCheck`'s condition on an `Update` that
+    /// appends the committed ids to the run record's `committedIds` (a list; the version is not
+    /// touched, so the driver's versioned writes are unaffected).
+    fn fence_update(&self, fence: &Fence, committed: Vec<String>) -> Result<TransactWriteItem, AwsError> {
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key("RUN", &crate::record::record_identifier(&fence.run_id, fence.attempt))))
+            .update_expression("SET #committed = list_append(if_not_exists(#committed, :none), :committed)")
+            .condition_expression(
+                "#lease.#owner = :fenceOwner AND #epoch = :fenceEpoch AND NOT (#state IN (:done, :failed))",
+            )
+            .expression_attribute_names("#lease", "lease")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#epoch", "fencingEpoch")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_names("#committed", "committedIds")
+            .expression_attribute_values(":fenceOwner", s(fence.owner.clone()))
+            .expression_attribute_values(":fenceEpoch", AttributeValue::N(fence.epoch.to_string()))
+            .expression_attribute_values(":done", s("Done"))
+            .expression_attribute_values(":failed", s("Failed"))
+            .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
+            .expression_attribute_values(":committed", AttributeValue::L(committed.into_iter().map(s).collect()))
+            .build()
+            .map_err(|error| build_error("TransactWriteItems", error))?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
 }
 
 fn build_error(operation: &'static str, error: impl std::fmt::Display) -> AwsError {
@@ -237,7 +275,7 @@ impl InstanceStore for AwsPorts {
     ) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
         let items = batch.iter().map(|t| self.transition_item(t, now)).collect::<Result<Vec<_>, _>>()?;
-        self.transact(items, fence).await
+        self.transact(items, fence, crate::ports::committed_ids(batch, fence)).await
     }
 
     async fn delete(&self, batch: &[InstanceDeletion], fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {
@@ -261,7 +299,7 @@ impl InstanceStore for AwsPorts {
                 .map_err(|error| build_error("TransactWriteItems", error))?;
             items.push(TransactWriteItem::builder().delete(delete).build());
         }
-        self.transact(items, fence).await
+        self.transact(items, fence, Vec::new()).await
     }
 }
 

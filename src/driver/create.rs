@@ -165,6 +165,7 @@ impl<P: Ports> Driver<P> {
             queue_urls: first.queue_urls,
             messages_sent: Vec::new(),
             refused_at_create: Vec::new(),
+            committed_ids: Vec::new(),
             error: first.error,
             lease: Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) },
             fencing_epoch: 1,

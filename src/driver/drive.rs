@@ -136,8 +136,7 @@ impl<P: Ports> Driver<P> {
         match work {
             Output::CommitInstances => {
                 let threshold = record.commit_threshold.expect("commit threshold is set on entering Committing");
-                let resumed = start == Some(Start::Resumed);
-                let stage = run::commit::Commit::new(effects, threshold, resumed, &record.refused_at_create);
+                let stage = run::commit::Commit::new(effects, threshold, &record.committed_ids);
                 Ok(Box::pin(self.run_stage(record, stage)).await?.map(Verdict::Committed))
             }
             Output::ReleaseInstances => {

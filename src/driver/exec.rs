@@ -89,7 +89,7 @@ impl<P: Ports> Driver<P> {
 
     /// Sends the pool messages, by resource class, to the queues recorded in the run record.
     /// Every batch runs to its end, even when another fails, so that no message SQS accepted is
-    /// left out of the delivered ids; the first failure is reported beside them.
+    /// left out of the delivered ids; the most cautious failure is reported beside them.
     async fn send_messages(
         &self,
         record: &RunRecord,
@@ -131,8 +131,12 @@ impl<P: Ports> Driver<P> {
             match result {
                 Ok(()) => {}
                 Err(StepError::Stop(error)) => return Err(error),
+                // The most cautious failure of all the batches (`Failure::caution`), whatever
+                // order they finished in.
                 Err(StepError::Failed(failed)) => {
-                    failure.get_or_insert(failed);
+                    if failure.as_ref().is_none_or(|f: &Failure| failed.caution() > f.caution()) {
+                        failure = Some(failed);
+                    }
                 }
             }
         }

@@ -5,17 +5,17 @@
 //!    commit threshold fixed when the run entered `Committing` (so a resume writes exactly what
 //!    the first attempt wrote, and "found already so" is success).
 //! 2. Any refusal refuses the commit (the run goes to emergency cleanup, which is
-//!    isolation-checked), with one exception on a resume: an instance somebody else holds now (the
-//!    pool, or another run) was committed before the driver died and handed on by release since:
-//!    while an instance is claimed for this run or created by it, no other actor can take it
-//!    (selection takes `idle`, refresh only marks it `terminated`). It is left alone and counts as
-//!    committed. The exception does not apply when this resume committed some instance only now
-//!    (the commit had not landed before, so nothing can have been handed on since), nor to an
-//!    instance that already refused the run's one-transaction create (this run never held it).
+//!    isolation-checked), with one exception: an instance somebody else holds now (the pool, or
+//!    another run) whose commit is known to have landed (the run record's `committedIds`, which
+//!    every fenced commit transaction appends its ids to in the same transaction) was handed on
+//!    by release since. It is left alone and counts as committed. Without that positive
+//!    evidence, nothing about the record tells a handed-on instance from one this run never held
+//!    (another run's from the start) or lost before its commit (refresh marks an expired claim
+//!    `terminated` with runId `""`, as it marks an expired committed one).
 //!
 //! Architecture invariant: a commit writes only records this run holds, unexpired, and never
 //! reports an instance committed that it did not find `running` for it with its threshold,
-//! except one handed on after an earlier, landed commit.
+//! except one whose commit landed earlier (in `committedIds`) and that was handed on since.
 
 use std::collections::HashSet;
 
@@ -52,36 +52,30 @@ pub fn transitions(spec: &Spec, commit_threshold: Timestamp) -> Vec<InstanceTran
 /// The commit stage. Its verdict is the reason recorded with `Done`.
 pub struct Commit {
     transitions: Vec<InstanceTransition>,
-    resumed: bool,
-    refused_at_create: HashSet<String>,
+    committed_earlier: HashSet<String>,
     found: Vec<Found>,
 }
 
 impl Commit {
-    /// Commits `spec`'s instances at `commit_threshold`. `resumed`: a resume of a run that was
-    /// already `Committing`; `refused_at_create`: the instances that refused its one-transaction
-    /// create.
-    pub fn new(spec: &Spec, commit_threshold: Timestamp, resumed: bool, refused_at_create: &[String]) -> Commit {
+    /// Commits `spec`'s instances at `commit_threshold`. `committed_earlier`: the instances
+    /// whose commit is known to have landed before (the run record's `committedIds`).
+    pub fn new(spec: &Spec, commit_threshold: Timestamp, committed_earlier: &[String]) -> Commit {
         Commit {
             transitions: transitions(spec, commit_threshold),
-            resumed,
-            refused_at_create: refused_at_create.iter().cloned().collect(),
+            committed_earlier: committed_earlier.iter().cloned().collect(),
             found: Vec::new(),
         }
     }
 
     /// Reads every instance's result: the reason for `Done`, or the refusal.
     fn judge(&mut self, results: Vec<(InstanceTransition, WriteResult)>) -> Result<String, Failure> {
-        let applied_now = results.iter().any(|(_, result)| *result == WriteResult::Applied);
         let (mut committed, mut moved_on, mut refused) = (0, Vec::new(), Vec::new());
         for (transition, result) in &results {
             let id = &transition.instance_id;
             let finding = classify_transition(transition, result).expect("cancelled writes were re-sent");
             match finding {
                 Finding::Done => committed += 1,
-                Finding::OwnedByOther { .. }
-                    if self.resumed && !applied_now && !self.refused_at_create.contains(id) =>
-                {
+                Finding::OwnedByOther { .. } if self.committed_earlier.contains(id) => {
                     self.found.push(Found::new(id, format!("{finding}: committed earlier, handed on since")));
                     moved_on.push(id.clone());
                 }

@@ -134,6 +134,20 @@ impl Failure {
             _ => Failure::Unexpected(error.to_string()),
         }
     }
+
+    /// How much this failure of one part of an effect holds the rest back, when parts failed
+    /// differently (the send batches of several queues): a failure that may clear (SQS
+    /// unavailable, throttled, not yet) keeps everything as it is and the run resumable; a
+    /// refusal leaves its instances in the pool; only a queue that is gone lets cleanup retire
+    /// what it could not announce. The most cautious one is the effect's failure, so that one
+    /// queue that is gone never speaks for another that is merely unavailable.
+    pub fn caution(&self) -> u8 {
+        match self {
+            Failure::Gone(_) => 0,
+            Failure::Unexpected(_) => 1,
+            Failure::Unavailable(_) | Failure::Throttled(_) | Failure::NotYet(_) => 2,
+        }
+    }
 }
 
 /// Something a stage found about one instance: reported in the trace and the logs.

@@ -300,3 +300,53 @@ impl Stage for Retire {
         std::mem::take(&mut self.found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start() -> Timestamp {
+        Timestamp::parse("2026-11-30T12:00:00Z").unwrap()
+    }
+
+    /// Drives one marked instance that EC2 does not know through the protocol, `age` seconds
+    /// after its mark: returns the deletions it asks for, or its verdict.
+    fn unknown_after(age: i64) -> Result<Vec<InstanceDeletion>, Failure> {
+        let value = crate::spec::tests::instance_json("i-00000000000000001", "large");
+        let instance: PoolInstance = serde_json::from_value(value).expect("an instance");
+        let mut retire = Retire::new("9876543210", &[(Role::Selected, &instance)], None, None, start());
+        let now = start().plus_secs(age);
+        let Poll::Run(effects) = retire.advance(now, Vec::new()) else { panic!("marks first") };
+        let Some(Effect::Transition(marks)) = effects.into_iter().next() else { panic!("marks first") };
+        let marked = marks.into_iter().map(|m| (m, WriteResult::Applied)).collect();
+        let mut answers = vec![
+            EffectResult::Transitioned(marked),
+            EffectResult::Checkpointed,
+            EffectResult::Checked(PoolMembership { unknown: vec![instance.id.clone()], ..PoolMembership::default() }),
+            EffectResult::Terminated(Termination::default()),
+            EffectResult::Checkpointed,
+        ]
+        .into_iter();
+        let mut results = vec![Ok(answers.next().expect("marks"))];
+        loop {
+            match retire.advance(now, std::mem::take(&mut results)) {
+                Poll::Run(effects) => match effects.into_iter().next() {
+                    Some(Effect::Delete(deletions)) => return Ok(deletions),
+                    _ => results = vec![Ok(answers.next().expect("an answer for each step"))],
+                },
+                Poll::Finished(verdict) => return verdict.map(|_| Vec::new()),
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_instance_keeps_its_record_while_its_mark_is_fresh() {
+        assert!(matches!(unknown_after(10), Err(Failure::NotYet(_))));
+    }
+
+    #[test]
+    fn an_unknown_instance_long_after_its_mark_is_gone_and_its_record_deleted() {
+        let deletions = unknown_after(UNKNOWN_INSTANCE_GRACE_SECS + 100).expect("no wait");
+        assert_eq!(deletions.len(), 1, "the long-gone instance's record is deleted");
+    }
+}

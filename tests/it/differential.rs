@@ -166,6 +166,7 @@ fn run_record(run_id: &str, version: u64, owner: &str, state: State, at: Timesta
         queue_urls: BTreeMap::new(),
         messages_sent: Vec::new(),
         refused_at_create: Vec::new(),
+        committed_ids: Vec::new(),
         error: None,
         lease: Lease { owner: owner.to_string(), expires_at: at.plus_secs(30) },
         fencing_epoch: 1,

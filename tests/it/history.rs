@@ -37,6 +37,7 @@ fn finished_record(run_id: &str, at: Timestamp) -> RunRecord {
         error: None,
         lease: Lease { owner: String::new(), expires_at: at },
         fencing_epoch: 1,
+        committed_ids: Vec::new(),
         ttl: Some(at.plus_secs(30 * 86_400).unix_secs()),
     }
 }
