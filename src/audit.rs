@@ -71,9 +71,10 @@ pub struct Ec2Snapshot {
     pub state: String,
     /// Launch time, when EC2 gave one.
     pub launched_at: Option<Timestamp>,
-    /// Whether it carries the pool tag (`Limits::pool_tag_key`): only such instances are ever
-    /// terminated.
-    pub pool_tagged: bool,
+    /// The pool tag's value (`Limits::pool_tag_key`; the run that launched it), `None` without
+    /// the tag: only tagged instances are ever terminated, and one without a record only as
+    /// [`crate::run::unrecorded::may_terminate`] allows.
+    pub pool_tag: Option<String>,
 }
 
 /// Everything one audit reads.
@@ -315,7 +316,8 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Aud
     }
 
     for instance in &snapshot.instances {
-        if !instance.pool_tagged || is_dead(&instance.state) || recorded.contains(instance.id.as_str()) {
+        let Some(tag_value) = instance.pool_tag.as_deref() else { continue };
+        if is_dead(&instance.state) || recorded.contains(instance.id.as_str()) {
             continue;
         }
         let age = instance.launched_at.map(|at| now.unix_secs() - at.unix_secs());
@@ -323,15 +325,7 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Aud
         if !matches!(age, Some(age) if age >= grace_secs) {
             continue;
         }
-        let mut finding = AuditFinding::new(
-            FindingKind::OrphanInstance,
-            Repair::Terminate,
-            "pool-tagged instance with no record".into(),
-        );
-        finding.instance_id = Some(instance.id.clone());
-        finding.ec2_state = Some(instance.state.clone());
-        finding.age_secs = age;
-        findings.push(finding);
+        findings.push(orphan(instance, tag_value, age, run_unfinished.get(tag_value).copied().unwrap_or(false)));
     }
 
     for (class, idle) in unexpired_idle {
@@ -365,6 +359,24 @@ pub fn classify(snapshot: &Snapshot, now: Timestamp, grace_secs: i64) -> Vec<Aud
     }
     findings.sort_by(|a, b| (a.kind, &a.instance_id, &a.run_id).cmp(&(b.kind, &b.instance_id, &b.run_id)));
     findings
+}
+
+/// An orphan past its grace period: terminated by `--fix` only as the rule for instances
+/// without a record allows (the run its tag names is finished or has no run record); otherwise
+/// reported with no repair, and why.
+fn orphan(instance: &Ec2Snapshot, tag_value: &str, age: Option<i64>, named_run_unfinished: bool) -> AuditFinding {
+    let acting = crate::run::unrecorded::Acting::Audit { named_run_unfinished };
+    let (repair, detail) = match crate::run::unrecorded::may_terminate(acting, tag_value) {
+        Ok(()) => (Repair::Terminate, "pool-tagged instance with no record".to_string()),
+        Err(left) => (Repair::None, left),
+    };
+    let mut finding = AuditFinding::new(FindingKind::OrphanInstance, repair, detail);
+    finding.instance_id = Some(instance.id.clone());
+    // The run that launched it: in a GitHub Actions job, `--fix` terminates only the job's own.
+    finding.run_id = Some(tag_value.to_string()).filter(|run| !run.is_empty());
+    finding.ec2_state = Some(instance.state.clone());
+    finding.age_secs = age;
+    finding
 }
 
 /// What became of one finding under `--fix`.
@@ -533,7 +545,7 @@ mod tests {
             id: id.into(),
             state: "running".into(),
             launched_at: Some(now().plus_secs(-3_600)),
-            pool_tagged: true,
+            pool_tag: Some("an-old-run".into()),
         }
     }
 
@@ -588,7 +600,7 @@ mod tests {
         let mut snapshot = healthy();
         // orphan-instance: tagged, alive, no record, old. An untagged one is never reported.
         snapshot.instances.push(alive("i-orphan"));
-        snapshot.instances.push(Ec2Snapshot { pool_tagged: false, ..alive("i-foreign") });
+        snapshot.instances.push(Ec2Snapshot { pool_tag: None, ..alive("i-foreign") });
         // ghost-record: EC2 says terminated, and one EC2 does not know (old record).
         snapshot.records.push(record("i-ghost", "idle", "", 300));
         snapshot.instances.push(Ec2Snapshot { state: "terminated".into(), ..alive("i-ghost") });
@@ -659,6 +671,37 @@ mod tests {
             without_grace,
             vec![(FindingKind::OrphanInstance, "i-young".into()), (FindingKind::GhostRecord, "i-fresh".into())]
         );
+    }
+
+    #[test]
+    fn an_orphan_is_terminated_only_for_a_run_its_tag_names_that_is_over() {
+        let mut snapshot = healthy();
+        let tagged = |id: &str, value: &str| Ec2Snapshot { pool_tag: Some(value.into()), ..alive(id) };
+        // r1 is Done, "gone" has no run record: their orphans are terminated.
+        snapshot.instances.push(tagged("i-of-done", "r1"));
+        snapshot.instances.push(tagged("i-of-gone", "gone"));
+        // r2 is still committing: its orphan is left to it (its resume retires what it created).
+        snapshot.instances.push(tagged("i-of-live", "r2"));
+        // An empty tag names no run at all.
+        snapshot.instances.push(tagged("i-of-none", ""));
+        let orphans: Vec<(String, Repair, Option<String>)> = classify(&snapshot, now(), 600)
+            .into_iter()
+            .filter(|f| f.kind == FindingKind::OrphanInstance)
+            .map(|f| (f.instance_id.unwrap_or_default(), f.repair, f.run_id))
+            .collect();
+        assert_eq!(
+            orphans,
+            vec![
+                ("i-of-done".into(), Repair::Terminate, Some("r1".into())),
+                ("i-of-gone".into(), Repair::Terminate, Some("gone".into())),
+                ("i-of-live".into(), Repair::None, Some("r2".into())),
+                ("i-of-none".into(), Repair::None, None),
+            ]
+        );
+        // The same orphans, young: none is reported, let alone terminated.
+        let young: Vec<_> =
+            classify(&snapshot, now(), 7_200).into_iter().filter(|f| f.kind == FindingKind::OrphanInstance).collect();
+        assert_eq!(young, Vec::new());
     }
 
     #[test]

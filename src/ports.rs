@@ -8,6 +8,7 @@
 //! [`AwsError`] that comes back is final for this call. Its [`ErrorClass`] says what it was, so
 //! the caller can tell "AWS is unreachable, try again later" from "this can never work".
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use crate::core::{InstanceDeletion, InstanceTransition, WriteResult};
@@ -109,11 +110,13 @@ pub struct Termination {
 }
 
 /// Which of a set of instance ids are the pool's: EC2 instances carrying the pool tag
-/// (`InitialRunId`, which creation puts on every instance it launches).
+/// (`InitialRunId`, which creation puts on every instance it launches, with the id of the run
+/// that launched it as its value).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolMembership {
-    /// Instances that carry the pool tag (in any state, terminated included).
-    pub members: Vec<String>,
+    /// Instances that carry the pool tag (in any state, terminated included), each with the
+    /// tag's value: the run that launched it.
+    pub members: BTreeMap<String, String>,
     /// Instances EC2 knows that do not carry the pool tag: never terminated by this engine.
     pub foreign: Vec<String>,
     /// Ids EC2 does not know (gone long ago, or too new for eventual consistency).

@@ -768,10 +768,11 @@ impl Compute for SimPorts {
                 for id in ids {
                     match world.ec2.instances.get(&id) {
                         Some(instance) if instance.visible_from <= now => {
-                            if instance.tags.contains_key(post_provision::config::DEFAULT_POOL_TAG_KEY) {
-                                membership.members.push(id);
-                            } else {
-                                membership.foreign.push(id);
+                            match instance.tags.get(post_provision::config::DEFAULT_POOL_TAG_KEY) {
+                                Some(value) => {
+                                    membership.members.insert(id, value.clone());
+                                }
+                                None => membership.foreign.push(id),
                             }
                         }
                         _ => {

@@ -8,6 +8,7 @@ mod audit;
 mod bad_input;
 mod cli;
 mod crash;
+mod creation_tag;
 mod differential;
 mod faults;
 mod github;
