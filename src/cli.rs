@@ -283,6 +283,7 @@ pub fn classify_drive_error(error: &DriveError) -> (i32, ErrorKind) {
         DriveError::Stalled { .. } => (EXIT_RESUMABLE, ErrorKind::Stalled),
         DriveError::Crashed { .. } => (EXIT_RESUMABLE, ErrorKind::Crashed),
         DriveError::Uncertain { .. } => (EXIT_RESUMABLE, ErrorKind::Uncertain),
+        DriveError::PoolNotConfigured(_) => (EXIT_CONFIG, ErrorKind::PoolConfig),
         DriveError::NotStarted(aws) | DriveError::Store(StoreError::Aws(aws)) => classify_aws_error(aws),
         DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, ErrorKind::Internal),
     }

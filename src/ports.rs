@@ -123,6 +123,18 @@ pub struct PoolMembership {
     pub unknown: Vec<String>,
 }
 
+/// What an instance's record says the instance is: the pool's word on the class and instance
+/// type of a pool message (issue 18), read before a run that returns instances writes anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceFacts {
+    /// The EC2 instance id.
+    pub id: String,
+    /// The record's `resourceClass`.
+    pub resource_class: String,
+    /// The record's `instanceType`, when it has one.
+    pub instance_type: Option<String>,
+}
+
 /// The run records and the pool's configuration, in the pool's table.
 pub trait RunStore: Send + Sync {
     /// Reads the run record of one attempt of a run.
@@ -182,6 +194,12 @@ pub trait RunStore: Send + Sync {
     fn load_resource_class_config(
         &self,
     ) -> impl Future<Output = Result<Option<ResourceClassConfig>, StoreError>> + Send;
+    /// What the instance records of up to [`crate::core::MAX_TRANSACTION_ITEMS`] ids say (class
+    /// and instance type; consistent reads). Ids without a record are left out.
+    fn load_instance_facts(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<InstanceFacts>, StoreError>> + Send;
 }
 
 /// The fencing token a driver's instance writes carry: the run record they are checked against

@@ -16,6 +16,7 @@ mod identity;
 mod interplay;
 mod paths;
 mod policy;
+mod pool_messages;
 mod scale;
 mod snapshots;
 mod trust;

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 fn iam_actions(service: &str, operation: &str) -> Option<Vec<&'static str>> {
     let actions: &[&str] = match (service, operation) {
         ("dynamodb", "get_item") => &["dynamodb:GetItem"],
+        ("dynamodb", "batch_get_item") => &["dynamodb:BatchGetItem"],
         ("dynamodb", "put_item") => &["dynamodb:PutItem"],
         ("dynamodb", "delete_item") => &["dynamodb:DeleteItem"],
         ("dynamodb", "query") => &["dynamodb:Query"],
@@ -123,7 +124,8 @@ fn leading_keys(statement: &serde_json::Value) -> Option<BTreeSet<String>> {
 fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
     let set = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
     let writes = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#INSTANCE"]);
-    // `audit` reads the instance partition too (one paged Query of TYPE#INSTANCE).
+    // `audit` reads the instance partition too (one paged Query of TYPE#INSTANCE), and a run
+    // that returns instances reads their records first (BatchGetItem of TYPE#INSTANCE).
     let reads = set(&["TYPE#RUN", "TYPE#RUNSPEC", "TYPE#METADATA", "TYPE#INSTANCE"]);
     for (action, allowed) in [
         ("dynamodb:PutItem", &writes),
@@ -131,6 +133,7 @@ fn dynamodb_access_is_limited_to_the_partitions_runs_use() {
         ("dynamodb:UpdateItem", &writes),
         ("dynamodb:DeleteItem", &writes),
         ("dynamodb:GetItem", &reads),
+        ("dynamodb:BatchGetItem", &reads),
         ("dynamodb:Query", &reads),
     ] {
         let statements = statements_granting(action);
