@@ -204,21 +204,21 @@ impl Retire {
             self.found.push(Found::new(id, "not a pool instance"));
         }
         self.unknown_marked = membership.unknown;
-        let unrecorded: HashSet<&String> = self.unrecorded.iter().collect();
         let mut terminate = Vec::with_capacity(membership.members.len());
-        let mut left_alone = Vec::new();
-        for (id, tag_value) in membership.members {
-            if !unrecorded.contains(&id) {
-                terminate.push(id);
-                continue;
-            }
-            let acting = Acting::Run { run_id: &self.run_id, in_creation_list: true };
-            match unrecorded::may_terminate(acting, &tag_value) {
-                Ok(()) => terminate.push(id),
-                Err(left) => left_alone.push(Found::new(id, left)),
+        // In the order of the marks, the marked ones first, as the pool check asked.
+        for id in &self.marked {
+            if membership.members.contains_key(id) {
+                terminate.push(id.clone());
             }
         }
-        self.found.extend(left_alone);
+        for id in &self.unrecorded {
+            let Some(tag_value) = membership.members.get(id) else { continue };
+            let acting = Acting::Run { run_id: &self.run_id, in_creation_list: true };
+            match unrecorded::may_terminate(acting, tag_value) {
+                Ok(()) => terminate.push(id.clone()),
+                Err(left) => self.found.push(Found::new(id, left)),
+            }
+        }
         terminate
     }
 
