@@ -75,9 +75,10 @@ pub struct Ec2Snapshot {
     pub state: String,
     /// Launch time, when EC2 gave one.
     pub launched_at: Option<Timestamp>,
-    /// Whether it carries the pool tag (`Limits::pool_tag_key`): only such instances are ever
-    /// terminated.
-    pub pool_tagged: bool,
+    /// The pool tag's value (`Limits::pool_tag_key`; the run that launched it), `None` without
+    /// the tag: only tagged instances are ever terminated, and one without a record only as
+    /// [`crate::run::unrecorded::may_terminate`] allows.
+    pub pool_tag: Option<String>,
 }
 
 /// Everything one audit reads.
@@ -377,10 +378,11 @@ impl<'a> Context<'a> {
         Some(finding)
     }
 
-    /// Pool-tagged, live instances with no record, older than the grace period.
+    /// Pool-tagged, live instances with no record, older than the grace period (see [`orphan`]).
     fn orphans(&self) -> impl Iterator<Item = AuditFinding> + '_ {
         self.snapshot.instances.iter().filter_map(|instance| {
-            if !instance.pool_tagged || is_dead(&instance.state) || self.recorded.contains(instance.id.as_str()) {
+            let tag_value = instance.pool_tag.as_deref()?;
+            if is_dead(&instance.state) || self.recorded.contains(instance.id.as_str()) {
                 return None;
             }
             let age = instance.launched_at.map(|at| self.now.unix_secs() - at.unix_secs());
@@ -388,15 +390,8 @@ impl<'a> Context<'a> {
             if !matches!(age, Some(age) if age >= self.grace_secs) {
                 return None;
             }
-            let mut finding = AuditFinding::new(
-                FindingKind::OrphanInstance,
-                Repair::Terminate,
-                "pool-tagged instance with no record".into(),
-            );
-            finding.instance_id = Some(instance.id.clone());
-            finding.ec2_state = Some(instance.state.clone());
-            finding.age_secs = age;
-            Some(finding)
+            let named_run_unfinished = self.run_unfinished.get(tag_value).copied().unwrap_or(false);
+            Some(orphan(instance, tag_value, age, named_run_unfinished))
         })
     }
 
@@ -438,6 +433,24 @@ fn queue_hints(unexpired_idle: &BTreeMap<&str, u64>, queued_messages: &BTreeMap<
         }
     }
     hints
+}
+
+/// An orphan past its grace period: terminated by `--fix` only as the rule for instances
+/// without a record allows (the run its tag names is finished or has no run record); otherwise
+/// reported with no repair, and why.
+fn orphan(instance: &Ec2Snapshot, tag_value: &str, age: Option<i64>, named_run_unfinished: bool) -> AuditFinding {
+    let acting = crate::run::unrecorded::Acting::Audit { named_run_unfinished };
+    let (repair, detail) = match crate::run::unrecorded::may_terminate(acting, tag_value) {
+        Ok(()) => (Repair::Terminate, "pool-tagged instance with no record".to_string()),
+        Err(left) => (Repair::None, left),
+    };
+    let mut finding = AuditFinding::new(FindingKind::OrphanInstance, repair, detail);
+    finding.instance_id = Some(instance.id.clone());
+    // The run that launched it: in a GitHub Actions job, `--fix` terminates only the job's own.
+    finding.run_id = Some(tag_value.to_string()).filter(|run| !run.is_empty());
+    finding.ec2_state = Some(instance.state.clone());
+    finding.age_secs = age;
+    finding
 }
 
 /// What became of one finding under `--fix`.
@@ -607,7 +620,7 @@ mod tests {
             id: id.into(),
             state: "running".into(),
             launched_at: Some(now().plus_secs(-3_600)),
-            pool_tagged: true,
+            pool_tag: Some("an-old-run".into()),
         }
     }
 
@@ -662,7 +675,7 @@ mod tests {
         let mut snapshot = healthy();
         // orphan-instance: tagged, alive, no record, old. An untagged one is never reported.
         snapshot.instances.push(alive("i-orphan"));
-        snapshot.instances.push(Ec2Snapshot { pool_tagged: false, ..alive("i-foreign") });
+        snapshot.instances.push(Ec2Snapshot { pool_tag: None, ..alive("i-foreign") });
         // ghost-record: EC2 says terminated, and one EC2 does not know (old record).
         snapshot.records.push(record("i-ghost", "idle", "", 300));
         snapshot.instances.push(Ec2Snapshot { state: "terminated".into(), ..alive("i-ghost") });
@@ -735,6 +748,37 @@ mod tests {
             without_grace,
             vec![(FindingKind::OrphanInstance, "i-young".into()), (FindingKind::GhostRecord, "i-fresh".into())]
         );
+    }
+
+    #[test]
+    fn an_orphan_is_terminated_only_for_a_run_its_tag_names_that_is_over() {
+        let mut snapshot = healthy();
+        let tagged = |id: &str, value: &str| Ec2Snapshot { pool_tag: Some(value.into()), ..alive(id) };
+        // r1 is Done, "gone" has no run record: their orphans are terminated.
+        snapshot.instances.push(tagged("i-of-done", "r1"));
+        snapshot.instances.push(tagged("i-of-gone", "gone"));
+        // r2 is still committing: its orphan is left to it (its resume retires what it created).
+        snapshot.instances.push(tagged("i-of-live", "r2"));
+        // An empty tag names no run at all.
+        snapshot.instances.push(tagged("i-of-none", ""));
+        let orphans: Vec<(String, Repair, Option<String>)> = classify(&snapshot, now(), 600)
+            .into_iter()
+            .filter(|f| f.kind == FindingKind::OrphanInstance)
+            .map(|f| (f.instance_id.unwrap_or_default(), f.repair, f.run_id))
+            .collect();
+        assert_eq!(
+            orphans,
+            vec![
+                ("i-of-done".into(), Repair::Terminate, Some("r1".into())),
+                ("i-of-gone".into(), Repair::Terminate, Some("gone".into())),
+                ("i-of-live".into(), Repair::None, Some("r2".into())),
+                ("i-of-none".into(), Repair::None, None),
+            ]
+        );
+        // The same orphans, young: none is reported, let alone terminated.
+        let young: Vec<_> =
+            classify(&snapshot, now(), 7_200).into_iter().filter(|f| f.kind == FindingKind::OrphanInstance).collect();
+        assert_eq!(young, Vec::new());
     }
 
     #[test]

@@ -299,6 +299,7 @@ pub fn classify_drive_error(error: &DriveError) -> (i32, ErrorKind) {
         DriveError::NotStarted(aws) if aws.class == ErrorClass::Throttling && aws.operation == "TransactWriteItems" => {
             (EXIT_RESUMABLE, ErrorKind::Throttled)
         }
+        DriveError::PoolNotConfigured(_) => (EXIT_CONFIG, ErrorKind::PoolConfig),
         DriveError::NotStarted(aws) | DriveError::Store(StoreError::Aws(aws)) => classify_aws_error(aws),
         DriveError::Store(_) | DriveError::Transition(_) => (EXIT_INTERNAL, ErrorKind::Internal),
     }
@@ -868,11 +869,12 @@ async fn audit(
 }
 
 /// In a GitHub Actions job, `audit --fix` acts for the job's own run only: a repair that drives
-/// another run (resume) or writes its record (the pool message a finished run did not record) is
-/// skipped, with the reason, before any repair runs.
+/// another run (resume), writes its record (the pool message a finished run did not record) or
+/// terminates an orphan another run launched (its pool tag names that run) is skipped, with the
+/// reason, before any repair runs.
 fn skip_foreign_repairs(report: &mut AuditReport, job: &JobIdentity) {
     for entry in &mut report.findings {
-        let acts_for_run = matches!(entry.finding.repair, Repair::Resume | Repair::SendPoolMessage);
+        let acts_for_run = matches!(entry.finding.repair, Repair::Resume | Repair::SendPoolMessage | Repair::Terminate);
         let Some(run_id) = entry.finding.run_id.as_deref().filter(|_| acts_for_run) else { continue };
         // Only the run id binds here: a job may finish its run's earlier attempts (as `run` does).
         if let Err(foreign) = job.check("the repair", run_id, None) {

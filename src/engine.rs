@@ -449,7 +449,7 @@ impl Engine {
 
     /// Terminates one instance the audit saw, only if it carries the pool tag and is alive.
     async fn terminate_pool_instance(&self, audit: &Audit, instance_id: &str) -> (RepairOutcome, Option<String>) {
-        let Some(instance) = audit.instances.get(instance_id).filter(|i| i.pool_tagged) else {
+        let Some(instance) = audit.instances.get(instance_id).filter(|i| i.pool_tag.is_some()) else {
             return (RepairOutcome::Repaired, Some("record deleted; the instance has no pool tag or is gone".into()));
         };
         if matches!(instance.state.as_str(), "terminated" | "shutting-down") {

@@ -107,6 +107,13 @@ pub const ACCESSES: &[Access] = &[
         partitions: &["TYPE#RUN", "TYPE#RUNSPEC"],
         roles: RUN_ONLY,
     },
+    // A run that returns instances reads their records first: the pool says what each one is.
+    Access {
+        function: "load_instance_facts",
+        actions: &["dynamodb:BatchGetItem"],
+        partitions: INSTANCE,
+        roles: RUN_ONLY,
+    },
     Access { function: "replace_run", actions: &["dynamodb:PutItem"], partitions: RUN, roles: DRIVING },
     Access { function: "renew_lease", actions: &["dynamodb:UpdateItem"], partitions: RUN, roles: DRIVING },
     // The fence: every instance transaction checks the run record.

@@ -8,6 +8,7 @@
 //! [`AwsError`] that comes back is final for this call. Its [`ErrorClass`] says what it was, so
 //! the caller can tell "AWS is unreachable, try again later" from "this can never work".
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use crate::core::{InstanceDeletion, InstanceTransition, WriteResult};
@@ -133,15 +134,29 @@ pub struct Termination {
 }
 
 /// Which of a set of instance ids are the pool's: EC2 instances carrying the pool tag
-/// (`InitialRunId`, which creation puts on every instance it launches).
+/// (`InitialRunId`, which creation puts on every instance it launches, with the id of the run
+/// that launched it as its value).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolMembership {
-    /// Instances that carry the pool tag (in any state, terminated included).
-    pub members: Vec<String>,
+    /// Instances that carry the pool tag (in any state, terminated included), each with the
+    /// tag's value: the run that launched it.
+    pub members: BTreeMap<String, String>,
     /// Instances EC2 knows that do not carry the pool tag: never terminated by this engine.
     pub foreign: Vec<String>,
     /// Ids EC2 does not know (gone long ago, or too new for eventual consistency).
     pub unknown: Vec<String>,
+}
+
+/// What an instance's record says the instance is: the pool's word on the class and instance
+/// type of a pool message (issue 18), read before a run that returns instances writes anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceFacts {
+    /// The EC2 instance id.
+    pub id: String,
+    /// The record's `resourceClass`.
+    pub resource_class: String,
+    /// The record's `instanceType`, when it has one.
+    pub instance_type: Option<String>,
 }
 
 /// The run records and the pool's configuration, in the pool's table.
@@ -204,6 +219,12 @@ pub trait RunStore: Send + Sync {
     fn load_resource_class_config(
         &self,
     ) -> impl Future<Output = Result<Option<ResourceClassConfig>, StoreError>> + Send;
+    /// What the instance records of up to [`crate::core::MAX_TRANSACTION_ITEMS`] ids say (class
+    /// and instance type; consistent reads). Ids without a record are left out.
+    fn load_instance_facts(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Vec<InstanceFacts>, StoreError>> + Send;
 }
 
 /// The fencing token a driver's instance writes carry: the run record they are checked against

@@ -457,6 +457,63 @@ impl Spec {
     }
 }
 
+impl Spec {
+    /// Checks each instance against the pool (issue 18), before a run that returns instances to
+    /// the pool writes anything: its class must have a queue in the pool's `pool` config, with the
+    /// instance's `cpu` and `mmem`, and where its record exists (`records`), the record's
+    /// `resourceClass` and `instanceType` must be the spec's. A pool message then carries only
+    /// what the pool says, whatever the spec claims.
+    pub fn check_against_pool_records(
+        &self,
+        pool: &ResourceClassConfig,
+        records: &[crate::ports::InstanceFacts],
+    ) -> Result<(), SpecError> {
+        let by_id: BTreeMap<&str, &crate::ports::InstanceFacts> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+        let lists = [("selection", &self.selection.instances), ("creation", &self.creation.instances)];
+        for (list, instances) in lists {
+            for (index, instance) in instances.iter().enumerate() {
+                let at = |field: &str| format!("{list}.instances[{index}].{field}");
+                let class = &instance.resource_class;
+                let Some(known) = pool.get(class) else {
+                    return Err(SpecError::new(
+                        at("resourceClass"),
+                        format!("resource class {class:?} has no pool queue in the pool's resource_class_config (the table's TYPE#METADATA item); returning the instance to its pool needs one"),
+                    ));
+                };
+                if (instance.cpu, instance.mmem) != (known.cpu, known.mmem) {
+                    return Err(SpecError::new(
+                        at("cpu"),
+                        format!(
+                            "expected the pool's cpu {} and mmem {} for class {class:?}, got cpu {} and mmem {}",
+                            known.cpu, known.mmem, instance.cpu, instance.mmem
+                        ),
+                    ));
+                }
+                let Some(record) = by_id.get(instance.id.as_str()) else { continue };
+                if record.resource_class != *class {
+                    return Err(SpecError::new(
+                        at("resourceClass"),
+                        format!(
+                            "instance {} is of class {:?} by its record in the pool's table, not {class:?}",
+                            instance.id, record.resource_class
+                        ),
+                    ));
+                }
+                if let Some(instance_type) = record.instance_type.as_ref().filter(|t| **t != instance.instance_type) {
+                    return Err(SpecError::new(
+                        at("instanceType"),
+                        format!(
+                            "instance {} is a {instance_type:?} by its record in the pool's table, not {:?}",
+                            instance.id, instance.instance_type
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Which queue URLs a spec's `resourceClassConfig` may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueUrlRule {
@@ -979,6 +1036,44 @@ pub(crate) mod tests {
         let spec = Spec::from_json(&value.to_string()).unwrap();
         assert_eq!(spec.check_queue_urls(SqsOnly).unwrap_err().field, "resourceClassConfig.large.queueUrl");
         assert!(spec.check_queue_urls(SqsOrLoopback).is_ok());
+    }
+
+    #[test]
+    fn the_pool_records_decide_what_an_instance_is() {
+        use crate::ports::InstanceFacts;
+        let spec = Spec::from_json(&spec_json().to_string()).unwrap();
+        let pool = spec.resource_class_config.clone().unwrap();
+        let facts = |id: &str, class: &str, instance_type: Option<&str>| InstanceFacts {
+            id: id.into(),
+            resource_class: class.into(),
+            instance_type: instance_type.map(str::to_string),
+        };
+        let agreeing =
+            [facts("i-0aaaaaaaaaaaaaaaa", "large", Some("c6i.large")), facts("i-0bbbbbbbbbbbbbbbb", "large", None)];
+        assert_eq!(spec.check_against_pool_records(&pool, &agreeing), Ok(()));
+        // No record: nothing to contradict (such an instance is never announced).
+        assert_eq!(spec.check_against_pool_records(&pool, &[]), Ok(()));
+        // The attack of issue 18: the spec names the class `small` for a `large` record.
+        let mut small = spec.clone();
+        small.selection.instances[0].resource_class = "small".into();
+        let mut with_small = pool.clone();
+        with_small.insert("small".into(), ResourceClass { cpu: 2, mmem: 4096, ..pool["large"].clone() });
+        let error = small.check_against_pool_records(&with_small, &agreeing).unwrap_err();
+        assert_eq!(error.field, "selection.instances[0].resourceClass", "{error}");
+        assert!(error.problem.contains("\"large\"") && error.problem.contains("\"small\""), "{error}");
+        // Another instance type than the record's.
+        let mut nano = spec.clone();
+        nano.selection.instances[0].instance_type = "t3.nano".into();
+        let error = nano.check_against_pool_records(&pool, &agreeing).unwrap_err();
+        assert_eq!(error.field, "selection.instances[0].instanceType", "{error}");
+        assert!(error.problem.contains("t3.nano") && error.problem.contains("c6i.large"), "{error}");
+        // A class the pool does not know, and cpu/mmem that are not the pool's.
+        let error = small.check_against_pool_records(&pool, &[]).unwrap_err();
+        assert_eq!(error.field, "selection.instances[0].resourceClass", "{error}");
+        assert!(error.problem.contains("no pool queue"), "{error}");
+        let mut cpu = spec.clone();
+        cpu.creation.instances[0].cpu = 64;
+        assert_eq!(cpu.check_against_pool_records(&pool, &[]).unwrap_err().field, "creation.instances[0].cpu");
     }
 
     #[test]

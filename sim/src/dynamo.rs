@@ -276,11 +276,11 @@ impl Table {
     }
 
     /// The versioned `PutItem`: `Err` carries the record found (ALL_OLD) when the version differs.
-    pub fn replace_run(&mut self, record: &RunRecord, expected_version: u64) -> Result<(), Option<RunRecord>> {
+    pub fn replace_run(&mut self, record: &RunRecord, expected_version: u64) -> Result<(), Option<Box<RunRecord>>> {
         let identifier = record.identifier();
         let stored_version = self.runs.get(&identifier).and_then(|value| value.get("version")?.as_u64());
         if stored_version != Some(expected_version) {
-            return Err(self.run(&identifier).ok().flatten());
+            return Err(self.run(&identifier).ok().flatten().map(Box::new));
         }
         self.runs.insert(identifier, serde_json::to_value(record).expect("a record serializes"));
         Ok(())

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use post_provision::core::{InstanceDeletion, InstanceTransition, ObservedRecord, WriteResult};
 use post_provision::ports::{
-    AwsError, Compute, CreateOutcome, ErrorClass, Fence, InstanceStore, OutgoingMessage, PoolMembership, PoolQueues,
-    RunStore, StoreError, Termination,
+    AwsError, Compute, CreateOutcome, ErrorClass, Fence, InstanceFacts, InstanceStore, OutgoingMessage, PoolMembership,
+    PoolQueues, RunStore, StoreError, Termination,
 };
 use post_provision::record::{self, RunRecord};
 use post_provision::spec::ResourceClassConfig;
@@ -541,6 +541,24 @@ impl RunStore for SimPorts {
     async fn load_resource_class_config(&self) -> Result<Option<ResourceClassConfig>, StoreError> {
         Ok(self.call("DynamoDB", "GetItem", false, |world| world.table.resource_class_config.clone()).await?)
     }
+
+    /// The memory's records keep no instance type: only the class is compared.
+    async fn load_instance_facts(&self, ids: &[String]) -> Result<Vec<InstanceFacts>, StoreError> {
+        let ids = ids.to_vec();
+        Ok(self
+            .call("DynamoDB", "BatchGetItem", false, move |world| {
+                ids.iter()
+                    .filter_map(|id| {
+                        world.table.instances.get(id).map(|item| InstanceFacts {
+                            id: id.clone(),
+                            resource_class: item.resource_class.clone(),
+                            instance_type: None,
+                        })
+                    })
+                    .collect()
+            })
+            .await?)
+    }
 }
 
 impl InstanceStore for SimPorts {
@@ -778,10 +796,11 @@ impl Compute for SimPorts {
                 for id in ids {
                     match world.ec2.instances.get(&id) {
                         Some(instance) if instance.visible_from <= now => {
-                            if instance.tags.contains_key(post_provision::config::DEFAULT_POOL_TAG_KEY) {
-                                membership.members.push(id);
-                            } else {
-                                membership.foreign.push(id);
+                            match instance.tags.get(post_provision::config::DEFAULT_POOL_TAG_KEY) {
+                                Some(value) => {
+                                    membership.members.insert(id, value.clone());
+                                }
+                                None => membership.foreign.push(id),
                             }
                         }
                         _ => {

@@ -193,7 +193,11 @@ impl AwsPorts {
                         .map(|name| name.as_str().to_string())
                         .unwrap_or_else(|| "unknown".into()),
                     launched_at: instance.launch_time().map(|t| Timestamp::from_unix_secs(t.secs())),
-                    pool_tagged: instance.tags().iter().any(|tag| tag.key() == Some(self.limits.pool_tag_key.as_str())),
+                    pool_tag: instance
+                        .tags()
+                        .iter()
+                        .find(|tag| tag.key() == Some(self.limits.pool_tag_key.as_str()))
+                        .map(|tag| tag.value().unwrap_or_default().to_string()),
                 });
             }
             if instances.len() > MAX_AUDITED_ITEMS {

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType, Put,
-    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TransactWriteItem, Update,
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType,
+    KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
 
@@ -13,7 +13,9 @@ use super::AwsPorts;
 use crate::core::{
     InstanceDeletion, InstanceState, InstanceTransition, ObservedRecord, ThresholdCondition, WriteResult,
 };
-use crate::ports::{AwsError, CreateOutcome, ErrorClass, Fence, InstanceStore, RunListing, RunStore, StoreError};
+use crate::ports::{
+    AwsError, CreateOutcome, ErrorClass, Fence, InstanceFacts, InstanceStore, RunListing, RunStore, StoreError,
+};
 use crate::record::{self, RunRecord};
 use crate::spec::ResourceClassConfig;
 use crate::timestamp::Timestamp;
@@ -617,7 +619,60 @@ impl RunStore for AwsPorts {
         let value = json_from_attribute(value).map_err(|error| corrupt(&error))?;
         serde_json::from_value(value).map(Some).map_err(|error| corrupt(&error))
     }
+
+    async fn load_instance_facts(&self, ids: &[String]) -> Result<Vec<InstanceFacts>, StoreError> {
+        assert!(ids.len() <= crate::core::MAX_TRANSACTION_ITEMS, "BatchGetItem takes at most 100 keys");
+        let mut pending: Vec<Item> = ids.iter().map(|id| key("INSTANCE", id)).collect();
+        let mut facts = Vec::with_capacity(ids.len());
+        // DynamoDB may leave keys unprocessed under load: ask again for those, a bounded number
+        // of times (the SDK's own retries come first), then report the load as throttling.
+        for _ in 0..UNPROCESSED_ROUNDS {
+            if pending.is_empty() {
+                return Ok(facts);
+            }
+            let keys = KeysAndAttributes::builder()
+                .set_keys(Some(std::mem::take(&mut pending)))
+                .projection_expression("SK, resourceClass, instanceType")
+                .consistent_read(true)
+                .build()
+                .map_err(|error| StoreError::Corrupt(format!("BatchGetItem request: {error}")))?;
+            let output = self
+                .dynamodb
+                .batch_get_item()
+                .request_items(&self.table, keys)
+                .send()
+                .await
+                .map_err(|error| from_sdk(SERVICE, "BatchGetItem", error))?;
+            for item in output.responses().and_then(|r| r.get(&self.table)).into_iter().flatten() {
+                let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+                let sort_key = text("SK").unwrap_or_default();
+                facts.push(InstanceFacts {
+                    id: sort_key.strip_prefix("ID#").unwrap_or(&sort_key).to_string(),
+                    resource_class: text("resourceClass").unwrap_or_default(),
+                    instance_type: text("instanceType"),
+                });
+            }
+            pending = output
+                .unprocessed_keys()
+                .and_then(|u| u.get(&self.table))
+                .map(|k| k.keys().to_vec())
+                .unwrap_or_default();
+        }
+        if pending.is_empty() {
+            return Ok(facts);
+        }
+        Err(StoreError::Aws(AwsError {
+            service: SERVICE,
+            operation: "BatchGetItem",
+            code: Some("ProvisionedThroughputExceededException".into()),
+            message: format!("{} instance records still unprocessed after {UNPROCESSED_ROUNDS} rounds", pending.len()),
+            class: ErrorClass::Throttling,
+        }))
+    }
 }
+
+/// Rounds of asking again for the keys a `BatchGetItem` left unprocessed.
+const UNPROCESSED_ROUNDS: usize = 5;
 
 /// What [`ensure_table`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -75,7 +75,8 @@ impl AwsPorts {
     }
 
     /// One DescribeInstances for `ids`, unknown ids removed and retried as the call names them.
-    async fn describe_tags(&self, ids: &[String]) -> Result<(Vec<(String, bool)>, Vec<String>), AwsError> {
+    /// Each known instance comes with its pool tag's value, `None` when it has no pool tag.
+    async fn describe_tags(&self, ids: &[String]) -> Result<(Vec<(String, Option<String>)>, Vec<String>), AwsError> {
         let mut pending = ids.to_vec();
         let mut unknown = Vec::new();
         // Each round removes at least one id or ends.
@@ -92,9 +93,12 @@ impl AwsPorts {
                     Ok(page) => {
                         for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                             let Some(id) = instance.instance_id() else { continue };
-                            let tagged =
-                                instance.tags().iter().any(|tag| tag.key() == Some(self.limits.pool_tag_key.as_str()));
-                            found.push((id.to_string(), tagged));
+                            let tag = instance
+                                .tags()
+                                .iter()
+                                .find(|tag| tag.key() == Some(self.limits.pool_tag_key.as_str()))
+                                .map(|tag| tag.value().unwrap_or_default().to_string());
+                            found.push((id.to_string(), tag));
                         }
                     }
                     Err(error) => {
@@ -140,11 +144,12 @@ impl Compute for AwsPorts {
             unknown = still_unknown;
         }
         let mut membership = PoolMembership { unknown, ..PoolMembership::default() };
-        for (id, tagged) in found {
-            if tagged {
-                membership.members.push(id);
-            } else {
-                membership.foreign.push(id);
+        for (id, tag) in found {
+            match tag {
+                Some(value) => {
+                    membership.members.insert(id, value);
+                }
+                None => membership.foreign.push(id),
             }
         }
         Ok(membership)

@@ -109,13 +109,17 @@ impl<P: Ports> Driver<P> {
         }
         match self.resolve_queues(spec).await {
             Ok(urls) => first.queue_urls = urls,
-            Err(ResolveError::Spec(error)) => {
+            Err(refused @ (ResolveError::Spec(_) | ResolveError::NotConfigured(_))) => {
                 // A repeated `run` of an existing run reports that run, even if the pool's
                 // configuration changed since.
                 if let Some(existing) = self.ports.load_run(&spec.run_id, spec.attempt()).await.map_err(not_started)? {
                     return Ok(Err(Box::pin(self.rejoin(existing, spec_digest)).await));
                 }
-                return Err(DriveError::InvalidSpec(error));
+                return Err(match refused {
+                    ResolveError::Spec(error) => DriveError::InvalidSpec(error),
+                    ResolveError::NotConfigured(message) => DriveError::PoolNotConfigured(message),
+                    ResolveError::Aws(_) => unreachable!("matched above"),
+                });
             }
             // Nothing is written yet: a missing table, AWS under load, or AWS unavailable for
             // now under `Stall`, is reported as such, and the same `run` can be repeated.
@@ -307,10 +311,12 @@ impl<P: Ports> Driver<P> {
         self.resume_record(existing, false).await
     }
 
-    /// The pool queue of each resource class the run's instances belong to.
+    /// The pool queue of each resource class the run's instances belong to, from the pool's
+    /// metadata item only (issue 18): the pool, not the spec, is the source of a pool message.
+    /// Before anything is written, the spec's own `resourceClassConfig` must agree with that
+    /// item, and each instance with its record (class, instance type) and its class's `cpu` and
+    /// `mmem`; a table without the item cannot take instances back.
     async fn resolve_queues(&self, spec: &Spec) -> Result<BTreeMap<String, String>, ResolveError> {
-        // The table's configuration is read even when the spec carries its own: the pool's item
-        // is the authority, and a spec's config that disagrees with it is refused (issue 13).
         let pool = self.ports.load_resource_class_config().await.map_err(|error| match error {
             StoreError::Aws(aws) => ResolveError::Aws(aws),
             other => ResolveError::Spec(SpecError {
@@ -318,30 +324,25 @@ impl<P: Ports> Driver<P> {
                 problem: format!("the table's metadata item is unusable: {other}"),
             }),
         })?;
-        spec.check_config_against_pool(pool.as_ref(), self.limits.queue_urls).map_err(ResolveError::Spec)?;
-        let config = spec.resource_class_config.clone().or(pool);
-        let mut urls = BTreeMap::new();
-        let lists = [("selection", &spec.selection.instances), ("creation", &spec.creation.instances)];
-        for (list, instances) in lists {
-            for (index, instance) in instances.iter().enumerate() {
-                match config.as_ref().and_then(|config| config.get(&instance.resource_class)) {
-                    Some(class) => {
-                        urls.insert(instance.resource_class.clone(), class.queue_url.clone());
-                    }
-                    None => {
-                        return Err(ResolveError::Spec(SpecError {
-                            field: format!("{list}.instances[{index}].resourceClass"),
-                            problem: format!(
-                                "resource class {:?} has no pool queue in resourceClassConfig{}; returning the instance to its pool needs one",
-                                instance.resource_class,
-                                if spec.resource_class_config.is_none() { " (read from the table's TYPE#METADATA resource_class_config item)" } else { "" }
-                            ),
-                        }))
-                    }
-                }
-            }
+        let Some(pool) = pool else {
+            return Err(ResolveError::NotConfigured(
+                "the table has no pool configuration (TYPE#METADATA / ID#resource_class_config), so this run cannot return its instances to their pool queues; a spec's own resourceClassConfig is not used in its place".into(),
+            ));
+        };
+        spec.check_config_against_pool(Some(&pool), self.limits.queue_urls).map_err(ResolveError::Spec)?;
+        let ids: Vec<String> = spec.instances().map(|(_, instance)| instance.id.clone()).collect();
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(core::MAX_TRANSACTION_ITEMS) {
+            records.extend(self.ports.load_instance_facts(chunk).await.map_err(|error| match error {
+                StoreError::Aws(aws) => ResolveError::Aws(aws),
+                other => ResolveError::Spec(SpecError { field: "$".into(), problem: other.to_string() }),
+            })?);
         }
-        Ok(urls)
+        spec.check_against_pool_records(&pool, &records).map_err(ResolveError::Spec)?;
+        Ok(spec
+            .instances()
+            .map(|(_, instance)| (instance.resource_class.clone(), pool[&instance.resource_class].queue_url.clone()))
+            .collect())
     }
 }
 
@@ -365,6 +366,8 @@ enum Created {
 
 enum ResolveError {
     Spec(SpecError),
+    /// The pool has no configuration item.
+    NotConfigured(String),
     Aws(AwsError),
 }
 

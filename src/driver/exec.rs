@@ -134,7 +134,7 @@ impl<P: Ports> Driver<P> {
                 // The most cautious failure of all the batches (`Failure::caution`), whatever
                 // order they finished in.
                 Err(StepError::Failed(failed)) => {
-                    if failure.as_ref().is_none_or(|f: &Failure| failed.caution() > f.caution()) {
+                    if failure.as_ref().map_or(true, |f: &Failure| failed.caution() > f.caution()) {
                         failure = Some(failed);
                     }
                 }

@@ -155,6 +155,9 @@ impl<P: RunStore> RunStore for Hooked<P> {
     async fn load_resource_class_config(&self) -> Result<Option<ResourceClassConfig>, StoreError> {
         self.read(self.inner.load_resource_class_config()).await
     }
+    async fn load_instance_facts(&self, ids: &[String]) -> Result<Vec<crate::ports::InstanceFacts>, StoreError> {
+        self.read(self.inner.load_instance_facts(ids)).await
+    }
 }
 
 impl<P: InstanceStore> InstanceStore for Hooked<P> {

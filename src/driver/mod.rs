@@ -167,6 +167,10 @@ pub enum DriveError {
     /// AWS failed before anything was written.
     #[error("nothing was written: {0}")]
     NotStarted(AwsError),
+    /// The pool is not configured for what the run must do (a run that returns instances needs
+    /// the table's `TYPE#METADATA` / `ID#resource_class_config` item); nothing was written.
+    #[error("nothing was written: {0}")]
+    PoolNotConfigured(String),
     /// Creating the run record failed in a way that may have written it (the answer was lost),
     /// and reading it back failed too: the run may have started.
     #[error("run {run_id} may have started (creating its record failed: {error}; reading it back failed: {check}); repeating the same `run` is safe")]

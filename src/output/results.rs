@@ -247,6 +247,9 @@ pub enum ErrorKind {
     Internal,
     /// `init` failed on the table.
     Table,
+    /// The table has no pool configuration (`TYPE#METADATA` / `ID#resource_class_config`) and
+    /// the run would return instances to the pool.
+    PoolConfig,
     /// Permission denied or no usable credentials.
     Permission,
 }
@@ -270,6 +273,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
             ErrorKind::Table => "table",
+            ErrorKind::PoolConfig => "pool-config",
             ErrorKind::Permission => "permission",
         }
     }

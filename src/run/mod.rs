@@ -16,6 +16,7 @@ mod proptests;
 pub mod retire;
 pub mod rollback;
 pub mod step;
+pub mod unrecorded;
 
 pub use effect::{Announcement, Effect, EffectResult, Failure, Found, Outcome, Poll};
 

@@ -1,10 +1,11 @@
 //! Property tests of the stages, with no tokio and no AWS: a model table answers each effect the
 //! way DynamoDB, SQS and EC2 would (with arbitrary failures, memberships and terminations), for
 //! arbitrary starting records. Whatever happens, a stage never writes a record without its
-//! ownership condition, never terminates an instance it has not marked (or that has no record)
-//! or that lacks the pool tag, announces only what it released, and reaches a verdict.
+//! ownership condition, never terminates an instance it has not marked (or that has no record,
+//! is in the creation list and carries this run's id in its pool tag) or that lacks the pool
+//! tag, announces only what it released, and reaches a verdict.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
@@ -31,6 +32,8 @@ struct Record {
 struct Instance {
     record: Option<Record>,
     tagged: bool,
+    /// The pool tag's value: the run that launched it.
+    tag_value: String,
     known_to_ec2: bool,
     refuse_termination: bool,
 }
@@ -45,10 +48,12 @@ fn instance() -> impl Strategy<Value = Instance> {
     let threshold = prop::sample::select(vec![-100i64, 1_000, 300, 1_800]);
     let record = prop::option::weighted(0.85, (state, owner, threshold))
         .prop_map(|r| r.map(|(state, run_id, offset)| Record { state, run_id, threshold: start().plus_secs(offset) }));
-    (record, prop::bool::weighted(0.9), prop::bool::weighted(0.9), prop::bool::weighted(0.1)).prop_map(
-        |(record, tagged, known_to_ec2, refuse_termination)| Instance {
+    let tag_value = prop::sample::select(vec![RUN.to_string(), "1111".to_string(), String::new()]);
+    (record, prop::bool::weighted(0.9), tag_value, prop::bool::weighted(0.9), prop::bool::weighted(0.1)).prop_map(
+        |(record, tagged, tag_value, known_to_ec2, refuse_termination)| Instance {
             record,
             tagged,
+            tag_value,
             known_to_ec2,
             refuse_termination,
         },
@@ -76,6 +81,8 @@ struct Model {
     next_fault: usize,
     /// Members of the last pool check.
     members: Vec<String>,
+    /// The spec's creation list.
+    created: BTreeSet<String>,
     idle_threshold: Option<Timestamp>,
 }
 
@@ -182,11 +189,13 @@ impl Model {
                     let instance = &self.instances[&id];
                     match (instance.known_to_ec2, instance.tagged) {
                         (false, _) => membership.unknown.push(id),
-                        (true, true) => membership.members.push(id),
+                        (true, true) => {
+                            membership.members.insert(id, instance.tag_value.clone());
+                        }
                         (true, false) => membership.foreign.push(id),
                     }
                 }
-                self.members = membership.members.clone();
+                self.members = membership.members.keys().cloned().collect();
                 EffectResult::Checked(membership)
             }
             Effect::Terminate(ids) => {
@@ -196,6 +205,10 @@ impl Model {
                     let instance = &self.instances[&id];
                     let marked = instance.record.as_ref().is_none_or(|r| r.state == "terminated" && r.run_id == RUN);
                     assert!(marked, "terminated before its mark: {id} {:?}", instance.record);
+                    if instance.record.is_none() {
+                        assert!(self.created.contains(&id), "a selected instance without a record terminated: {id}");
+                        assert_eq!(instance.tag_value, RUN, "a record-less instance of another run terminated: {id}");
+                    }
                     if instance.refuse_termination {
                         let error = AwsError {
                             service: "EC2",
@@ -233,12 +246,14 @@ fn drive<S: Stage>(mut stage: S, model: &mut Model) -> Result<S::Verdict, Failur
 fn world(selected: usize, instances: Vec<Instance>, faults: Vec<u8>) -> (Spec, Model) {
     let spec = spec(selected, instances.len() - selected, true);
     let ids = spec.instances().map(|(_, i)| i.id.clone());
+    let created = spec.creation.instances.iter().map(|i| i.id.clone()).collect();
     let model = Model {
         instances: ids.zip(instances).collect(),
         now: start(),
         faults,
         next_fault: 0,
         members: Vec::new(),
+        created,
         idle_threshold: None,
     };
     (spec, model)

@@ -8,7 +8,9 @@
 //!    holds. With `released_unsent`, a record this run released at that threshold and never
 //!    announced is marked as well: nothing would ever claim it.
 //! 2. **Pool check.** Only instances with the pool tag are terminated; one without it is
-//!    reported and never terminated.
+//!    reported and never terminated. An instance with no record is terminated only if
+//!    [`unrecorded::may_terminate`] allows it: listed in the spec's creation list, and tagged
+//!    with this run's id. Any other is left alone and reported.
 //! 3. **Terminate.** A refused termination keeps the marked record (and is reported).
 //! 4. **Delete** the marked records of the instances EC2 terminated, conditional on the mark. A
 //!    record never disappears while its instance may live on. An instance EC2 does not know yet
@@ -18,11 +20,13 @@
 //!
 //! Architecture invariant: a record is deleted only after its mark landed and EC2 terminated
 //! the instance (or long forgot it); an instance is terminated only after its mark landed (or
-//! it has no record) and only with the pool tag.
+//! it has no record, is in the creation list and its pool tag names this run) and only with the
+//! pool tag.
 
 use std::collections::HashSet;
 
 use super::effect::{single, Effect, EffectResult, Failure, Found, Outcome, Poll};
+use super::unrecorded::{self, Acting};
 use super::Stage;
 use crate::core::{
     classify_transition, Expectation, Finding, InstanceDeletion, InstanceState, InstanceTransition, ThresholdCondition,
@@ -53,8 +57,8 @@ pub struct Retired {
 pub enum Disposition {
     /// Marked by this run (now or earlier): terminate the instance, then delete the record.
     TerminateThenDelete,
-    /// No record: nothing can ever claim it again, so it is terminated (if it is a pool
-    /// instance), or it would leak.
+    /// No record: nothing can ever claim it again, so it is terminated if it is this run's own
+    /// (see [`unrecorded::may_terminate`]), or it would leak; any other is left alone.
     TerminateOnly,
     /// Found exactly as this run's rollback released it: the caller decides (announce again).
     Released,
@@ -178,19 +182,44 @@ impl Retire {
             let id = mark.instance_id.clone();
             match disposition(mark, result, self.released) {
                 (Disposition::TerminateThenDelete, _) => self.marked.push(id),
-                (Disposition::TerminateOnly, _) => self.unrecorded.push(id),
+                (Disposition::TerminateOnly, _) if mark.role == Role::Created => self.unrecorded.push(id),
+                // A selected instance without a record: launched by another run, whatever its
+                // tag says, so the rule leaves it alone without asking EC2.
+                (Disposition::TerminateOnly, _) => {
+                    let acting = Acting::Run { run_id: &self.run_id, in_creation_list: false };
+                    if let Err(left) = unrecorded::may_terminate(acting, "") {
+                        self.found.push(Found::new(id, left));
+                    }
+                }
                 (Disposition::Released, _) => self.released_ids.push(id),
                 (Disposition::LeaveAlone, finding) => self.found.push(Found::new(id, finding.to_string())),
             }
         }
     }
 
+    /// The instances to terminate: the marked ones with the pool tag, and those without a record
+    /// that the rule for them allows (the tag's value decides).
     fn handle_pool(&mut self, membership: PoolMembership) -> Vec<String> {
         for id in &membership.foreign {
             self.found.push(Found::new(id, "not a pool instance"));
         }
         self.unknown_marked = membership.unknown;
-        membership.members
+        let mut terminate = Vec::with_capacity(membership.members.len());
+        // In the order of the marks, the marked ones first, as the pool check asked.
+        for id in &self.marked {
+            if membership.members.contains_key(id) {
+                terminate.push(id.clone());
+            }
+        }
+        for id in &self.unrecorded {
+            let Some(tag_value) = membership.members.get(id) else { continue };
+            let acting = Acting::Run { run_id: &self.run_id, in_creation_list: true };
+            match unrecorded::may_terminate(acting, tag_value) {
+                Ok(()) => terminate.push(id.clone()),
+                Err(left) => self.found.push(Found::new(id, left)),
+            }
+        }
+        terminate
     }
 
     /// After termination: the deletions due now. An instance EC2 does not know (yet), marked or
@@ -303,7 +332,11 @@ impl Stage for Retire {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::spec::tests::{instance_json, spec_json};
+    use crate::spec::Spec;
 
     fn start() -> Timestamp {
         Timestamp::parse("2026-11-30T12:00:00Z").unwrap()
@@ -348,5 +381,62 @@ mod tests {
     fn an_unknown_instance_long_after_its_mark_is_gone_and_its_record_deleted() {
         let deletions = unknown_after(UNKNOWN_INSTANCE_GRACE_SECS + 100).expect("no wait");
         assert_eq!(deletions.len(), 1, "the long-gone instance's record is deleted");
+    }
+
+    const SELECTED: &str = "i-0aaaaaaaaaaaaaaaa";
+    const OWN: &str = "i-0bbbbbbbbbbbbbbbb";
+    const OTHERS: &str = "i-0cccccccccccccccc";
+
+    /// Run 9876543210: one selected and two created instances, none with a record.
+    fn spec() -> Spec {
+        let mut value = spec_json();
+        value["creation"]["numInstancesCreated"] = 2.into();
+        value["selection"]["numInstancesRequired"] = 3.into();
+        value["creation"]["instances"] =
+            serde_json::json!([instance_json(OWN, "large"), instance_json(OTHERS, "large")]);
+        Spec::from_json(&value.to_string()).expect("a valid spec")
+    }
+
+    fn one(poll: Poll<Retired>) -> Effect {
+        match poll {
+            Poll::Run(mut effects) if effects.len() == 1 => effects.remove(0),
+            other => panic!("expected one effect, got {other:?}"),
+        }
+    }
+
+    /// The attack of issue 18: the spec lists, in its creation list, an instance another run
+    /// launched (tagged with that run's id) and has not recorded yet. Only the instance tagged
+    /// with this run's id is terminated; a selected instance without a record is not even
+    /// looked up. Both are reported.
+    #[test]
+    fn only_created_instances_tagged_with_this_run_are_terminated_without_a_record() {
+        let spec = spec();
+        let at = Timestamp::parse("2026-11-30T12:00:00Z").unwrap();
+        let instances: Vec<(Role, &PoolInstance)> = spec.instances().collect();
+        let mut retire = Retire::new(&spec.run_id, &instances, None, None, at);
+        let Effect::Transition(marks) = one(retire.advance(at, Vec::new())) else { panic!("marks first") };
+        let missing = marks.into_iter().map(|mark| (mark, WriteResult::Rejected(None))).collect();
+        assert_eq!(one(retire.advance(at, vec![Ok(EffectResult::Transitioned(missing))])), Effect::Checkpoint);
+        let checked = one(retire.advance(at, vec![Ok(EffectResult::Checkpointed)]));
+        assert_eq!(checked, Effect::CheckPool(vec![OWN.to_string(), OTHERS.to_string()]));
+        let members =
+            BTreeMap::from([(OWN.to_string(), spec.run_id.clone()), (OTHERS.to_string(), "1111".to_string())]);
+        let membership = PoolMembership { members, ..PoolMembership::default() };
+        let terminate = one(retire.advance(at, vec![Ok(EffectResult::Checked(membership))]));
+        assert_eq!(terminate, Effect::Terminate(vec![OWN.to_string()]));
+        let done = Termination { terminated: vec![OWN.to_string()], ..Termination::default() };
+        let verdict = retire.advance(at, vec![Ok(EffectResult::Terminated(done))]);
+        assert_eq!(verdict, Poll::Finished(Ok(Retired { terminated: 1, released: Vec::new() })));
+        let found: BTreeMap<String, String> = retire.drain_found().into_iter().map(|f| (f.id, f.finding)).collect();
+        assert_eq!(
+            found,
+            BTreeMap::from([
+                (SELECTED.to_string(), "no instance record, and not in this run's creation list".to_string()),
+                (
+                    OTHERS.to_string(),
+                    "no instance record, and its pool tag names run \"1111\", not this run".to_string()
+                ),
+            ])
+        );
     }
 }

@@ -75,7 +75,6 @@ fn termination_key(result: Result<Termination, AwsError>) -> String {
 fn membership_key(result: Result<PoolMembership, AwsError>) -> String {
     match result {
         Ok(mut membership) => {
-            membership.members.sort();
             membership.foreign.sort();
             membership.unknown.sort();
             format!("{membership:?}")
@@ -186,7 +185,8 @@ async fn run_sequence(seed: u64) -> usize {
     // EC2: pool-tagged instances, one foreign one, and an id neither side knows.
     let mut ids = Vec::new();
     for _ in 0..6 {
-        let id = world.launch("large").await;
+        // The memory's EC2 tags its instances `InitialRunId = differential`: so does moto's here.
+        let id = world.launch_tagged("large", Some(("InitialRunId", "differential"))).await;
         memory.launch_instance(&id, true);
         ids.push(id);
     }

@@ -214,9 +214,10 @@ impl World {
             .expect("put config");
     }
 
-    /// Launches a pool instance: tagged `InitialRunId` as creation tags every instance it launches.
+    /// Launches a pool instance as this world's run's creation would: tagged `InitialRunId =
+    /// <the run id>`.
     pub async fn launch(&self, class: &str) -> String {
-        self.launch_tagged(class, Some(("InitialRunId", "100000000"))).await
+        self.launch_tagged(class, Some(("InitialRunId", &self.run_id))).await
     }
 
     /// Launches an instance with the given tag, or none (an instance that is not the pool's).

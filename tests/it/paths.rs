@@ -220,5 +220,10 @@ async fn a_small_run_persists_its_state_with_its_effects_in_one_transaction() {
     assert_eq!(requests.get("DynamoDB.TransactWriteItems"), Some(&1), "{requests:?}");
     assert_eq!(requests.get("SQS.SendMessageBatch"), Some(&2), "one per class: {requests:?}");
     assert_eq!(requests.get("DynamoDB.PutItem"), Some(&1), "Failed: {requests:?}");
-    assert_eq!(engine.requests().total(), 5, "the pool configuration read, then three stages: {requests:?}");
+    assert_eq!(requests.get("DynamoDB.BatchGetItem"), Some(&1), "the instance records read first: {requests:?}");
+    assert_eq!(
+        engine.requests().total(),
+        6,
+        "the pool configuration and the instance records read, then three stages: {requests:?}"
+    );
 }

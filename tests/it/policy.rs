@@ -19,6 +19,7 @@ use post_provision::iam::{self, Role};
 fn iam_actions(call: &str) -> Option<&'static [&'static str]> {
     let actions: &[&str] = match call {
         "get_item" => &["dynamodb:GetItem"],
+        "batch_get_item" => &["dynamodb:BatchGetItem"],
         "put_item" | "Put::builder" => &["dynamodb:PutItem"],
         "update_item" | "Update::builder" => &["dynamodb:UpdateItem"],
         "delete_item" | "Delete::builder" => &["dynamodb:DeleteItem"],
