@@ -259,6 +259,51 @@ fn world(selected: usize, instances: Vec<Instance>, faults: Vec<u8>) -> (Spec, M
     (spec, model)
 }
 
+/// Cleanup's extra mark (issue 17's `mark-any-idle` mutant): an instance this run released and
+/// could not announce again because its queue is gone is retired only if its record is still
+/// exactly as released. Here the pool moved it meanwhile (claimed and released again, at another
+/// idle threshold): the mark must be refused and the instance left in the pool, untouched.
+#[test]
+fn cleanup_retires_an_unannounced_release_only_while_it_is_exactly_as_released() {
+    let idle = start().plus_secs(300);
+    let released = Instance {
+        record: Some(Record { state: "idle", run_id: String::new(), threshold: idle }),
+        tagged: true,
+        tag_value: RUN.to_string(),
+        known_to_ec2: true,
+        refuse_termination: false,
+    };
+    let (spec, mut model) = world(1, vec![released], Vec::new());
+    model.idle_threshold = Some(idle);
+    let id = spec.instances().next().map(|(_, i)| i.id.clone()).expect("one instance");
+    let mut stage = Cleanup::new(&spec, &[], Some(idle), start());
+    let (mut results, mut sends) = (Vec::new(), 0);
+    let verdict = loop {
+        let poll = stage.advance(model.now, std::mem::take(&mut results));
+        match poll {
+            Poll::Finished(verdict) => break verdict,
+            Poll::Run(effects) => {
+                for effect in effects {
+                    if let Effect::Send(_) = effect {
+                        sends += 1;
+                        // The queue is gone; meanwhile the pool re-released the instance later.
+                        let record = model.instances.get_mut(&id).and_then(|i| i.record.as_mut()).expect("record");
+                        record.threshold = idle.plus_secs(60);
+                        let failure = Some(Failure::Gone("the queue is gone".into()));
+                        results.push(Ok(EffectResult::Sent { delivered: Vec::new(), failure }));
+                    } else {
+                        results.push(model.answer(effect));
+                    }
+                }
+            }
+        }
+    };
+    assert_eq!(sends, 1, "the released instance was announced again once");
+    assert!(verdict.is_ok(), "{verdict:?}");
+    let record = model.instances[&id].record.clone().expect("the record stays");
+    assert_eq!((record.state, record.run_id.as_str(), record.threshold), ("idle", "", idle.plus_secs(60)));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
