@@ -276,8 +276,9 @@ struct Context<'a> {
     /// The (run id, idle threshold) of each finished run that released instances (the first
     /// attempt found names the finding).
     released_by: HashMap<(&'a str, &'a str), &'a RunSnapshot>,
-    /// Every (run id, instance id) those runs know they announced.
-    announced: HashSet<(&'a str, &'a str)>,
+    /// Every (run id, idle threshold, instance id) those runs know they announced: attempts
+    /// share the run id, so one attempt's messages never speak for another's release.
+    announced: HashSet<(&'a str, &'a str, &'a str)>,
     recorded: HashSet<&'a str>,
 }
 
@@ -296,7 +297,7 @@ impl<'a> Context<'a> {
         for run in snapshot.runs.iter().filter(|run| run.is_finished()) {
             if let Some(threshold) = run.idle_threshold.as_deref() {
                 released_by.entry((run.run_id.as_str(), threshold)).or_insert(run);
-                announced.extend(run.messages_sent.iter().map(|id| (run.run_id.as_str(), id.as_str())));
+                announced.extend(run.messages_sent.iter().map(|id| (run.run_id.as_str(), threshold, id.as_str())));
             }
         }
         Context {
@@ -365,7 +366,7 @@ impl<'a> Context<'a> {
     /// threshold) and never recorded announcing.
     fn unannounced_idle(&self, record: &InstanceRecordSnapshot, ec2_state: &str) -> Option<AuditFinding> {
         let run = self.released_by.get(&(record.released_by.as_str(), record.threshold.as_str()))?;
-        if self.announced.contains(&(record.released_by.as_str(), record.id.as_str())) {
+        if self.announced.contains(&(record.released_by.as_str(), record.threshold.as_str(), record.id.as_str())) {
             return None;
         }
         let mut finding =
@@ -828,6 +829,27 @@ mod tests {
         snapshot.instances.push(alive("i-again"));
         snapshot.queued_messages.insert("large".into(), 4);
         assert_eq!(kinds(&snapshot), Vec::new());
+    }
+
+    #[test]
+    fn one_attempts_message_never_speaks_for_anothers_release() {
+        let mut snapshot = healthy();
+        // Attempt 1 released and announced i-x at one threshold; attempt 2 claimed it again,
+        // released it at another and finished without recording its message.
+        let mut first = run("r4", "Failed", -200);
+        first.idle_threshold = Some(at(100));
+        first.messages_sent = vec!["i-x".into()];
+        let mut second = RunSnapshot { attempt: 2, ..run("r4", "Failed", -100) };
+        second.idle_threshold = Some(at(300));
+        snapshot.runs.extend([first, second]);
+        snapshot.records.push(InstanceRecordSnapshot { released_by: "r4".into(), ..record("i-x", "idle", "", 300) });
+        snapshot.instances.push(alive("i-x"));
+        let found: Vec<(FindingKind, Option<String>, Option<u32>)> = classify(&snapshot, now(), 600)
+            .into_iter()
+            .filter(|f| !f.is_hint())
+            .map(|f| (f.kind, f.instance_id, f.run_attempt))
+            .collect();
+        assert_eq!(found, vec![(FindingKind::UnannouncedIdle, Some("i-x".to_string()), Some(2))]);
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub const ACCESSES: &[Access] = &[
         partitions: INSTANCE,
         roles: RUN_ONLY,
     },
-    Access { function: "replace_run", actions: &["dynamodb:PutItem"], partitions: RUN, roles: DRIVING },
+    Access { function: "put_run", actions: &["dynamodb:PutItem"], partitions: RUN, roles: DRIVING },
     Access { function: "renew_lease", actions: &["dynamodb:UpdateItem"], partitions: RUN, roles: DRIVING },
     // The fence: every instance transaction checks the run record.
     Access { function: "fence_check", actions: &["dynamodb:ConditionCheckItem"], partitions: RUN, roles: DRIVING },

@@ -189,6 +189,20 @@ pub trait RunStore: Send + Sync {
         record: &RunRecord,
         expected_version: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// A take-over's [`RunStore::replace_run`]: also only if the stored `committedIds` still
+    /// holds `committed_as_read` ids. The driver taken over may still append to it (a commit
+    /// transaction's fence holds until this write lands, and appending leaves the version as it
+    /// is): a replace of the list as read would erase that evidence, so the take-over is refused
+    /// instead (a `VersionConflict`), and tried again later on a fresh read.
+    fn take_over_run(
+        &self,
+        record: &RunRecord,
+        expected_version: u64,
+        committed_as_read: usize,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = committed_as_read;
+        self.replace_run(record, expected_version)
+    }
     /// Extends the lease to `expires_at` if `owner` still holds it, without touching the
     /// version: the driver's own versioned writes stay valid. `Ok(false)` when another driver
     /// has taken the run over.

@@ -91,7 +91,8 @@ pub struct RunRecord {
     /// evidence that an instance reached `running` for the run before somebody took it on.
     /// Written only by those transactions. A versioned write carries what its driver read: the
     /// only one after a commit transaction, in `Committing`, is the write that leaves that state,
-    /// after which no rule reads this list (a take-over reads it back before writing).
+    /// after which no rule reads this list. A take-over writes only while the list is as it read
+    /// it ([`crate::ports::RunStore::take_over_run`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub committed_ids: Vec<String>,
     /// Why the run failed: the shortfall, or the original unexpected error.

@@ -172,6 +172,61 @@ fn fresh_token() -> String {
 }
 
 impl AwsPorts {
+    /// The versioned `PutItem` of a run record; for a take-over, also only while `committedIds`
+    /// holds `committed_as_read` ids (see [`RunStore::take_over_run`]).
+    async fn put_run(
+        &self,
+        record: &RunRecord,
+        expected_version: u64,
+        committed_as_read: Option<usize>,
+    ) -> Result<(), StoreError> {
+        let mut put = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(record_item(record)?))
+            .condition_expression("#version = :expected")
+            .expression_attribute_names("#version", "version")
+            .expression_attribute_values(":expected", AttributeValue::N(expected_version.to_string()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        match committed_as_read {
+            None => {}
+            Some(0) => {
+                put = put
+                    .condition_expression("#version = :expected AND attribute_not_exists(#committed)")
+                    .expression_attribute_names("#committed", "committedIds");
+            }
+            Some(count) => {
+                put = put
+                    .condition_expression("#version = :expected AND size(#committed) = :committedCount")
+                    .expression_attribute_names("#committed", "committedIds")
+                    .expression_attribute_values(":committedCount", AttributeValue::N(count.to_string()));
+            }
+        }
+        match put.send().await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(
+                    failed,
+                )) = error.as_service_error()
+                {
+                    let existing = failed.item().map(record_from_item).transpose()?;
+                    // A retried write whose first attempt landed (the answer was lost) finds itself.
+                    if let Some(existing) = &existing {
+                        if existing.version == record.version && existing.lease.owner == record.lease.owner {
+                            return Ok(());
+                        }
+                    }
+                    return Err(StoreError::VersionConflict {
+                        found_version: existing.as_ref().map(|r| r.version),
+                        found_owner: existing.map(|r| r.lease.owner),
+                    });
+                }
+                Err(from_sdk(SERVICE, "PutItem", error).into())
+            }
+        }
+    }
+
     /// One fenced transaction: `items`, then the [`Fence`] on the run record: a `ConditionCheck`,
     /// or, when `committed` names commit transitions, an `Update` with the same condition that
     /// appends them to `committedIds` (`crate::ports::committed_ids`). Refused by the fence,
@@ -497,39 +552,16 @@ impl RunStore for AwsPorts {
     }
 
     async fn replace_run(&self, record: &RunRecord, expected_version: u64) -> Result<(), StoreError> {
-        let result = self
-            .dynamodb
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(record_item(record)?))
-            .condition_expression("#version = :expected")
-            .expression_attribute_names("#version", "version")
-            .expression_attribute_values(":expected", AttributeValue::N(expected_version.to_string()))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(error) => {
-                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(
-                    failed,
-                )) = error.as_service_error()
-                {
-                    let existing = failed.item().map(record_from_item).transpose()?;
-                    // A retried write whose first attempt landed (the answer was lost) finds itself.
-                    if let Some(existing) = &existing {
-                        if existing.version == record.version && existing.lease.owner == record.lease.owner {
-                            return Ok(());
-                        }
-                    }
-                    return Err(StoreError::VersionConflict {
-                        found_version: existing.as_ref().map(|r| r.version),
-                        found_owner: existing.map(|r| r.lease.owner),
-                    });
-                }
-                Err(from_sdk(SERVICE, "PutItem", error).into())
-            }
-        }
+        self.put_run(record, expected_version, None).await
+    }
+
+    async fn take_over_run(
+        &self,
+        record: &RunRecord,
+        expected_version: u64,
+        committed_as_read: usize,
+    ) -> Result<(), StoreError> {
+        self.put_run(record, expected_version, Some(committed_as_read)).await
     }
 
     async fn renew_lease(

@@ -232,7 +232,9 @@ impl<P: Ports> Driver<P> {
         now: Timestamp,
         spec_digest: &str,
     ) -> Result<Created, DriveError> {
-        let created = self.create_within_throttle_budget(record, chunks, ttl, transitions, now).await?;
+        let mut sent = record.clone();
+        let created = self.create_within_throttle_budget(&mut sent, chunks, ttl, transitions, now).await?;
+        let record = &sent;
         match created {
             Ok(CreateOutcome::Created) => Ok(Created::Landed(record.clone())),
             Ok(CreateOutcome::Exists(existing)) => {
@@ -272,16 +274,26 @@ impl<P: Ports> Driver<P> {
     /// write of a run. A throttled transaction writes nothing, so sending it again is safe. Past
     /// the budget the last throttle comes back as a retryable `Aws` error (made up for throttled
     /// items), which `create` reads back and reports as `NotStarted` (exit 3).
+    ///
+    /// Each round reads the clock again, as a re-sent batch does: the transitions' `:now` (their
+    /// conditions on unexpired claims) and the record's lease are those of the round that lands,
+    /// never of the first try. The thresholds stay as fixed at entry. `record` is left as sent.
     async fn create_within_throttle_budget(
         &self,
-        record: &RunRecord,
+        record: &mut RunRecord,
         chunks: &[String],
         ttl: i64,
         transitions: &[InstanceTransition],
-        now: Timestamp,
+        mut now: Timestamp,
     ) -> Result<Result<CreateOutcome, StoreError>, DriveError> {
         let mut rounds = super::batching::Rounds::default();
         loop {
+            if rounds.round > 0 {
+                now = self.clock.now();
+                record.updated_at = now;
+                record.lease.expires_at =
+                    if record.state.is_terminal() { now } else { now.plus_secs(self.limits.lease_secs) };
+            }
             let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
             if !create_throttled(&created) {
                 return Ok(created);

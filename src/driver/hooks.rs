@@ -137,6 +137,14 @@ impl<P: RunStore> RunStore for Hooked<P> {
     async fn replace_run(&self, record: &RunRecord, expected_version: u64) -> Result<(), StoreError> {
         self.write(self.inner.replace_run(record, expected_version)).await
     }
+    async fn take_over_run(
+        &self,
+        record: &RunRecord,
+        expected_version: u64,
+        committed_as_read: usize,
+    ) -> Result<(), StoreError> {
+        self.write(self.inner.take_over_run(record, expected_version, committed_as_read)).await
+    }
     async fn renew_lease(
         &self,
         run_id: &str,

@@ -91,7 +91,8 @@ impl<P: Ports> Driver<P> {
         taken.fencing_epoch += 1;
         taken.lease = Lease { owner: self.owner.clone(), expires_at: now.plus_secs(self.limits.lease_secs) };
         self.hold_lease(&taken);
-        match self.write(self.ports.replace_run(&taken, record.version)).await? {
+        let committed_as_read = record.committed_ids.len();
+        match self.write(self.ports.take_over_run(&taken, record.version, committed_as_read)).await? {
             Ok(()) => record = taken,
             Err(StoreError::VersionConflict { .. }) => {
                 let current =

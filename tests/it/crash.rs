@@ -304,3 +304,42 @@ async fn the_lease_is_renewed_while_a_long_stage_runs() {
     let outcome = run.await.expect("join").expect("the first driver finishes");
     assert_eq!(outcome.kind, OutcomeKind::Committed);
 }
+
+/// The evidence of a landed commit survives a take-over: the driver taken over may still append
+/// its committed ids (its fence holds until the take-over lands, and appending leaves the version
+/// as it is), so a take-over that read the record before that append is refused rather than
+/// erase them, and one on a fresh read keeps them.
+#[tokio::test]
+async fn a_take_over_never_erases_commit_evidence_appended_after_its_read() {
+    use post_provision::ports::{Fence, InstanceStore, RunStore, StoreError};
+    let mut world = World::new("evidence").await;
+    world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
+    let clock = TestClock::at(world.start);
+    let spec = world.spec("success", 1);
+    // The first driver creates its run (staged: no transition rides along) and dies.
+    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
+    let first = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
+    assert!(matches!(first.start(spec.clone()).await, Err(DriveError::Crashed { .. })));
+    let engine = world.engine(clock.clone(), Hooks::default()).await;
+    let read = engine.status(&spec.run_id).await.expect("status").expect("record");
+    assert!(read.committed_ids.is_empty());
+    // The first driver's commit lands after the take-over read the record.
+    let threshold = read.commit_threshold.expect("committing");
+    let commits = post_provision::run::commit::transitions(&spec, threshold);
+    let results = engine.ports().transition(&commits, world.start, &Fence::of(&read)).await.expect("commit");
+    assert!(results.iter().all(|r| *r == post_provision::core::WriteResult::Applied), "{results:?}");
+    let taken = |record: &post_provision::record::RunRecord| {
+        let mut taken = record.clone();
+        taken.version += 1;
+        taken.fencing_epoch += 1;
+        taken.lease.owner = "the-sweeper".into();
+        taken
+    };
+    let stale = engine.ports().take_over_run(&taken(&read), read.version, 0).await;
+    assert!(matches!(stale, Err(StoreError::VersionConflict { .. })), "{stale:?}");
+    let fresh = engine.status(&spec.run_id).await.expect("status").expect("record");
+    assert_eq!(fresh.committed_ids.len(), 2, "both commits recorded: {:?}", fresh.committed_ids);
+    engine.ports().take_over_run(&taken(&fresh), fresh.version, 2).await.expect("a take-over on a fresh read");
+    let after = engine.status(&spec.run_id).await.expect("status").expect("record");
+    assert_eq!((after.lease.owner.as_str(), after.committed_ids.len()), ("the-sweeper", 2));
+}
