@@ -59,7 +59,7 @@ pub const EXIT_CONFIG: i32 = exit::CONFIG;
 /// The exit-code table, printed at the end of `--help`.
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
-  0   Done: committed (and success of status, list, table, init, validate)
+  0   Done: committed (and success of status, list, table, init, validate, iam-policy)
   1   Failed after graceful rollback (capacity shortfall)
   2   Failed after emergency cleanup; the original error is on stderr
   3   not finished: state persisted, run `post-provision resume RUN_ID`; or a run whose first

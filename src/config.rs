@@ -66,8 +66,9 @@ pub struct Limits {
     /// and every run when 0, take the staged path (the state first, then the effects). Whatever
     /// this says, the one transaction must also fit DynamoDB's 100 actions.
     pub one_transaction_max_instances: usize,
-    /// Which queue URLs a spec's own `resourceClassConfig` may name when the table has no
-    /// `resource_class_config` item to compare it with: SQS URLs only by default. The CLI allows
+    /// Which queue URLs a spec's own `resourceClassConfig` may name (checked before any AWS
+    /// client exists; the table's `resource_class_config` item must then agree): SQS URLs only
+    /// by default. The CLI allows
     /// loopback URLs only when its endpoint is itself a loopback emulator
     /// ([`QueueUrlRule::for_endpoint`]).
     pub queue_urls: QueueUrlRule,

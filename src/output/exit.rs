@@ -1,7 +1,7 @@
 //! The CLI's exit codes (the table in `post-provision --help`). They are part of its printed
 //! output: the run report and the error report carry them as `exitCode`.
 
-/// Done: committed (and success of status, list, table, init, validate).
+/// Done: committed (and success of status, list, table, init, validate, iam-policy).
 pub const DONE: i32 = 0;
 /// Failed after graceful rollback (capacity shortfall).
 pub const ROLLED_BACK: i32 = 1;
