@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use futures::StreamExt;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::drive::Start;
@@ -10,7 +11,7 @@ use super::*;
 use crate::config::OnRetriesExhausted;
 use crate::core::{self, InstanceTransition};
 use crate::machine::{self, Input, State};
-use crate::ports::{AwsError, CreateOutcome, ErrorClass, StoreError};
+use crate::ports::{AwsError, CreateOutcome, ErrorClass, InstanceFacts, StoreError};
 use crate::record::{self, HistoryEntry, Lease, RunError, RunErrorKind, RunRecord, RUN_RECORD_SCHEMA_VERSION};
 use crate::run;
 use crate::spec::{Spec, SpecError};
@@ -328,8 +329,11 @@ impl<P: Ports> Driver<P> {
     /// Before anything is written, the spec's own `resourceClassConfig` must agree with that
     /// item, and each instance with its record (class, instance type) and its class's `cpu` and
     /// `mmem`; a table without the item cannot take instances back.
+    /// The pool's configuration and the instances' records, read together (one round trip for
+    /// a run of up to 100 instances); the configuration's errors come first, as if read first.
     async fn resolve_queues(&self, spec: &Spec) -> Result<BTreeMap<String, String>, ResolveError> {
-        let pool = self.ports.load_resource_class_config().await.map_err(|error| match error {
+        let (pool, records) = futures::join!(self.ports.load_resource_class_config(), self.instance_facts(spec));
+        let pool = pool.map_err(|error| match error {
             StoreError::Aws(aws) => ResolveError::Aws(aws),
             other => ResolveError::Spec(SpecError {
                 field: "resourceClassConfig".into(),
@@ -342,19 +346,30 @@ impl<P: Ports> Driver<P> {
             ));
         };
         spec.check_config_against_pool(Some(&pool), self.limits.queue_urls).map_err(ResolveError::Spec)?;
-        let ids: Vec<String> = spec.instances().map(|(_, instance)| instance.id.clone()).collect();
-        let mut records = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(core::MAX_TRANSACTION_ITEMS) {
-            records.extend(self.ports.load_instance_facts(chunk).await.map_err(|error| match error {
-                StoreError::Aws(aws) => ResolveError::Aws(aws),
-                other => ResolveError::Spec(SpecError { field: "$".into(), problem: other.to_string() }),
-            })?);
-        }
-        spec.check_against_pool_records(&pool, &records).map_err(ResolveError::Spec)?;
+        spec.check_against_pool_records(&pool, &records?).map_err(ResolveError::Spec)?;
         Ok(spec
             .instances()
             .map(|(_, instance)| (instance.resource_class.clone(), pool[&instance.resource_class].queue_url.clone()))
             .collect())
+    }
+
+    /// The spec's instances' records, 100 keys a read, `concurrency` reads at once.
+    async fn instance_facts(&self, spec: &Spec) -> Result<Vec<InstanceFacts>, ResolveError> {
+        let ids: Vec<String> = spec.instances().map(|(_, instance)| instance.id.clone()).collect();
+        let chunks: Vec<Vec<String>> = ids.chunks(core::MAX_TRANSACTION_ITEMS).map(<[String]>::to_vec).collect();
+        let chunks: Vec<Result<Vec<InstanceFacts>, StoreError>> = futures::stream::iter(chunks)
+            .map(|chunk| async move { self.ports.load_instance_facts(&chunk).await })
+            .buffered(self.limits.concurrency)
+            .collect()
+            .await;
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in chunks {
+            records.extend(chunk.map_err(|error| match error {
+                StoreError::Aws(aws) => ResolveError::Aws(aws),
+                other => ResolveError::Spec(SpecError { field: "$".into(), problem: other.to_string() }),
+            })?);
+        }
+        Ok(records)
     }
 }
 
