@@ -325,6 +325,26 @@ pub fn check_one_driver(world: &mut World, client: u32, attempt: u32) {
     world.violate("h-one-driver", Some(known), text);
 }
 
+/// h-one-driver, at the store: an instance transaction that landed must have been sent by the
+/// driver the run record names at that moment (its lease owner and fencing epoch), for a run
+/// not finished. Read from the record itself, apart from the store's own `fence_holds`, so that a
+/// store that fails to fence is caught too.
+pub fn check_fenced_write(world: &mut World, fence: &post_provision::ports::Fence, what: &str) {
+    let identifier = post_provision::record::record_identifier(&fence.run_id, fence.attempt);
+    let Some(record) = world.table.runs.get(&identifier) else { return };
+    let owner = record.pointer("/lease/owner").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let epoch = record.get("fencingEpoch").and_then(|v| v.as_u64()).unwrap_or(0);
+    let state = record.get("state").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    if owner == fence.owner && epoch == fence.epoch && !matches!(state.as_str(), "Done" | "Failed") {
+        return;
+    }
+    let text = format!(
+        "a {what} of driver {} (epoch {}) landed while the run record names {owner} (epoch {epoch}, {state})",
+        fence.owner, fence.epoch
+    );
+    world.violate("h-one-driver", None, text);
+}
+
 /// What the write log says happened to one instance of the run.
 #[derive(Debug, Default)]
 struct Fate {

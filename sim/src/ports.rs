@@ -597,6 +597,7 @@ impl InstanceStore for SimPorts {
                 batch.iter().map(|t| world.table.instances.get(&t.instance_id).cloned()).collect();
             let outcome = world.table.transact(&actions, &injected);
             if outcome.is_ok() {
+                invariants::check_fenced_write(world, fence, "transition");
                 world.table.append_committed(fence, post_provision::ports::committed_ids(batch, fence));
                 let attempt = world.clients[&self.client].acting_attempt;
                 invariants::check_one_driver(world, self.client, attempt);
@@ -631,6 +632,9 @@ impl InstanceStore for SimPorts {
             let before: Vec<Option<InstanceItem>> =
                 batch.iter().map(|d| world.table.instances.get(&d.instance_id).cloned()).collect();
             let outcome = world.table.transact(&actions, &injected);
+            if outcome.is_ok() {
+                invariants::check_fenced_write(world, fence, "deletion");
+            }
             world.log(|| {
                 format!(
                     "  delete {}: {:?}",
