@@ -94,7 +94,7 @@ class Workload:
     def __init__(self, rng, items):
         self.rng = rng
         self.ids = [self.run_id(i) for i in range(items)]
-        self.live = set()
+        self.written = []  # run ids written at least once: conditions that hit something
 
     def run_id(self, i):
         # Shared prefixes on purpose (begins_with must find exactly its run and its attempts).
@@ -117,6 +117,7 @@ class Workload:
             if r.random() < 0.95:
                 # Sort keys that tie across items, so the table's keys decide the order.
                 item["runIndexSK"] = {"S": r.choice([at, "2026-11-30T00:00:00Z"]) + f"#{rid[:2]}"}
+        self.written.append(rid)
         if big:
             item["blob"] = {"S": "x" * r.randrange(150_000, 380_000)}
         return item
@@ -180,7 +181,8 @@ class Workload:
             pk = r.choice(["TYPE#RUN"] * 5 + ["TYPE#SPEC", "RUN", "NOPE"])
             q["ExpressionAttributeValues"] = {":pk": {"S": pk}}
             cond = r.choice(["", "=", "<", "<=", ">", ">=", "between", "begins_with", "begins_with"])
-            a, b = f"ID#{r.choice(self.ids)}", f"ID#{r.choice(self.ids)}"
+            pool = self.written if self.written and r.random() < 0.7 else self.ids
+            a, b = f"ID#{r.choice(pool)}", f"ID#{r.choice(pool)}"
             if r.random() < 0.2:
                 a = a[: r.randrange(2, len(a))]
             if cond == "":
@@ -196,7 +198,7 @@ class Workload:
                 q["ExpressionAttributeValues"][":a"] = {"S": a}
             q["ConsistentRead"] = r.random() < 0.5
         if r.random() < 0.5:
-            q["Limit"] = r.choice([1, 2, 3, 5, 10, 101, 500])
+            q["Limit"] = r.choice([1, 1, 2, 2, 3, 5, 10, 101, 500])
         if r.random() < 0.4:
             q["ScanIndexForward"] = False
         if r.random() < 0.15:

@@ -1,4 +1,4 @@
-"""Two fixes to moto's DynamoDB for the benchmark, loaded into moto_server by scripts/bench
+"""Fixes to moto's DynamoDB (and SQS) for the benchmark, loaded into moto_server by scripts/bench
 (PYTHONPATH=bench/emulator) when BENCH_MOTO_PATCHES is not 0. They change how moto computes,
 never what it answers.
 
@@ -30,6 +30,7 @@ never what it answers.
    string values when every key is a string. What they leave out is, by construction, what moto
    would have walked past without changing its answer; scripts/check_moto_patches.py compares
    the answers with and without them. See _install_history() for the exact conditions.
+   BENCH_MOTO_HISTORY_PATCHES=0 leaves this one out. scripts/test loads all of them too.
 """
 
 import bisect
