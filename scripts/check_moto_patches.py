@@ -217,8 +217,10 @@ def main():
     parser.add_argument("--steps", type=int, default=1500, help="requests (about 40% queries)")
     opts = parser.parse_args()
 
-    servers = [start_moto(False), start_moto(True)]
+    servers = []
     try:
+        servers.append(start_moto(False))
+        servers.append(start_moto(True))
         clients = [client(url) for _, url in servers]
         for c in clients:
             c.create_table(
@@ -254,6 +256,8 @@ def main():
                 kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
                 page += 1
                 pages += 1
+            if n % 250 == 249:
+                print(f"... {n + 1} requests identical", file=sys.stderr, flush=True)
             if op == "query":
                 items_returned += answers[0].get("ok", {}).get("Count", 0)
         print(f"identical answers: {counts} ({pages} follow-up pages, {cut_by_size} pages cut by size, "
@@ -262,7 +266,12 @@ def main():
     finally:
         for proc, _ in servers:
             proc.terminate()
-            proc.wait(timeout=10)
+        for proc, _ in servers:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":
