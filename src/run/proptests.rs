@@ -148,6 +148,34 @@ impl Model {
             .collect()
     }
 
+    /// EC2's answer to a termination, checking first that each one is allowed.
+    fn terminate(&mut self, ids: Vec<String>) -> EffectResult {
+        let mut termination = Termination::default();
+        for id in ids {
+            assert!(self.members.contains(&id), "terminated without the pool tag: {id}");
+            let instance = &self.instances[&id];
+            let marked = instance.record.as_ref().is_none_or(|r| r.state == "terminated" && r.run_id == RUN);
+            assert!(marked, "terminated before its mark: {id} {:?}", instance.record);
+            if instance.record.is_none() {
+                assert!(self.created.contains(&id), "a selected instance without a record terminated: {id}");
+                assert_eq!(instance.tag_value, RUN, "a record-less instance of another run terminated: {id}");
+            }
+            if instance.refuse_termination {
+                let error = AwsError {
+                    service: "EC2",
+                    operation: "TerminateInstances",
+                    code: Some("OperationNotPermitted".into()),
+                    message: "refused".into(),
+                    class: ErrorClass::Permission,
+                };
+                termination.refused.push((id, error));
+            } else {
+                termination.terminated.push(id);
+            }
+        }
+        EffectResult::Terminated(termination)
+    }
+
     fn answer(&mut self, effect: Effect) -> Outcome {
         if !matches!(effect, Effect::Checkpoint) {
             match (self.fault(), &effect) {
@@ -198,32 +226,7 @@ impl Model {
                 self.members = membership.members.keys().cloned().collect();
                 EffectResult::Checked(membership)
             }
-            Effect::Terminate(ids) => {
-                let mut termination = Termination::default();
-                for id in ids {
-                    assert!(self.members.contains(&id), "terminated without the pool tag: {id}");
-                    let instance = &self.instances[&id];
-                    let marked = instance.record.as_ref().is_none_or(|r| r.state == "terminated" && r.run_id == RUN);
-                    assert!(marked, "terminated before its mark: {id} {:?}", instance.record);
-                    if instance.record.is_none() {
-                        assert!(self.created.contains(&id), "a selected instance without a record terminated: {id}");
-                        assert_eq!(instance.tag_value, RUN, "a record-less instance of another run terminated: {id}");
-                    }
-                    if instance.refuse_termination {
-                        let error = AwsError {
-                            service: "EC2",
-                            operation: "TerminateInstances",
-                            code: Some("OperationNotPermitted".into()),
-                            message: "refused".into(),
-                            class: ErrorClass::Permission,
-                        };
-                        termination.refused.push((id, error));
-                    } else {
-                        termination.terminated.push(id);
-                    }
-                }
-                EffectResult::Terminated(termination)
-            }
+            Effect::Terminate(ids) => self.terminate(ids),
             Effect::Checkpoint => EffectResult::Checkpointed,
         })
     }
