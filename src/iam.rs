@@ -121,7 +121,9 @@ pub const ACCESSES: &[Access] = &[
     // A commit transaction's fence: the same condition on an `Update` recording the committed ids.
     Access { function: "fence_update", actions: &["dynamodb:UpdateItem"], partitions: RUN, roles: DRIVING },
     Access { function: "transition_item", actions: &["dynamodb:UpdateItem"], partitions: INSTANCE, roles: DRIVING },
-    Access { function: "delete", actions: &["dynamodb:DeleteItem"], partitions: INSTANCE, roles: DRIVING },
+    Access { function: "deletion_items", actions: &["dynamodb:DeleteItem"], partitions: INSTANCE, roles: DRIVING },
+    // A cleanup's last deletions carry the run's terminal record, a versioned `Put`.
+    Access { function: "delete_finishing", actions: &["dynamodb:PutItem"], partitions: RUN, roles: DRIVING },
     Access { function: "send", actions: &["sqs:SendMessage"], partitions: &[], roles: DRIVING },
     Access { function: "describe_tags", actions: &["ec2:DescribeInstances"], partitions: &[], roles: DRIVING },
     Access { function: "terminate_once", actions: &["ec2:TerminateInstances"], partitions: &[], roles: DRIVING },

@@ -300,6 +300,17 @@ pub trait InstanceStore: Send + Sync {
         batch: &[InstanceDeletion],
         fence: &Fence,
     ) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
+    /// Deletes up to [`crate::core::MAX_FENCED_BATCH`] records atomically together with the run
+    /// record's versioned write of `record` (its terminal state), which is the transaction's
+    /// fence: only if the stored version is `expected_version`. Same results as
+    /// [`InstanceStore::delete`]; `Fenced` when the version differs, unless the record found is
+    /// `record` itself (a re-sent transaction whose first answer was lost), which is `Applied`.
+    fn delete_finishing(
+        &self,
+        batch: &[InstanceDeletion],
+        record: &RunRecord,
+        expected_version: u64,
+    ) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
 }
 
 /// One pool message to send.

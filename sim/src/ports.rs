@@ -475,15 +475,7 @@ impl RunStore for SimPorts {
                     )
                 });
                 if result.is_ok() {
-                    invariants::check_one_driver(world, self.client, record.run_attempt);
-                    let first = record.run_attempt == world.spec.attempt();
-                    if first && record.state == post_provision::machine::State::EmergencyCleanup {
-                        let at = world.elapsed_ms();
-                        world.ledger.cleanup_entered_ms.get_or_insert(at);
-                    }
-                }
-                if result.is_ok() && record.state.is_terminal() && record.run_attempt == world.spec.attempt() {
-                    invariants::on_terminal(world);
+                    self.put_landed(world, record);
                 }
                 result
             })
@@ -643,19 +635,82 @@ impl InstanceStore for SimPorts {
                 )
             });
             if outcome.is_ok() {
-                let attempt = world.clients[&self.client].acting_attempt;
-                invariants::check_one_driver(world, self.client, attempt);
-                for (deletion, item) in batch.iter().zip(before) {
-                    let Some(item) = item else { continue };
-                    let id = &deletion.instance_id;
-                    invariants::check_isolation(world, self.client, id, &item, "deleted the record of");
-                    invariants::check_write(world, self.client, id, Some(&item), None, None);
-                    world.log_write(Who::Driver(self.client), id, Some(item), None);
-                }
+                self.deleted(world, batch, before);
             }
             Self::transaction_results(outcome, batch.len())
         })
         .await?
+    }
+
+    async fn delete_finishing(
+        &self,
+        batch: &[InstanceDeletion],
+        record: &RunRecord,
+        expected_version: u64,
+    ) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= post_provision::core::MAX_FENCED_BATCH, "transaction batch too large");
+        self.call("DynamoDB", "TransactWriteItems", true, |world| {
+            // The record's versioned `Put` is the fence, as in `AwsPorts::delete_finishing`.
+            let identifier = record.identifier();
+            let stored = world.table.runs.get(&identifier).and_then(|value| value.get("version")?.as_u64());
+            if stored != Some(expected_version) {
+                let found = world.table.run(&identifier).ok().flatten();
+                let itself = found.is_some_and(|f| f.version == record.version && f.lease.owner == record.lease.owner);
+                world.log(|| format!("  delete {} finishing the run: record version differs ({itself})", batch.len()));
+                return Ok(vec![if itself { WriteResult::Applied } else { WriteResult::Fenced }; batch.len()]);
+            }
+            let injected =
+                if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
+            self.note_acting_attempt(world, batch.iter().map(|d| &d.instance_id));
+            let actions: Vec<Action<'_>> = batch.iter().map(Action::Delete).collect();
+            let before: Vec<Option<InstanceItem>> =
+                batch.iter().map(|d| world.table.instances.get(&d.instance_id).cloned()).collect();
+            let outcome = world.table.transact(&actions, &injected);
+            world.log(|| {
+                format!(
+                    "  delete {} finishing the run in {}: {:?}",
+                    batch.len(),
+                    record.state,
+                    outcome.as_ref().map_err(|r| r.iter().filter(|r| **r != Reason::None).count())
+                )
+            });
+            if outcome.is_ok() {
+                invariants::check_fenced_write(world, &Fence::of(record), "deletion");
+                self.deleted(world, batch, before);
+                world.table.replace_run(record, expected_version).expect("the version was checked");
+                self.put_landed(world, record);
+            }
+            Self::transaction_results(outcome, batch.len())
+        })
+        .await?
+    }
+}
+
+impl SimPorts {
+    /// What every landed deletion of the driver is checked against, and logged as.
+    fn deleted(&self, world: &mut World, batch: &[InstanceDeletion], before: Vec<Option<InstanceItem>>) {
+        let attempt = world.clients[&self.client].acting_attempt;
+        invariants::check_one_driver(world, self.client, attempt);
+        for (deletion, item) in batch.iter().zip(before) {
+            let Some(item) = item else { continue };
+            let id = &deletion.instance_id;
+            invariants::check_isolation(world, self.client, id, &item, "deleted the record of");
+            invariants::check_write(world, self.client, id, Some(&item), None, None);
+            world.log_write(Who::Driver(self.client), id, Some(item), None);
+        }
+    }
+
+    /// What every landed write of a run record is checked against.
+    fn put_landed(&self, world: &mut World, record: &RunRecord) {
+        invariants::check_one_driver(world, self.client, record.run_attempt);
+        let first = record.run_attempt == world.spec.attempt();
+        if first && record.state == post_provision::machine::State::EmergencyCleanup {
+            let at = world.elapsed_ms();
+            world.ledger.cleanup_entered_ms.get_or_insert(at);
+        }
+        if record.state.is_terminal() && first {
+            invariants::on_terminal(world);
+        }
     }
 }
 

@@ -337,7 +337,68 @@ impl InstanceStore for AwsPorts {
 
     async fn delete(&self, batch: &[InstanceDeletion], fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
-        let mut items = Vec::with_capacity(batch.len());
+        self.transact(self.deletion_items(batch)?, fence, Vec::new()).await
+    }
+
+    async fn delete_finishing(
+        &self,
+        batch: &[InstanceDeletion],
+        record: &RunRecord,
+        expected_version: u64,
+    ) -> Result<Vec<WriteResult>, AwsError> {
+        assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
+        let count = batch.len();
+        let mut items = self.deletion_items(batch)?;
+        // The run's terminal write is the fence: the versioned `PutItem` every later record write
+        // is, in the same transaction as the deletions.
+        let item = record_item(record).map_err(|error| build_error("TransactWriteItems", error))?;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("#version = :expected")
+            .expression_attribute_names("#version", "version")
+            .expression_attribute_values(":expected", AttributeValue::N(expected_version.to_string()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(|error| build_error("TransactWriteItems", error))?;
+        items.push(TransactWriteItem::builder().put(put).build());
+        let result = self
+            .dynamodb
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .client_request_token(fresh_token())
+            .send()
+            .await;
+        let error = match result {
+            Ok(_) => return Ok(vec![WriteResult::Applied; count]),
+            Err(error) => error,
+        };
+        let Some(
+            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(
+                cancelled,
+            ),
+        ) = error.as_service_error()
+        else {
+            return Err(from_sdk(SERVICE, "TransactWriteItems", error));
+        };
+        let reasons = cancelled.cancellation_reasons();
+        let fence = reasons.get(count);
+        if fence.and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+            // A re-sent transaction whose first answer was lost finds its own record.
+            let found = fence.and_then(|r| r.item()).map(record_from_item).transpose().ok().flatten();
+            let itself = found.is_some_and(|f| f.version == record.version && f.lease.owner == record.lease.owner);
+            return Ok(vec![if itself { WriteResult::Applied } else { WriteResult::Fenced }; count]);
+        }
+        let mut results = cancellation_results(reasons, count + 1)?;
+        results.truncate(count);
+        Ok(results)
+    }
+}
+
+impl AwsPorts {
+    /// The deletions as transaction items: only a record this run marked.
+    fn deletion_items(&self, batch: &[InstanceDeletion]) -> Result<Vec<TransactWriteItem>, AwsError> {
+        let mut items = Vec::with_capacity(batch.len() + 1);
         for deletion in batch {
             // Only a record this run marked: see `core::InstanceDeletion`.
             let values = HashMap::from([
@@ -356,11 +417,9 @@ impl InstanceStore for AwsPorts {
                 .map_err(|error| build_error("TransactWriteItems", error))?;
             items.push(TransactWriteItem::builder().delete(delete).build());
         }
-        self.transact(items, fence, Vec::new()).await
+        Ok(items)
     }
-}
 
-impl AwsPorts {
     /// One transition as a transaction item: the data model's conditional update.
     fn transition_item(&self, transition: &InstanceTransition, now: Timestamp) -> Result<TransactWriteItem, AwsError> {
         let (condition, mut values) = transition_condition(transition, now);

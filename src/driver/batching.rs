@@ -2,7 +2,7 @@
 //! [`core::MAX_FENCED_BATCH`] items, at most `concurrency` at once, with re-sends of cancelled
 //! and throttled items within their budgets, and the backoff between them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use tracing::{info, warn};
@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::{DriveError, Driver, StepError, TraceEvent};
 use crate::core::{self, InstanceDeletion, InstanceTransition, WriteResult};
 use crate::ports::{AwsError, ErrorClass, Fence, Ports};
+use crate::record::RunRecord;
 use crate::run::Failure;
 
 impl<P: Ports> Driver<P> {
@@ -41,19 +42,42 @@ impl<P: Ports> Driver<P> {
         deletions: Vec<InstanceDeletion>,
         fence: &Fence,
     ) -> Result<Vec<(InstanceDeletion, WriteResult)>, StepError> {
-        let kind = Kind {
-            what: "deletion",
-            id: |d: &InstanceDeletion| &d.instance_id,
-            event: |batch: &[InstanceDeletion]| TraceEvent::DeleteRecords {
-                ids: batch.iter().map(|d| d.instance_id.clone()).collect(),
-            },
-        };
         self.run_batched(
             deletions,
-            kind,
+            DELETION,
             move |batch| async move { self.write(self.ports.delete(&batch, fence)).await },
         )
         .await
+    }
+
+    /// A stage's last deletions (at most one batch) and the run's terminal record `next` in the
+    /// same transaction, whose versioned write of `next` is the fence. Cancelled items are re-sent
+    /// with `next` as usual; if every deletion was refused before a transaction landed, `next` is
+    /// written alone. Either way the run is finished when this returns `Ok`.
+    pub(super) async fn run_deletions_finishing(
+        &self,
+        deletions: Vec<InstanceDeletion>,
+        record: &mut RunRecord,
+        next: RunRecord,
+    ) -> Result<(), StepError> {
+        debug_assert!(deletions.len() <= core::MAX_FENCED_BATCH, "one transaction");
+        let landed = &AtomicBool::new(false);
+        let (expected, finished) = (record.version, &next);
+        self.run_batched(deletions, DELETION, move |batch| async move {
+            let written = self.write(self.ports.delete_finishing(&batch, finished, expected)).await;
+            if let Ok(Ok(results)) = &written {
+                if results.iter().all(|result| *result == WriteResult::Applied) {
+                    landed.store(true, Ordering::SeqCst);
+                }
+            }
+            written
+        })
+        .await?;
+        if landed.load(Ordering::SeqCst) {
+            self.persisted(record, next);
+            return Ok(());
+        }
+        self.persist(record, next).await.map_err(StepError::Stop)
     }
 
     /// The batching both kinds of instance-record writes share: up to
@@ -165,6 +189,15 @@ impl<P: Ports> Driver<P> {
         std::time::Duration::from_millis(self.clock.random_u64() % (millis + 1))
     }
 }
+
+/// Deletions, as batches log and trace them.
+const DELETION: Kind<InstanceDeletion> = Kind {
+    what: "deletion",
+    id: |d: &InstanceDeletion| &d.instance_id,
+    event: |batch: &[InstanceDeletion]| TraceEvent::DeleteRecords {
+        ids: batch.iter().map(|d| d.instance_id.clone()).collect(),
+    },
+};
 
 /// What a batch writes, for its logs and trace events.
 struct Kind<T> {

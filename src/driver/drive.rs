@@ -8,8 +8,8 @@ use super::*;
 use crate::core;
 use crate::machine::{self, Input, Output};
 use crate::record::{HistoryEntry, RunError, RunRecord};
+use crate::run;
 use crate::run::step::{self, Route, Verdict};
-use crate::run::{self, Failure};
 use crate::spec::Spec;
 
 /// How this driver came to the first state it runs.
@@ -90,11 +90,18 @@ impl<P: Ports> Driver<P> {
         loop {
             let state = record.state;
             // Boxed, as every stage below: a run's futures are large, and a worker thread's stack is not.
-            let result = Box::pin(
+            let ended = Box::pin(
                 self.run_state(&mut record, &spec, &effects, start.take())
                     .instrument(info_span!("state", state = %state)),
             )
             .await?;
+            let result = match ended {
+                StageEnd::Verdict(result) => result,
+                StageEnd::Finished => {
+                    info!(state = %record.state, "run finished with its last effect");
+                    return Ok(self.outcome(record, spec));
+                }
+            };
             match step::route(&record, result, self.limits.on_retries_exhausted) {
                 Route::Enter { input, reason, error } => {
                     if input != machine::Input::ActionsCompleted {
@@ -124,32 +131,39 @@ impl<P: Ports> Driver<P> {
         spec: &Spec,
         effects: &Spec,
         start: Option<Start>,
-    ) -> Result<Result<Verdict, Failure>, DriveError> {
+    ) -> Result<StageEnd<Verdict>, DriveError> {
         let state = record.state;
         let Some(work) = step::entry_work(state) else {
             // Reconciling is not persisted as a current state by this build; handled for records
             // written by other tools or later formats.
             let reconciliation = core::reconcile(spec);
-            return Ok(Ok(Verdict::Reconciled(reconciliation.input, reconciliation.reason)));
+            return Ok(StageEnd::Verdict(Ok(Verdict::Reconciled(reconciliation.input, reconciliation.reason))));
         };
         let marked_at = step::entered_at(record, state);
         match work {
             Output::CommitInstances => {
                 let threshold = record.commit_threshold.expect("commit threshold is set on entering Committing");
                 let stage = run::commit::Commit::new(effects, threshold, &record.committed_ids);
-                Ok(Box::pin(self.run_stage(record, stage)).await?.map(Verdict::Committed))
+                let finishing = |record: &RunRecord, reason: &String| {
+                    self.finishing_record(record, spec, Verdict::Committed(reason.clone()))
+                };
+                Ok(Box::pin(self.run_stage(record, stage, &finishing)).await?.map(Verdict::Committed))
             }
             Output::ReleaseInstances => {
                 let threshold = record.idle_threshold.expect("idle threshold is set on entering RollingBack");
                 let preapplied = start == Some(Start::Preapplied);
                 let stage =
                     run::rollback::Rollback::new(effects, threshold, &record.messages_sent, preapplied, marked_at);
-                Ok(Box::pin(self.run_stage(record, stage)).await?.map(|()| Verdict::RolledBack))
+                let finishing = |record: &RunRecord, (): &()| self.finishing_record(record, spec, Verdict::RolledBack);
+                Ok(Box::pin(self.run_stage(record, stage, &finishing)).await?.map(|()| Verdict::RolledBack))
             }
             Output::CleanUpInstances => {
                 let stage =
                     run::cleanup::Cleanup::new(effects, &record.messages_sent, record.idle_threshold, marked_at);
-                Ok(Box::pin(self.run_stage(record, stage)).await?.map(Verdict::CleanedUp))
+                let finishing = |record: &RunRecord, terminated: &usize| {
+                    self.finishing_record(record, spec, Verdict::CleanedUp(*terminated))
+                };
+                Ok(Box::pin(self.run_stage(record, stage, &finishing)).await?.map(Verdict::CleanedUp))
             }
             Output::ReportCommitted | Output::ReportShortfall | Output::ReportError => {
                 unreachable!("terminal states are not driven")
@@ -173,6 +187,17 @@ impl<P: Ports> Driver<P> {
         }
     }
 
+    /// The terminal record `verdict` routes the run to, if it finishes the run: what the stage's
+    /// last effect may carry with it.
+    fn finishing_record(&self, record: &RunRecord, spec: &Spec, verdict: Verdict) -> Option<RunRecord> {
+        let Route::Enter { input, reason, error } = step::route(record, Ok(verdict), self.limits.on_retries_exhausted)
+        else {
+            return None;
+        };
+        let next = self.next_record(record, spec, input, reason, error).ok()?;
+        next.state.is_terminal().then_some(next)
+    }
+
     /// Writes the next state before its side effects run.
     async fn enter(
         &self,
@@ -182,6 +207,22 @@ impl<P: Ports> Driver<P> {
         reason: String,
         error: Option<RunError>,
     ) -> Result<(), DriveError> {
+        let next = self.next_record(record, spec, input, reason, error)?;
+        let to = next.state;
+        self.persist(record, next).await?;
+        info!(state = %to, "entered");
+        Ok(())
+    }
+
+    /// The record of the state `input` leads to, with its entry thresholds, lease and `ttl`.
+    fn next_record(
+        &self,
+        record: &RunRecord,
+        spec: &Spec,
+        input: Input,
+        reason: String,
+        error: Option<RunError>,
+    ) -> Result<RunRecord, machine::InvalidTransition> {
         let (to, _) = machine::next(record.state, input)?;
         let now = self.clock.now();
         let mut next = record.clone();
@@ -200,20 +241,13 @@ impl<P: Ports> Driver<P> {
         } else {
             next.lease.expires_at = now.plus_secs(self.limits.lease_secs);
         }
-        self.persist(record, next).await?;
-        info!(state = %to, "entered");
-        Ok(())
+        Ok(next)
     }
 
     pub(super) async fn persist(&self, record: &mut RunRecord, next: RunRecord) -> Result<(), DriveError> {
         match self.write(self.ports.replace_run(&next, record.version)).await? {
             Ok(()) => {
-                self.record_event(TraceEvent::Persisted { state: next.state });
-                if !next.state.is_terminal() {
-                    self.lease_valid_until.store(next.lease.expires_at.unix_secs(), Ordering::SeqCst);
-                }
-                self.persisted_messages.store(next.messages_sent.len(), Ordering::SeqCst);
-                *record = next;
+                self.persisted(record, next);
                 Ok(())
             }
             Err(StoreError::VersionConflict { .. }) => Err(DriveError::LeaseLost { run_id: record.display_name() }),
@@ -224,5 +258,15 @@ impl<P: Ports> Driver<P> {
             }),
             Err(error) => Err(DriveError::Store(error)),
         }
+    }
+
+    /// `next` is in the table: it is the record this driver holds now.
+    pub(super) fn persisted(&self, record: &mut RunRecord, next: RunRecord) {
+        self.record_event(TraceEvent::Persisted { state: next.state });
+        if !next.state.is_terminal() {
+            self.lease_valid_until.store(next.lease.expires_at.unix_secs(), Ordering::SeqCst);
+        }
+        self.persisted_messages.store(next.messages_sent.len(), Ordering::SeqCst);
+        *record = next;
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use tracing::{info, warn};
 
-use super::{DriveError, Driver, StepError, TraceEvent};
+use super::{DriveError, Driver, StageEnd, StepError, TraceEvent};
 use crate::core::{self, PoolMessage};
 use crate::ports::{AwsError, Fence, OutgoingMessage, PoolMembership, Ports, Termination};
 use crate::record::RunRecord;
@@ -18,11 +18,17 @@ impl<P: Ports> Driver<P> {
     /// Runs `stage` to its verdict: advance it with `now` and the last results, record what it
     /// found, run the effects it asks for. A reason to stop (a crash hook, a lost lease, a record
     /// write that failed) ends the stage at once.
+    ///
+    /// `finishing` gives, for a verdict a stage announces with its last effect ([`Poll::Last`]),
+    /// the terminal record the run would then be written as (`None`: the verdict does not finish
+    /// the run). When that effect is deletions that fit one transaction, the record rides with
+    /// them, and the stage ends [`StageEnd::Finished`].
     pub(super) async fn run_stage<S: Stage>(
         &self,
         record: &mut RunRecord,
         mut stage: S,
-    ) -> Result<Result<S::Verdict, Failure>, DriveError> {
+        finishing: &(dyn Fn(&RunRecord, &S::Verdict) -> Option<RunRecord> + Sync),
+    ) -> Result<StageEnd<S::Verdict>, DriveError> {
         let mut results = Vec::new();
         loop {
             let poll = stage.advance(self.clock.now(), std::mem::take(&mut results));
@@ -31,8 +37,20 @@ impl<P: Ports> Driver<P> {
                 self.record_event(TraceEvent::Found { id: found.id, finding: found.finding });
             }
             match poll {
-                Poll::Finished(verdict) => return Ok(verdict),
+                Poll::Finished(verdict) => return Ok(StageEnd::Verdict(verdict)),
                 Poll::Run(effects) => results = Box::pin(self.execute(record, effects)).await?,
+                Poll::Last(Effect::Delete(deletions), verdict) if deletions.len() <= core::MAX_FENCED_BATCH => {
+                    let Some(next) = finishing(record, &verdict) else {
+                        results = Box::pin(self.execute(record, vec![Effect::Delete(deletions)])).await?;
+                        continue;
+                    };
+                    return match Box::pin(self.run_deletions_finishing(deletions, record, next)).await {
+                        Ok(()) => Ok(StageEnd::Finished),
+                        Err(StepError::Failed(failure)) => Ok(StageEnd::Verdict(Err(failure))),
+                        Err(StepError::Stop(error)) => Err(error),
+                    };
+                }
+                Poll::Last(effect, _) => results = Box::pin(self.execute(record, vec![effect])).await?,
             }
         }
     }

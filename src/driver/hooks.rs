@@ -180,6 +180,14 @@ impl<P: InstanceStore> InstanceStore for Hooked<P> {
     async fn delete(&self, batch: &[InstanceDeletion], fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {
         self.write(self.inner.delete(batch, fence)).await
     }
+    async fn delete_finishing(
+        &self,
+        batch: &[InstanceDeletion],
+        record: &RunRecord,
+        expected_version: u64,
+    ) -> Result<Vec<WriteResult>, AwsError> {
+        self.write(self.inner.delete_finishing(batch, record, expected_version)).await
+    }
 }
 
 impl<P: PoolQueues> PoolQueues for Hooked<P> {

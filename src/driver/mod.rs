@@ -211,6 +211,23 @@ pub struct RunOutcome {
     pub writes: u64,
 }
 
+/// How a stage ended.
+enum StageEnd<V> {
+    /// With its verdict (or failure), for `step::route`.
+    Verdict(Result<V, crate::run::Failure>),
+    /// Its verdict was written with its last effect: the run record is terminal.
+    Finished,
+}
+
+impl<V> StageEnd<V> {
+    fn map<W>(self, f: impl FnOnce(V) -> W) -> StageEnd<W> {
+        match self {
+            StageEnd::Verdict(verdict) => StageEnd::Verdict(verdict.map(f)),
+            StageEnd::Finished => StageEnd::Finished,
+        }
+    }
+}
+
 /// An effect's failure inside the driver: one the stage reasons about, or a reason to stop now.
 enum StepError {
     Failed(crate::run::Failure),

@@ -132,6 +132,15 @@ impl Stage for Cleanup {
                     self.phase = Phase::Retiring;
                     Poll::Run(effects)
                 }
+                // The retire's deletions end the cleanup too when nothing is left to announce:
+                // the verdict rides with them (advancing instead gives the same one).
+                Poll::Last(effect, retired) => {
+                    self.phase = Phase::Retiring;
+                    if self.idle_threshold.is_some() && !retired.released.is_empty() {
+                        return Poll::Run(vec![effect]);
+                    }
+                    Poll::Last(effect, self.terminated + retired.terminated)
+                }
                 Poll::Finished(Ok(retired)) => self.after_retire(retired),
                 Poll::Finished(Err(failure)) => self.finish(Err(failure)),
             },
@@ -143,6 +152,10 @@ impl Stage for Cleanup {
                 Poll::Run(effects) => {
                     self.phase = Phase::RetiringUnannounced;
                     Poll::Run(effects)
+                }
+                Poll::Last(effect, retired) => {
+                    self.phase = Phase::RetiringUnannounced;
+                    Poll::Last(effect, self.terminated + retired.terminated)
                 }
                 Poll::Finished(Ok(retired)) => {
                     self.terminated += retired.terminated;

@@ -170,6 +170,12 @@ impl Found {
 pub enum Poll<V> {
     /// Run these effects and call `advance` with their results.
     Run(Vec<Effect>),
+    /// Run this last effect. If it yields a result, whatever the result, the stage's verdict is
+    /// the one given; if it fails, the verdict is that failure. The driver may then take the
+    /// verdict without advancing the stage again (and persist the next state in the same write
+    /// as the effect), or treat this as a [`Poll::Run`] of the one effect: advancing the stage
+    /// with its result returns exactly that verdict.
+    Last(Effect, V),
     /// The stage is over.
     Finished(Result<V, Failure>),
 }

@@ -232,8 +232,13 @@ impl Model {
     }
 }
 
-/// Runs a stage against the model; returns its verdict.
-fn drive<S: Stage>(mut stage: S, model: &mut Model) -> Result<S::Verdict, Failure> {
+/// Runs a stage against the model; returns its verdict. A [`Poll::Last`] keeps its promise:
+/// advancing the stage with the effect's result gives the verdict it announced (or the effect's
+/// failure).
+fn drive<S: Stage>(mut stage: S, model: &mut Model) -> Result<S::Verdict, Failure>
+where
+    S::Verdict: PartialEq + std::fmt::Debug,
+{
     let mut results = Vec::new();
     for _ in 0..50 {
         let poll = stage.advance(model.now, std::mem::take(&mut results));
@@ -241,6 +246,16 @@ fn drive<S: Stage>(mut stage: S, model: &mut Model) -> Result<S::Verdict, Failur
         match poll {
             Poll::Finished(verdict) => return verdict,
             Poll::Run(effects) => results = effects.into_iter().map(|e| model.answer(e)).collect(),
+            Poll::Last(effect, promised) => {
+                let outcome = model.answer(effect);
+                let expected = outcome.clone().map(|_| promised);
+                let Poll::Finished(verdict) = stage.advance(model.now, vec![outcome]) else {
+                    panic!("a stage that announced its last effect asked for more")
+                };
+                stage.drain_found();
+                assert_eq!(verdict, expected, "the verdict a last effect announced");
+                return verdict;
+            }
         }
     }
     panic!("the stage reached no verdict in 50 steps");
@@ -311,6 +326,7 @@ fn cleanup_retires_an_unannounced_release_only_while_it_is_exactly_as_released()
         let poll = stage.advance(model.now, std::mem::take(&mut results));
         match poll {
             Poll::Finished(verdict) => break verdict,
+            Poll::Last(effect, _) => results.push(model.answer(effect)),
             Poll::Run(effects) => {
                 for effect in effects {
                     if let Effect::Send(_) = effect {

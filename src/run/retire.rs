@@ -1,4 +1,4 @@
-//! The retire protocol, shared by rollback and emergency cleanup: mark → pool check →
+//! The retire protocol, shared by rollback and emergency cleanup: mark and pool check →
 //! terminate → delete.
 //!
 //! 1. **Mark.** Each record this run holds, in any state, becomes `terminated` (runId kept,
@@ -7,16 +7,20 @@
 //!    `idle`/`claimed`/`running`), so terminating the instance next cannot hit one somebody else
 //!    holds. With `released_unsent`, a record this run released at that threshold and never
 //!    announced is marked as well: nothing would ever claim it.
-//! 2. **Pool check.** Only instances with the pool tag are terminated; one without it is
-//!    reported and never terminated. An instance with no record is terminated only if
-//!    [`unrecorded::may_terminate`] allows it: listed in the spec's creation list, and tagged
-//!    with this run's id. Any other is left alone and reported.
+//! 2. **Pool check,** beside the marks (one round trip for both): every instance to mark is
+//!    looked up, and the answer is read only for those the marks leave to terminate (EC2's tags
+//!    are set at launch: a look beside the mark sees what a look after it would). Only instances
+//!    with the pool tag are terminated; one without it is reported and never terminated. An
+//!    instance with no record is terminated only if [`unrecorded::may_terminate`] allows it:
+//!    listed in the spec's creation list, and tagged with this run's id. Any other is left alone
+//!    and reported.
 //! 3. **Terminate.** A refused termination keeps the marked record (and is reported).
 //! 4. **Delete** the marked records of the instances EC2 terminated, conditional on the mark. A
 //!    record never disappears while its instance may live on. An instance EC2 does not know yet
 //!    (marked, or without a record) makes the run wait ([`Failure::NotYet`]) while the mark is
 //!    younger than [`UNKNOWN_INSTANCE_GRACE_SECS`]; after that, it is long gone, and a marked
-//!    record goes too.
+//!    record goes too. The deletions are the protocol's last effect ([`Poll::Last`]): the
+//!    caller may finish its run in the same write.
 //!
 //! Architecture invariant: a record is deleted only after its mark landed and EC2 terminated
 //! the instance (or long forgot it); an instance is terminated only after its mark landed (or
@@ -123,9 +127,8 @@ pub fn disposition(
 /// What the stage waits for: the result of the effect it returned last.
 enum Phase {
     Start,
-    Marks,
+    MarksAndPool,
     Checkpoint,
-    PoolCheck,
     Termination,
     DeleteCheckpoint(Vec<InstanceDeletion>),
     Deletions,
@@ -147,6 +150,8 @@ pub struct Retire {
     unknown_fresh: Vec<String>,
     /// Instances DescribeInstances did not know, until termination adds its own.
     unknown_marked: Vec<String>,
+    /// The pool check's answer, read once the marks' results are known.
+    membership: PoolMembership,
     found: Vec<Found>,
 }
 
@@ -173,6 +178,7 @@ impl Retire {
             terminated: Vec::new(),
             unknown_fresh: Vec::new(),
             unknown_marked: Vec::new(),
+            membership: PoolMembership::default(),
             found: Vec::new(),
         }
     }
@@ -198,12 +204,16 @@ impl Retire {
     }
 
     /// The instances to terminate: the marked ones with the pool tag, and those without a record
-    /// that the rule for them allows (the tag's value decides).
-    fn handle_pool(&mut self, membership: PoolMembership) -> Vec<String> {
-        for id in &membership.foreign {
+    /// that the rule for them allows (the tag's value decides). The pool check looked up every
+    /// instance to mark; only the candidates' answers count (one somebody else holds is not
+    /// this run's to report or to wait for).
+    fn handle_pool(&mut self) -> Vec<String> {
+        let membership = std::mem::take(&mut self.membership);
+        let candidates: HashSet<&String> = self.marked.iter().chain(&self.unrecorded).collect();
+        for id in membership.foreign.iter().filter(|id| candidates.contains(id)) {
             self.found.push(Found::new(id, "not a pool instance"));
         }
-        self.unknown_marked = membership.unknown;
+        self.unknown_marked = membership.unknown.into_iter().filter(|id| candidates.contains(id)).collect();
         let mut terminate = Vec::with_capacity(membership.members.len());
         // In the order of the marks, the marked ones first, as the pool check asked.
         for id in &self.marked {
@@ -284,17 +294,18 @@ impl Stage for Retire {
         let phase = std::mem::replace(&mut self.phase, Phase::Over);
         let next = match phase {
             Phase::Start if self.marks.is_empty() => return self.verdict(),
-            Phase::Start => Ok((Phase::Marks, Effect::Transition(std::mem::take(&mut self.marks)))),
-            Phase::Marks => single(results, EffectResult::into_transitioned).map(|marks| {
+            Phase::Start => {
+                let ids = self.marks.iter().map(|mark| mark.instance_id.clone()).collect();
+                self.phase = Phase::MarksAndPool;
+                return Poll::Run(vec![Effect::Transition(std::mem::take(&mut self.marks)), Effect::CheckPool(ids)]);
+            }
+            Phase::MarksAndPool => marks_and_pool(results).map(|(marks, membership)| {
                 self.handle_marks(marks);
+                self.membership = membership;
                 (Phase::Checkpoint, Effect::Checkpoint)
             }),
-            Phase::Checkpoint => single(results, EffectResult::into_checkpointed).map(|()| {
-                let candidates = self.marked.iter().chain(&self.unrecorded).cloned().collect();
-                (Phase::PoolCheck, Effect::CheckPool(candidates))
-            }),
-            Phase::PoolCheck => single(results, EffectResult::into_checked)
-                .map(|membership| (Phase::Termination, Effect::Terminate(self.handle_pool(membership)))),
+            Phase::Checkpoint => single(results, EffectResult::into_checkpointed)
+                .map(|()| (Phase::Termination, Effect::Terminate(self.handle_pool()))),
             Phase::Termination => match single(results, EffectResult::into_terminated) {
                 Ok(termination) => {
                     let deletions = self.handle_termination(now, termination);
@@ -305,9 +316,19 @@ impl Stage for Retire {
                 }
                 Err(failure) => Err(failure),
             },
-            Phase::DeleteCheckpoint(deletions) => {
-                single(results, EffectResult::into_checkpointed).map(|()| (Phase::Deletions, Effect::Delete(deletions)))
-            }
+            Phase::DeleteCheckpoint(deletions) => match single(results, EffectResult::into_checkpointed) {
+                Ok(()) => {
+                    self.phase = Phase::Deletions;
+                    // The verdict is known before the deletions: what they find changes nothing.
+                    if self.unknown_fresh.is_empty() {
+                        let retired =
+                            Retired { terminated: self.terminated.len(), released: self.released_ids.clone() };
+                        return Poll::Last(Effect::Delete(deletions), retired);
+                    }
+                    return Poll::Run(vec![Effect::Delete(deletions)]);
+                }
+                Err(failure) => Err(failure),
+            },
             // A deletion refused because the record is no longer this run's mark changes nothing:
             // the record stays for its new owner.
             Phase::Deletions => match single(results, EffectResult::into_deleted) {
@@ -328,6 +349,16 @@ impl Stage for Retire {
     fn drain_found(&mut self) -> Vec<Found> {
         std::mem::take(&mut self.found)
     }
+}
+
+/// The results of the marks and the pool check, run side by side: the marks' failure first.
+fn marks_and_pool(results: Vec<Outcome>) -> Result<(Vec<(InstanceTransition, WriteResult)>, PoolMembership), Failure> {
+    let mut results = results.into_iter();
+    let (marks, pool) = (results.next().expect("the marks' result"), results.next().expect("the pool check's result"));
+    debug_assert!(results.next().is_none(), "two effects, two results");
+    let marks = marks?.into_transitioned().expect("the result matches the effect");
+    let membership = pool?.into_checked().expect("the result matches the effect");
+    Ok((marks, membership))
 }
 
 #[cfg(test)]
@@ -352,21 +383,22 @@ mod tests {
         let Poll::Run(effects) = retire.advance(now, Vec::new()) else { panic!("marks first") };
         let Some(Effect::Transition(marks)) = effects.into_iter().next() else { panic!("marks first") };
         let marked = marks.into_iter().map(|m| (m, WriteResult::Applied)).collect();
+        let unknown = PoolMembership { unknown: vec![instance.id.clone()], ..PoolMembership::default() };
         let mut answers = vec![
-            EffectResult::Transitioned(marked),
             EffectResult::Checkpointed,
-            EffectResult::Checked(PoolMembership { unknown: vec![instance.id.clone()], ..PoolMembership::default() }),
             EffectResult::Terminated(Termination::default()),
             EffectResult::Checkpointed,
         ]
         .into_iter();
-        let mut results = vec![Ok(answers.next().expect("marks"))];
+        let mut results = vec![Ok(EffectResult::Transitioned(marked)), Ok(EffectResult::Checked(unknown))];
         loop {
             match retire.advance(now, std::mem::take(&mut results)) {
                 Poll::Run(effects) => match effects.into_iter().next() {
                     Some(Effect::Delete(deletions)) => return Ok(deletions),
                     _ => results = vec![Ok(answers.next().expect("an answer for each step"))],
                 },
+                Poll::Last(Effect::Delete(deletions), _) => return Ok(deletions),
+                Poll::Last(other, _) => panic!("only deletions come last, got {other:?}"),
                 Poll::Finished(verdict) => return verdict.map(|_| Vec::new()),
             }
         }
@@ -406,23 +438,31 @@ mod tests {
 
     /// The attack of issue 18: the spec lists, in its creation list, an instance another run
     /// launched (tagged with that run's id) and has not recorded yet. Only the instance tagged
-    /// with this run's id is terminated; a selected instance without a record is not even
-    /// looked up. Both are reported.
+    /// with this run's id is terminated; a selected instance without a record is left alone
+    /// whatever its tag says (the pool check beside the marks looks it up with the rest). Both
+    /// are reported.
     #[test]
     fn only_created_instances_tagged_with_this_run_are_terminated_without_a_record() {
         let spec = spec();
         let at = Timestamp::parse("2026-11-30T12:00:00Z").unwrap();
         let instances: Vec<(Role, &PoolInstance)> = spec.instances().collect();
         let mut retire = Retire::new(&spec.run_id, &instances, None, None, at);
-        let Effect::Transition(marks) = one(retire.advance(at, Vec::new())) else { panic!("marks first") };
-        let missing = marks.into_iter().map(|mark| (mark, WriteResult::Rejected(None))).collect();
-        assert_eq!(one(retire.advance(at, vec![Ok(EffectResult::Transitioned(missing))])), Effect::Checkpoint);
-        let checked = one(retire.advance(at, vec![Ok(EffectResult::Checkpointed)]));
-        assert_eq!(checked, Effect::CheckPool(vec![OWN.to_string(), OTHERS.to_string()]));
-        let members =
-            BTreeMap::from([(OWN.to_string(), spec.run_id.clone()), (OTHERS.to_string(), "1111".to_string())]);
+        let Poll::Run(effects) = retire.advance(at, Vec::new()) else { panic!("marks first") };
+        let [Effect::Transition(marks), Effect::CheckPool(looked_up)] = &effects[..] else {
+            panic!("the marks and the pool check side by side, got {effects:?}")
+        };
+        assert_eq!(looked_up, &vec![SELECTED.to_string(), OWN.to_string(), OTHERS.to_string()]);
+        let missing = marks.iter().map(|mark| (mark.clone(), WriteResult::Rejected(None))).collect();
+        // Every instance carries the pool tag; the selected one names this run, as if it were ours.
+        let members = BTreeMap::from([
+            (SELECTED.to_string(), spec.run_id.clone()),
+            (OWN.to_string(), spec.run_id.clone()),
+            (OTHERS.to_string(), "1111".to_string()),
+        ]);
         let membership = PoolMembership { members, ..PoolMembership::default() };
-        let terminate = one(retire.advance(at, vec![Ok(EffectResult::Checked(membership))]));
+        let answers = vec![Ok(EffectResult::Transitioned(missing)), Ok(EffectResult::Checked(membership))];
+        assert_eq!(one(retire.advance(at, answers)), Effect::Checkpoint);
+        let terminate = one(retire.advance(at, vec![Ok(EffectResult::Checkpointed)]));
         assert_eq!(terminate, Effect::Terminate(vec![OWN.to_string()]));
         let done = Termination { terminated: vec![OWN.to_string()], ..Termination::default() };
         let verdict = retire.advance(at, vec![Ok(EffectResult::Terminated(done))]);
@@ -438,5 +478,40 @@ mod tests {
                 ),
             ])
         );
+    }
+
+    /// The pool check runs beside the marks, so it looks up instances the marks then leave
+    /// alone. Its answer counts only for those the marks leave to this run: an instance another
+    /// run holds that EC2 does not know (yet), or that lacks the pool tag, neither makes the run
+    /// wait nor is reported as anything but held by another.
+    #[test]
+    fn the_pool_check_counts_only_for_instances_the_marks_leave_to_this_run() {
+        let spec = spec();
+        let at = Timestamp::parse("2026-11-30T12:00:00Z").unwrap();
+        let instances: Vec<(Role, &PoolInstance)> = spec.instances().collect();
+        let mut retire = Retire::new(&spec.run_id, &instances, None, None, at);
+        let Poll::Run(effects) = retire.advance(at, Vec::new()) else { panic!("marks first") };
+        let [Effect::Transition(marks), Effect::CheckPool(_)] = &effects[..] else {
+            panic!("the marks and the pool check side by side, got {effects:?}")
+        };
+        let held = crate::core::ObservedRecord {
+            state: "claimed".into(),
+            run_id: "1111".into(),
+            threshold: "2026-11-30T13:00:00Z".into(),
+        };
+        let refused = marks.iter().map(|mark| (mark.clone(), WriteResult::Rejected(Some(held.clone())))).collect();
+        let membership = PoolMembership {
+            unknown: vec![SELECTED.to_string(), OWN.to_string()],
+            foreign: vec![OTHERS.to_string()],
+            ..PoolMembership::default()
+        };
+        let answers = vec![Ok(EffectResult::Transitioned(refused)), Ok(EffectResult::Checked(membership))];
+        assert_eq!(one(retire.advance(at, answers)), Effect::Checkpoint);
+        assert_eq!(one(retire.advance(at, vec![Ok(EffectResult::Checkpointed)])), Effect::Terminate(Vec::new()));
+        let verdict = retire.advance(at, vec![Ok(EffectResult::Terminated(Termination::default()))]);
+        assert_eq!(verdict, Poll::Finished(Ok(Retired { terminated: 0, released: Vec::new() })));
+        let found = retire.drain_found();
+        assert_eq!(found.len(), 3, "one finding per instance: {found:?}");
+        assert!(found.iter().all(|f| f.finding.contains("1111")), "held by another, nothing else: {found:?}");
     }
 }

@@ -148,6 +148,8 @@ impl Rollback {
         let retire = self.retire.as_mut().expect("disposed");
         match retire.advance(now, results) {
             Poll::Run(effects) => Some(effects),
+            // The rollback may still have a send to judge: its last effect is an ordinary one.
+            Poll::Last(effect, _) => Some(vec![effect]),
             Poll::Finished(retired) => {
                 self.retired = Some(retired);
                 None

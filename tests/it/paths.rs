@@ -227,3 +227,49 @@ async fn a_small_run_persists_its_state_with_its_effects_in_one_transaction() {
         "the pool configuration and the instance records read, then three stages: {requests:?}"
     );
 }
+
+/// Issue 19: an emergency cleanup phase of one instance takes at most four round trips: the
+/// write entering it, the mark beside the pool check, the termination, and the deletion that
+/// carries the run's terminal record (no write of its own after it).
+#[tokio::test]
+async fn a_small_cleanup_phase_takes_four_round_trips() {
+    let mut world = World::new("cleanup4").await;
+    world.seed(&[Seed { threshold_secs: -60, ..Seed::claimed("large") }], &[]).await;
+    // Effects of one step run together only with a concurrency above one.
+    let limits = post_provision::config::Limits { concurrency: 8, ..crate::harness::test_limits() };
+    let engine = world.engine_with(TestClock::at(world.start), Hooks::default(), limits, None).await;
+    let outcome = engine.start(world.spec("success", 0)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::CleanedUp);
+    assert_eq!(
+        world.picture(world.start, false).await,
+        "sel0: record no record; ec2 terminated\nqueue large: []\nqueue small: []"
+    );
+    // The renewals run in the background, off the critical path.
+    let spans: Vec<_> =
+        engine.requests().timeline().into_iter().filter(|span| span.operation != "DynamoDB.UpdateItem").collect();
+    let operations: Vec<&str> = spans.iter().map(|span| span.operation.as_str()).collect();
+    let check = operations.iter().position(|op| *op == "EC2.DescribeInstances").expect("a pool check");
+    let entered = operations[..check].iter().rposition(|op| *op == "DynamoDB.PutItem").expect("EmergencyCleanup");
+    let phase: Vec<_> = spans[entered..].iter().map(|span| (span.start, span.end.expect("ended"))).collect();
+    assert_eq!(
+        operations[entered..],
+        [
+            "DynamoDB.PutItem",
+            "DynamoDB.TransactWriteItems",
+            "EC2.DescribeInstances",
+            "EC2.TerminateInstances",
+            "DynamoDB.TransactWriteItems"
+        ],
+        "{operations:?}"
+    );
+    let at = spans[entered].start;
+    let shown: Vec<String> = spans[entered..]
+        .iter()
+        .map(|span| format!("{} {:?}..{:?}", span.operation, span.start - at, span.end.expect("ended") - at))
+        .collect();
+    assert_eq!(post_provision::aws::RequestCounter::sequential_stages(&phase), 4, "{shown:#?}");
+    let path: Vec<State> = outcome.record.history.iter().map(|entry| entry.state).collect();
+    assert_eq!(path.last(), Some(&State::Failed));
+    let stored = engine.status(&world.run_id).await.expect("status").expect("a record");
+    assert_eq!(stored.state, State::Failed, "the terminal record rode with the deletion");
+}
