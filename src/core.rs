@@ -153,6 +153,71 @@ pub struct InstanceDeletion {
     pub owner_run_id: String,
 }
 
+/// Most resource classes a [`PoolGuard`] checks: its `ConditionCheck` names three attributes per
+/// class, and DynamoDB bounds an expression at 4 KB. A spec configuring more classes takes the
+/// reads first, as before.
+pub const MAX_GUARDED_CLASSES: usize = 40;
+
+/// What the pool must say for a small rollback to create its record together with its releases
+/// without reading the pool first (issue 19): the checks of the reads (`Spec::check_config_against_pool`
+/// and `Spec::check_against_pool_records`), carried as conditions of the creating transaction.
+/// A `ConditionCheck` on the pool's metadata item (`TYPE#METADATA` / `ID#resource_class_config`)
+/// holds each class of `classes` with exactly its queue URL, `cpu` and `mmem`, and each release of
+/// an instance in `instances` also needs the record's `resourceClass` to be the kind's, and its
+/// `instanceType`, if it has one, too. A condition that fails costs the run the reads it skipped;
+/// it never passes where those reads would refuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolGuard {
+    /// The spec's whole `resourceClassConfig`: every class the pool's item must hold so.
+    pub classes: crate::spec::ResourceClassConfig,
+    /// What each instance's record must say it is, by instance id.
+    pub instances: std::collections::BTreeMap<String, InstanceKind>,
+}
+
+/// What an instance record must say an instance is: its class, and its type if it names one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceKind {
+    /// The record's `resourceClass` must be this.
+    pub resource_class: String,
+    /// The record's `instanceType` must be this, or absent.
+    pub instance_type: String,
+}
+
+impl PoolGuard {
+    /// The guard of a rollback of `spec`, when its checks can all ride in the create: the spec
+    /// carries `resourceClassConfig` (at most [`MAX_GUARDED_CLASSES`] classes), and it names
+    /// each instance's class with the instance's `cpu` and `mmem` (`Spec::validate` checks these
+    /// only for a class it names). `None` otherwise: the run reads the pool first.
+    pub fn for_rollback(spec: &Spec) -> Option<PoolGuard> {
+        let classes = spec.resource_class_config.as_ref()?;
+        if classes.is_empty() || classes.len() > MAX_GUARDED_CLASSES {
+            return None;
+        }
+        let mut instances = std::collections::BTreeMap::new();
+        for (_, instance) in spec.instances() {
+            let class = classes.get(&instance.resource_class)?;
+            if (class.cpu, class.mmem) != (instance.cpu, instance.mmem) {
+                return None;
+            }
+            let kind = InstanceKind {
+                resource_class: instance.resource_class.clone(),
+                instance_type: instance.instance_type.clone(),
+            };
+            instances.insert(instance.id.clone(), kind);
+        }
+        Some(PoolGuard { classes: classes.clone(), instances })
+    }
+
+    /// The pool queue of each class the spec's instances belong to, from the spec's config: the
+    /// guard's `ConditionCheck` proves these are the pool's before anything is written.
+    pub fn queue_urls(&self) -> std::collections::BTreeMap<String, String> {
+        self.instances
+            .values()
+            .map(|kind| (kind.resource_class.clone(), self.classes[&kind.resource_class].queue_url.clone()))
+            .collect()
+    }
+}
+
 /// What a rejected conditional write found in the record (`ALL_OLD`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedRecord {
@@ -394,5 +459,28 @@ mod tests {
             body,
             r#"{"id":"i-0aaaaaaaaaaaaaaaa","resourceClass":"large","instanceType":"c6i.large","cpu":2,"mmem":4096,"usageClass":"on-demand","threshold":"2025-06-01T10:05:00Z"}"#
         );
+    }
+
+    /// A rollback rides its pool checks in the create only when the spec names every
+    /// instance's class in its own config (the queue URLs then come from it).
+    #[test]
+    fn a_pool_guard_needs_every_instances_class_in_the_specs_config() {
+        let guard = PoolGuard::for_rollback(&spec_with(|_| {})).expect("a guard");
+        assert_eq!(guard.classes.keys().collect::<Vec<_>>(), ["large"]);
+        assert_eq!(guard.instances.len(), 2);
+        assert_eq!(
+            guard.instances["i-0aaaaaaaaaaaaaaaa"],
+            InstanceKind { resource_class: "large".into(), instance_type: "c6i.large".into() }
+        );
+        assert_eq!(
+            guard.queue_urls(),
+            [("large".to_string(), "https://sqs.eu-west-1.amazonaws.com/123456789012/pool-large".to_string())].into()
+        );
+        let without = spec_with(|v| {
+            v.as_object_mut().unwrap().remove("resourceClassConfig");
+        });
+        assert_eq!(PoolGuard::for_rollback(&without), None);
+        let other_class = spec_with(|v| v["creation"]["instances"][0]["resourceClass"] = "small".into());
+        assert_eq!(PoolGuard::for_rollback(&other_class), None);
     }
 }

@@ -107,6 +107,13 @@ pub const ACCESSES: &[Access] = &[
         partitions: &["TYPE#RUN", "TYPE#RUNSPEC"],
         roles: RUN_ONLY,
     },
+    // A small rollback whose spec carries the pool's configuration checks it in its create.
+    Access {
+        function: "pool_guard_check",
+        actions: &["dynamodb:ConditionCheckItem"],
+        partitions: METADATA,
+        roles: RUN_ONLY,
+    },
     // A run that returns instances reads their records first: the pool says what each one is.
     Access {
         function: "load_instance_facts",
@@ -355,7 +362,9 @@ mod tests {
         assert_eq!(run["dynamodb:DeleteItem"], vec!["TYPE#INSTANCE"]);
         assert_eq!(run["dynamodb:Query"], vec!["RUN#FINISHED", "RUN#UNFINISHED", "TYPE#RUN"]);
         assert_eq!(audit["dynamodb:Query"], vec!["RUN#FINISHED", "RUN#UNFINISHED", "TYPE#INSTANCE", "TYPE#RUN"]);
-        assert_eq!(run["dynamodb:ConditionCheckItem"], vec!["TYPE#RUN"]);
+        // The fence, and a small rollback's check of the pool's configuration in its create.
+        assert_eq!(run["dynamodb:ConditionCheckItem"], vec!["TYPE#METADATA", "TYPE#RUN"]);
+        assert_eq!(sweeper["dynamodb:ConditionCheckItem"], vec!["TYPE#RUN"]);
         assert!(!run.contains_key("sqs:GetQueueAttributes") && audit.contains_key("sqs:GetQueueAttributes"));
         let init = grants(Role::Init);
         assert!(init.keys().all(|action| action.starts_with("dynamodb:")));

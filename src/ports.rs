@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use crate::core::{InstanceDeletion, InstanceTransition, WriteResult};
+use crate::core::{InstanceDeletion, InstanceTransition, PoolGuard, WriteResult};
 use crate::record::RunRecord;
 use crate::spec::ResourceClassConfig;
 use crate::timestamp::Timestamp;
@@ -94,6 +94,9 @@ pub enum CreateOutcome {
     /// A transition that rode along was refused, throttled or conflicted; nothing was written.
     /// One result per transition, in order.
     EffectsRefused(Vec<WriteResult>),
+    /// The [`PoolGuard`]'s `ConditionCheck` on the pool's metadata item failed (whatever the
+    /// transitions' results); nothing was written.
+    PoolRefused,
 }
 
 /// What [`RunStore::list_runs`] read.
@@ -173,13 +176,17 @@ pub trait RunStore: Send + Sync {
     /// Creates a run record together with its spec chunk items and the instance `transitions`
     /// of its state, all in one atomic transaction, only if no record exists; otherwise returns
     /// the existing record and writes nothing. The caller keeps chunks + 1 + transitions within
-    /// [`crate::core::MAX_TRANSACTION_ITEMS`]. `now` is as for [`InstanceStore::transition`].
+    /// [`crate::core::MAX_TRANSACTION_ITEMS`], counting one more for a `guard`. `now` is as for
+    /// [`InstanceStore::transition`]. With a `guard`, the transaction also checks the pool's
+    /// metadata item, and each transition of an instance the guard names its record's class and
+    /// type ([`PoolGuard`]).
     fn create_run(
         &self,
         record: &RunRecord,
         spec_chunks: &[String],
         chunk_ttl: i64,
         transitions: &[InstanceTransition],
+        guard: Option<&PoolGuard>,
         now: Timestamp,
     ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
     /// Replaces the record, only if its stored version is `expected_version`. A write that

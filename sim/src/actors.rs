@@ -357,6 +357,7 @@ fn creation(world: &mut World) {
         run_id: run.clone(),
         threshold: now.plus_secs(CREATED_SECS).to_string(),
         resource_class: class.into(),
+        instance_type: None,
         updated_at: now.to_string(),
     };
     world.write_instance(Who::Creation, &id, Some(item));

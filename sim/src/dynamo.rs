@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 
 use post_provision::core::{
-    Expectation, InstanceDeletion, InstanceState, InstanceTransition, ThresholdCondition, MAX_TRANSACTION_ITEMS,
+    Expectation, InstanceDeletion, InstanceKind, InstanceState, InstanceTransition, PoolGuard, ThresholdCondition,
+    MAX_TRANSACTION_ITEMS,
 };
 use post_provision::record::{self, RunRecord};
 use post_provision::spec::ResourceClassConfig;
@@ -25,6 +26,8 @@ pub struct InstanceItem {
     pub threshold: String,
     /// `resourceClass`.
     pub resource_class: String,
+    /// `instanceType`, if the record has one (the simulation's own records have none).
+    pub instance_type: Option<String>,
     /// `updatedAt`.
     pub updated_at: String,
 }
@@ -80,6 +83,15 @@ pub fn transition_condition(item: Option<&InstanceItem>, transition: &InstanceTr
     transition.expected.iter().any(|expectation| matches(item, expectation, now))
 }
 
+/// What a [`PoolGuard`] adds to a release in the create: `#resourceClass = :kindClass AND
+/// (attribute_not_exists(#instanceType) OR #instanceType = :kindType)`.
+pub fn kind_condition(item: Option<&InstanceItem>, kind: &InstanceKind) -> bool {
+    item.is_some_and(|item| {
+        item.resource_class == kind.resource_class
+            && item.instance_type.as_ref().map_or(true, |instance_type| *instance_type == kind.instance_type)
+    })
+}
+
 /// A deletion's condition: `#state = :terminated AND #runId = :owner`.
 pub fn delete_condition(item: Option<&InstanceItem>, deletion: &InstanceDeletion) -> bool {
     item.is_some_and(|item| item.state == InstanceState::Terminated.as_str() && item.run_id == deletion.owner_run_id)
@@ -97,6 +109,8 @@ pub enum Create {
         existing: Option<Box<RunRecord>>,
         /// One reason per action, in order.
         effects: Vec<Reason>,
+        /// The pool guard's `ConditionCheck` failed.
+        pool_refused: bool,
     },
 }
 
@@ -125,6 +139,17 @@ impl Table {
         let epoch = record.get("fencingEpoch").and_then(|v| v.as_u64());
         let state = record.get("state").and_then(|v| v.as_str()).unwrap_or("");
         owner == Some(fence.owner.as_str()) && epoch == Some(fence.epoch) && !matches!(state, "Done" | "Failed")
+    }
+
+    /// A [`PoolGuard`]'s `ConditionCheck` on the metadata item (`src/aws/dynamodb.rs`'s
+    /// `pool_guard_check`): each class with exactly its queue URL, `cpu` and `mmem`.
+    pub fn pool_guard_holds(&self, guard: &PoolGuard) -> bool {
+        let Some(pool) = &self.resource_class_config else { return false };
+        guard.classes.iter().all(|(name, class)| {
+            pool.get(name).is_some_and(|known| {
+                (&known.queue_url, known.cpu, known.mmem) == (&class.queue_url, class.cpu, class.mmem)
+            })
+        })
     }
 
     /// The fence of a commit transaction that landed: its `Update` appends the committed ids to
@@ -250,22 +275,31 @@ impl Table {
     /// The create transaction: the spec chunks, the record only if no record has its key, and
     /// the instance actions that ride along (with `injected` reasons, by action index), all or
     /// nothing. A cancelled create reports the existing record (ALL_OLD of the record's `Put`)
-    /// and each action's reason.
+    /// and each action's reason. A `guard` adds its `ConditionCheck` and its kinds' conditions.
     pub fn create_run(
         &mut self,
         record: &RunRecord,
         chunks: &[String],
         actions: &[Action<'_>],
         injected: &BTreeMap<usize, &'static str>,
+        guard: Option<&PoolGuard>,
     ) -> Result<Create, String> {
         let identifier = record.identifier();
-        let reasons = self.evaluate(actions, injected, chunks.len() + 1);
+        let mut reasons = self.evaluate(actions, injected, chunks.len() + 1 + usize::from(guard.is_some()));
+        for (reason, action) in reasons.iter_mut().zip(actions) {
+            let kind = guard.and_then(|guard| guard.instances.get(action.instance_id()));
+            let item = self.instances.get(action.instance_id());
+            if *reason == Reason::None && kind.is_some_and(|kind| !kind_condition(item, kind)) {
+                *reason = Reason::ConditionalCheckFailed(item.cloned());
+            }
+        }
+        let pool_refused = guard.is_some_and(|guard| !self.pool_guard_holds(guard));
         let existing = match self.runs.contains_key(&identifier) {
             true => Some(Box::new(self.run(&identifier)?.expect("present"))),
             false => None,
         };
-        if existing.is_some() || reasons.iter().any(|reason| *reason != Reason::None) {
-            return Ok(Create::Cancelled { existing, effects: reasons });
+        if existing.is_some() || pool_refused || reasons.iter().any(|reason| *reason != Reason::None) {
+            return Ok(Create::Cancelled { existing, effects: reasons, pool_refused });
         }
         for (index, chunk) in chunks.iter().enumerate() {
             self.spec_chunks.insert(chunk_identifier(&record.run_id, &record.spec_digest, index), chunk.clone());
@@ -344,6 +378,7 @@ mod tests {
             run_id: run_id.into(),
             threshold: threshold.into(),
             resource_class: "large".into(),
+            instance_type: None,
             updated_at: String::new(),
         }
     }

@@ -71,13 +71,22 @@ pub fn memory_ports(limits: &Limits) -> SimPorts {
 }
 
 impl SimPorts {
-    /// Puts an instance record, as a test seeds one.
-    pub fn put_instance_record(&self, id: &str, state: &str, run_id: &str, threshold: &str, class: &str) {
+    /// Puts an instance record, as a test seeds one: `kind` is its `resourceClass` and its
+    /// `instanceType`, if it has one.
+    pub fn put_instance_record(
+        &self,
+        id: &str,
+        state: &str,
+        run_id: &str,
+        threshold: &str,
+        kind: (&str, Option<&str>),
+    ) {
         let item = InstanceItem {
             state: state.into(),
             run_id: run_id.into(),
             threshold: threshold.into(),
-            resource_class: class.into(),
+            resource_class: kind.0.into(),
+            instance_type: kind.1.map(str::to_string),
             updated_at: String::new(),
         };
         self.world.lock().expect("world").table.instances.insert(id.to_string(), item);
@@ -87,6 +96,11 @@ impl SimPorts {
     pub fn instance_record(&self, id: &str) -> Option<(String, String, String)> {
         let world = self.world.lock().expect("world");
         world.table.instances.get(id).map(|item| (item.state.clone(), item.run_id.clone(), item.threshold.clone()))
+    }
+
+    /// Puts the pool's `resource_class_config` metadata item, or removes it.
+    pub fn put_resource_class_config(&self, config: Option<post_provision::spec::ResourceClassConfig>) {
+        self.world.lock().expect("world").table.resource_class_config = config;
     }
 
     /// Launches an EC2 instance, known at once, with the pool tag or without any tag.

@@ -380,6 +380,7 @@ impl RunStore for SimPorts {
         spec_chunks: &[String],
         _chunk_ttl: i64,
         transitions: &[InstanceTransition],
+        guard: Option<&post_provision::core::PoolGuard>,
         now: Timestamp,
     ) -> Result<CreateOutcome, StoreError> {
         record::check_size(record).map_err(StoreError::TooLarge)?;
@@ -394,7 +395,14 @@ impl RunStore for SimPorts {
                 let actions: Vec<Action<'_>> = transitions.iter().map(|t| Action::Transition(t, now)).collect();
                 let before: Vec<Option<InstanceItem>> =
                     transitions.iter().map(|t| world.table.instances.get(&t.instance_id).cloned()).collect();
-                let outcome = world.table.create_run(record, spec_chunks, &actions, &injected);
+                let outcome = world.table.create_run(record, spec_chunks, &actions, &injected, guard);
+                if guard.is_some() {
+                    world.event(match outcome {
+                        Ok(Create::Created) => "guarded-create-landed",
+                        Ok(Create::Cancelled { pool_refused: true, .. }) => "guarded-create-pool-refused",
+                        _ => "guarded-create-refused",
+                    });
+                }
                 world.log(|| {
                     format!(
                         "  create run record v{} in {} with {} transitions: {}",
@@ -417,9 +425,9 @@ impl RunStore for SimPorts {
             })
             .await?
             .map_err(StoreError::Corrupt)?;
-        let (existing, effects) = match created {
+        let (existing, effects, pool_refused) = match created {
             Create::Created => return Ok(CreateOutcome::Created),
-            Create::Cancelled { existing, effects } => (existing, effects),
+            Create::Cancelled { existing, effects, pool_refused } => (existing, effects, pool_refused),
         };
         match existing {
             // As the adapter: a retried create whose first attempt landed finds itself (and the
@@ -429,6 +437,10 @@ impl RunStore for SimPorts {
             }
             Some(existing) => return Ok(CreateOutcome::Exists(existing)),
             None => {}
+        }
+        // As the adapter: the pool guard's check refused is not an instance's refusal.
+        if pool_refused {
+            return Ok(CreateOutcome::PoolRefused);
         }
         // As the adapter: a riding transition refused, throttled (or conflicted along with one
         // of those) is reported item by item; otherwise the first code names the error.
@@ -534,7 +546,7 @@ impl RunStore for SimPorts {
         Ok(self.call("DynamoDB", "GetItem", false, |world| world.table.resource_class_config.clone()).await?)
     }
 
-    /// The memory's records keep no instance type: only the class is compared.
+    /// The simulation's own records keep no instance type: then only the class is compared.
     async fn load_instance_facts(&self, ids: &[String]) -> Result<Vec<InstanceFacts>, StoreError> {
         let ids = ids.to_vec();
         Ok(self
@@ -544,7 +556,7 @@ impl RunStore for SimPorts {
                         world.table.instances.get(id).map(|item| InstanceFacts {
                             id: id.clone(),
                             resource_class: item.resource_class.clone(),
-                            instance_type: None,
+                            instance_type: item.instance_type.clone(),
                         })
                     })
                     .collect()

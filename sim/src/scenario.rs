@@ -145,6 +145,7 @@ fn setup(seed: u64, verbose: bool) -> World {
                 run_id: run.into(),
                 threshold: threshold.to_string(),
                 resource_class: class.into(),
+                instance_type: None,
                 updated_at: now.to_string(),
             },
         );
@@ -573,6 +574,7 @@ impl Sim {
                     run_id: run_id.clone(),
                     threshold: threshold.to_string(),
                     resource_class: CLASSES[class].0.into(),
+                    instance_type: None,
                     updated_at: now.to_string(),
                 },
             );
@@ -749,6 +751,7 @@ mod tests {
                 run_id: "other-run".into(),
                 threshold: "2030-01-01T00:00:00Z".into(),
                 resource_class: "small".into(),
+                instance_type: None,
                 updated_at: String::new(),
             };
             invariants::check_isolation(world, 0, &id, &foreign, "terminated");

@@ -11,7 +11,8 @@ use aws_sdk_dynamodb::Client;
 use super::errors::from_sdk;
 use super::AwsPorts;
 use crate::core::{
-    InstanceDeletion, InstanceState, InstanceTransition, ObservedRecord, ThresholdCondition, WriteResult,
+    InstanceDeletion, InstanceKind, InstanceState, InstanceTransition, ObservedRecord, PoolGuard, ThresholdCondition,
+    WriteResult,
 };
 use crate::ports::{
     AwsError, CreateOutcome, ErrorClass, Fence, InstanceFacts, InstanceStore, RunListing, RunStore, StoreError,
@@ -122,12 +123,14 @@ fn cancellation_results(
 }
 
 /// What a cancelled create says: the run existed already (or it is our own create, retried after
-/// its answer was lost), a riding transition was refused, or the create failed.
+/// its answer was lost), the pool guard's check (the last item, when `guarded`) failed, a riding
+/// transition was refused, or the create failed.
 fn read_create_cancellation(
     reasons: &[aws_sdk_dynamodb::types::CancellationReason],
     record: &RunRecord,
     spec_chunks: &[String],
     transitions: &[InstanceTransition],
+    guarded: bool,
 ) -> Result<CreateOutcome, StoreError> {
     let record_index = spec_chunks.len();
     let reason = reasons.get(record_index);
@@ -140,8 +143,14 @@ fn read_create_cancellation(
         }
         return Ok(CreateOutcome::Exists(Box::new(existing)));
     }
-    if !transitions.is_empty() && reasons.len() == items_len(spec_chunks, transitions) {
-        let effects = cancellation_results(&reasons[record_index + 1..], transitions.len());
+    let complete = reasons.len() == spec_chunks.len() + 1 + transitions.len() + usize::from(guarded);
+    // The pool's check is not an instance's: a refused one says nothing about the instances.
+    if guarded && complete && reasons.last().and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+        return Ok(CreateOutcome::PoolRefused);
+    }
+    if !transitions.is_empty() && complete {
+        let effects =
+            cancellation_results(&reasons[record_index + 1..record_index + 1 + transitions.len()], transitions.len());
         if let Ok(effects) = effects {
             if effects.iter().any(|result| *result != WriteResult::Cancelled) {
                 return Ok(CreateOutcome::EffectsRefused(effects));
@@ -156,10 +165,6 @@ fn read_create_cancellation(
         message: "creating the run record was cancelled".to_string(),
         class: super::classify_code(code.unwrap_or(""), None),
     }))
-}
-
-fn items_len(spec_chunks: &[String], transitions: &[InstanceTransition]) -> usize {
-    spec_chunks.len() + 1 + transitions.len()
 }
 
 /// A fresh idempotency token for one transaction call. The SDK sends the same token with each
@@ -319,6 +324,46 @@ impl AwsPorts {
     }
 }
 
+impl AwsPorts {
+    /// The [`PoolGuard`]'s `ConditionCheck` on the pool's metadata item: each of its classes with
+    /// exactly its queue URL, `cpu` and `mmem` (what `Spec::check_config_against_pool` compares).
+    /// Class names are the spec's, untrusted: they travel as expression attribute names only.
+    fn pool_guard_check(&self, guard: &PoolGuard) -> Result<TransactWriteItem, AwsError> {
+        let (condition, names, values) = pool_guard_condition(guard);
+        let check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(key("METADATA", "resource_class_config")))
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .build()
+            .map_err(|error| build_error("TransactWriteItems", error))?;
+        Ok(TransactWriteItem::builder().condition_check(check).build())
+    }
+}
+
+/// The condition of [`AwsPorts::pool_guard_check`], with its names and values.
+fn pool_guard_condition(guard: &PoolGuard) -> (String, HashMap<String, String>, Item) {
+    let mut names = HashMap::from([
+        ("#v".to_string(), "value".to_string()),
+        ("#q".to_string(), "queueUrl".to_string()),
+        ("#p".to_string(), "cpu".to_string()),
+        ("#m".to_string(), "mmem".to_string()),
+    ]);
+    let mut values = Item::new();
+    let mut terms = Vec::with_capacity(guard.classes.len());
+    for (index, (name, class)) in guard.classes.iter().enumerate() {
+        names.insert(format!("#c{index}"), name.clone());
+        values.insert(format!(":q{index}"), s(class.queue_url.clone()));
+        values.insert(format!(":p{index}"), AttributeValue::N(class.cpu.to_string()));
+        values.insert(format!(":m{index}"), AttributeValue::N(class.mmem.to_string()));
+        terms.push(format!(
+            "#v.#c{index}.#q = :q{index} AND #v.#c{index}.#p = :p{index} AND #v.#c{index}.#m = :m{index}"
+        ));
+    }
+    (terms.join(" AND "), names, values)
+}
+
 fn build_error(operation: &'static str, error: impl std::fmt::Display) -> AwsError {
     AwsError { service: SERVICE, operation, code: None, message: error.to_string(), class: ErrorClass::Invalid }
 }
@@ -331,7 +376,7 @@ impl InstanceStore for AwsPorts {
         fence: &Fence,
     ) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
-        let items = batch.iter().map(|t| self.transition_item(t, now)).collect::<Result<Vec<_>, _>>()?;
+        let items = batch.iter().map(|t| self.transition_item(t, now, None)).collect::<Result<Vec<_>, _>>()?;
         self.transact(items, fence, crate::ports::committed_ids(batch, fence)).await
     }
 
@@ -420,14 +465,33 @@ impl AwsPorts {
         Ok(items)
     }
 
-    /// One transition as a transaction item: the data model's conditional update.
-    fn transition_item(&self, transition: &InstanceTransition, now: Timestamp) -> Result<TransactWriteItem, AwsError> {
-        let (condition, mut values) = transition_condition(transition, now);
+    /// One transition as a transaction item: the data model's conditional update; with a `kind`
+    /// (a [`PoolGuard`]'s), only on a record of that class and, if it names one, that type.
+    fn transition_item(
+        &self,
+        transition: &InstanceTransition,
+        now: Timestamp,
+        kind: Option<&InstanceKind>,
+    ) -> Result<TransactWriteItem, AwsError> {
+        let (mut condition, mut values) = transition_condition(transition, now);
         values.insert(":newState".to_string(), s(transition.new_state.as_str()));
         values.insert(":newRunId".to_string(), s(transition.new_run_id.clone()));
         values.insert(":newThreshold".to_string(), s(transition.new_threshold.to_string()));
         values.insert(":now".to_string(), s(now.to_string()));
         let mut names = instance_attribute_names();
+        if let Some(kind) = kind {
+            // Each alternative is parenthesised already; DynamoDB refuses redundant parentheses.
+            if transition.expected.len() > 1 {
+                condition = format!("({condition})");
+            }
+            condition.push_str(
+                " AND #resourceClass = :kindClass AND (attribute_not_exists(#instanceType) OR #instanceType = :kindType)",
+            );
+            names.insert("#resourceClass".to_string(), "resourceClass".to_string());
+            names.insert("#instanceType".to_string(), "instanceType".to_string());
+            values.insert(":kindClass".to_string(), s(kind.resource_class.clone()));
+            values.insert(":kindType".to_string(), s(kind.instance_type.clone()));
+        }
         let mut update_expression =
             "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now".to_string();
         if let Some(releaser) = releasing_run(transition) {
@@ -552,16 +616,15 @@ impl RunStore for AwsPorts {
         spec_chunks: &[String],
         chunk_ttl: i64,
         transitions: &[InstanceTransition],
+        guard: Option<&PoolGuard>,
         now: Timestamp,
     ) -> Result<CreateOutcome, StoreError> {
-        assert!(
-            spec_chunks.len() + 1 + transitions.len() <= crate::core::MAX_TRANSACTION_ITEMS,
-            "create transaction too large"
-        );
+        let count = spec_chunks.len() + 1 + transitions.len() + usize::from(guard.is_some());
+        assert!(count <= crate::core::MAX_TRANSACTION_ITEMS, "create transaction too large");
         // One transaction: the spec chunks, the record and the state's first effects appear
         // together or not at all, so a crash can never leave a record whose spec is missing, nor
         // effects without their state, and it costs one round trip.
-        let mut items = Vec::with_capacity(spec_chunks.len() + 1 + transitions.len());
+        let mut items = Vec::with_capacity(count);
         for (index, chunk) in spec_chunks.iter().enumerate() {
             let identifier = spec_chunk_identifier(&record.run_id, &record.spec_digest, index);
             let mut item = key("RUNSPEC", &identifier);
@@ -586,7 +649,12 @@ impl RunStore for AwsPorts {
             .map_err(|error| build_error("TransactWriteItems", error))?;
         items.push(TransactWriteItem::builder().put(put).build());
         for transition in transitions {
-            items.push(self.transition_item(transition, now)?);
+            let kind = guard.and_then(|guard| guard.instances.get(&transition.instance_id));
+            items.push(self.transition_item(transition, now, kind)?);
+        }
+        // Last, so that the transitions' cancellation reasons keep their places.
+        if let Some(guard) = guard {
+            items.push(self.pool_guard_check(guard)?);
         }
         let result = self
             .dynamodb
@@ -605,7 +673,8 @@ impl RunStore for AwsPorts {
             ),
         ) = error.as_service_error()
         {
-            return read_create_cancellation(cancelled.cancellation_reasons(), record, spec_chunks, transitions);
+            let reasons = cancelled.cancellation_reasons();
+            return read_create_cancellation(reasons, record, spec_chunks, transitions, guard.is_some());
         }
         Err(from_sdk(SERVICE, "TransactWriteItems", error).into())
     }
@@ -946,6 +1015,57 @@ mod tests {
         assert_eq!(item["runIndexSK"], s("2025-06-01T10:00:00Z#r1#2"));
         assert_eq!(item.len(), 23, "{:?}", item.keys().collect::<Vec<_>>());
         assert_eq!(record_from_item(&item).unwrap(), record());
+    }
+
+    /// The pool guard's check is the create's last item: its refusal is the pool's, never an
+    /// instance's, and an instance's refusal keeps its place.
+    #[test]
+    fn a_refused_pool_guard_is_not_an_instance_refusal() {
+        use aws_sdk_dynamodb::types::CancellationReason;
+        let reason = |code: &str| CancellationReason::builder().code(code).build();
+        let transition = InstanceTransition {
+            instance_id: "i-1".into(),
+            role: crate::spec::Role::Selected,
+            expected: Vec::new(),
+            new_state: InstanceState::Idle,
+            new_run_id: String::new(),
+            new_threshold: Timestamp::parse("2025-06-01T11:00:00Z").unwrap(),
+        };
+        let chunks = ["{}".to_string()];
+        let read = |codes: &[&str], guarded| {
+            let reasons: Vec<CancellationReason> = codes.iter().map(|code| reason(code)).collect();
+            read_create_cancellation(&reasons, &record(), &chunks, std::slice::from_ref(&transition), guarded)
+        };
+        let pool_refused = read(&["None", "None", "None", "ConditionalCheckFailed"], true).unwrap();
+        assert!(matches!(pool_refused, CreateOutcome::PoolRefused), "{pool_refused:?}");
+        let both = read(&["None", "None", "ConditionalCheckFailed", "ConditionalCheckFailed"], true).unwrap();
+        assert!(matches!(both, CreateOutcome::PoolRefused), "{both:?}");
+        let instance = read(&["None", "None", "ConditionalCheckFailed", "None"], true).unwrap();
+        assert!(
+            matches!(&instance, CreateOutcome::EffectsRefused(results) if *results == [WriteResult::Rejected(None)]),
+            "{instance:?}"
+        );
+        let unguarded = read(&["None", "None", "ConditionalCheckFailed"], false).unwrap();
+        assert!(matches!(unguarded, CreateOutcome::EffectsRefused(_)), "{unguarded:?}");
+    }
+
+    /// Class names are the spec's (untrusted): they travel as expression attribute names only,
+    /// and the check of [`crate::core::MAX_GUARDED_CLASSES`] classes stays within DynamoDB's
+    /// 4 KB expression bound.
+    #[test]
+    fn the_pool_guard_condition_names_classes_by_placeholder_and_fits_an_expression() {
+        let class = crate::spec::ResourceClass { cpu: 2, mmem: 4096, queue_url: "https://q".into() };
+        let classes: crate::spec::ResourceClassConfig = (0..crate::core::MAX_GUARDED_CLASSES)
+            .map(|index| (format!("{index:x>64}) OR #x = :y"), class.clone()))
+            .collect();
+        let guard = PoolGuard { classes, instances: Default::default() };
+        let (condition, names, values) = pool_guard_condition(&guard);
+        assert!(condition.len() <= 4096, "{} bytes", condition.len());
+        assert!(!condition.contains("OR"), "{condition}");
+        assert_eq!(names.len(), 4 + crate::core::MAX_GUARDED_CLASSES);
+        assert_eq!(values.len(), 3 * crate::core::MAX_GUARDED_CLASSES);
+        let first = guard.classes.keys().next().expect("a class");
+        assert_eq!(&names["#c0"], first);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tracing::{info, info_span, warn, Instrument};
 use super::drive::Start;
 use super::*;
 use crate::config::OnRetriesExhausted;
-use crate::core::{self, InstanceTransition};
+use crate::core::{self, InstanceTransition, PoolGuard};
 use crate::machine::{self, Input, State};
 use crate::ports::{AwsError, CreateOutcome, ErrorClass, InstanceFacts, StoreError};
 use crate::record::{self, HistoryEntry, Lease, RunError, RunErrorKind, RunRecord, RUN_RECORD_SCHEMA_VERSION};
@@ -28,6 +28,17 @@ impl<P: Ports> Driver<P> {
     async fn start_inner(&self, spec: Spec) -> Result<RunOutcome, DriveError> {
         let canonical = spec.to_canonical_json();
         let spec_digest = record::digest(&canonical);
+        let chunks = record::split_spec(&canonical);
+        // A small rollback whose spec carries the pool's configuration reads nothing first: its
+        // create checks the pool (`PoolGuard`). Refused for any other reason than an existing
+        // run, it reads the pool as below, and knows which instances refused.
+        let mut refused_when_guarded = None;
+        if let Some(guard) = self.pool_guard(&spec, chunks.len()) {
+            match Box::pin(self.start_guarded(&spec, &spec_digest, &chunks, &guard)).await? {
+                Guarded::Finished(outcome) => return *outcome,
+                Guarded::ReadFirst(refused) => refused_when_guarded = refused,
+            }
+        }
         let first = match self.first_state(&spec, &spec_digest).await? {
             Ok(first) => first,
             Err(existing) => return existing,
@@ -36,7 +47,6 @@ impl<P: Ports> Driver<P> {
         // thresholds and the lease the first write carries.
         let now = self.clock.now();
         let mut record = self.first_record(&spec, spec_digest.clone(), first, now);
-        let chunks = record::split_spec(&canonical);
         record.spec_chunks = chunks.len() as u32;
         let unfinished_ttl = record.ttl.expect("an unfinished record expires");
         // No read first: creating the record is conditional, and a run id that already has one
@@ -46,26 +56,82 @@ impl<P: Ports> Driver<P> {
         // its state's transitions, so the state is persisted *with* its first effects, not
         // before them, and a crash leaves both or neither. A commit is then created already
         // `Done`: one request for the whole run. If an instance refuses, nothing was written,
-        // and the staged path below finds and handles the refusal as it always did.
-        if let Some((fast, transitions)) = self.fast_path(&record, &spec, chunks.len(), now) {
-            match Box::pin(self.create(&fast, &chunks, unfinished_ttl, &transitions, now, &spec_digest)).await? {
+        // and the staged path below finds and handles the refusal as it always did. A guarded
+        // create whose pool check held has already said which instances refuse.
+        if let Some(refused) = refused_when_guarded.filter(|_| record.state == State::RollingBack) {
+            info!(refused = ?refused, "the guarded one-transaction path was refused; taking the staged path");
+            record.refused_at_create = refused;
+        } else if let Some((fast, transitions)) = self.fast_path(&record, &spec, chunks.len(), now) {
+            match Box::pin(self.create(&fast, &chunks, unfinished_ttl, &transitions, None, now, &spec_digest)).await? {
                 Created::Landed(landed) => return self.landed_with(landed, spec, &transitions).await,
                 Created::Other(outcome) => return outcome,
                 Created::Refused(refused) => {
                     info!(refused = ?refused, "the one-transaction path was refused; taking the staged path");
                     record.refused_at_create = refused;
                 }
+                Created::PoolRefused => unreachable!("no pool guard rode along"),
             }
         }
-        match Box::pin(self.create(&record, &chunks, unfinished_ttl, &[], now, &spec_digest)).await? {
+        match Box::pin(self.create(&record, &chunks, unfinished_ttl, &[], None, now, &spec_digest)).await? {
             Created::Landed(landed) => record = landed,
             Created::Other(outcome) => return outcome,
-            Created::Refused(_) => unreachable!("no transition rode along"),
+            Created::Refused(_) | Created::PoolRefused => unreachable!("no transition or pool guard rode along"),
         }
         self.hold_lease(&record);
         self.record_event(TraceEvent::Persisted { state: record.state });
         info!(state = %record.state, "run persisted");
         Box::pin(self.drive(record, spec, Start::Fresh, None)).await
+    }
+
+    /// The pool guard of a run whose first state is a rollback that fits one transaction with
+    /// the guard's check (one more item), if its spec allows one ([`PoolGuard::for_rollback`]).
+    fn pool_guard(&self, spec: &Spec, chunks: usize) -> Option<PoolGuard> {
+        if core::reconcile(spec).input != Input::ReconciledShortfall || !self.fits_one_transaction(spec, chunks + 1) {
+            return None;
+        }
+        PoolGuard::for_rollback(spec)
+    }
+
+    /// A small rollback created in `RollingBack` with its releases and its pool guard, no read
+    /// first: the queue URLs are the spec's, which the guard's check proves are the pool's.
+    /// `ReadFirst` when the create was refused (or failed for good) for another reason than an
+    /// existing run, or its lost answer reads back as nothing written: nothing was written, and
+    /// the run reads the pool first. It carries the refusing instances when the pool's check held.
+    async fn start_guarded(
+        &self,
+        spec: &Spec,
+        spec_digest: &str,
+        chunks: &[String],
+        guard: &PoolGuard,
+    ) -> Result<Guarded, DriveError> {
+        let reconciliation = core::reconcile(spec);
+        info!(outcome = ?reconciliation.input, reason = %reconciliation.reason, "reconciled");
+        let first = FirstState {
+            input: reconciliation.input,
+            reason: reconciliation.reason,
+            queue_urls: guard.queue_urls(),
+            error: None,
+        };
+        let now = self.clock.now();
+        let mut record = self.first_record(spec, spec_digest.to_string(), first, now);
+        record.spec_chunks = chunks.len() as u32;
+        let unfinished_ttl = record.ttl.expect("an unfinished record expires");
+        let (fast, transitions) =
+            self.fast_path(&record, spec, chunks.len() + 1, now).expect("`pool_guard` checked that it fits");
+        match Box::pin(self.create(&fast, chunks, unfinished_ttl, &transitions, Some(guard), now, spec_digest)).await? {
+            Created::Landed(landed) => {
+                Ok(Guarded::Finished(Box::new(Box::pin(self.landed_with(landed, spec.clone(), &transitions)).await)))
+            }
+            Created::Other(outcome) => Ok(Guarded::Finished(Box::new(outcome))),
+            Created::Refused(refused) => {
+                info!(refused = ?refused, "the guarded one-transaction create was refused; reading the pool first");
+                Ok(Guarded::ReadFirst(Some(refused)))
+            }
+            Created::PoolRefused => {
+                info!("the pool refused the guarded one-transaction create; reading the pool first");
+                Ok(Guarded::ReadFirst(None))
+            }
+        }
     }
 
     /// A run created together with its first transitions: finished (a commit), or driven on
@@ -180,23 +246,29 @@ impl<P: Ports> Driver<P> {
         record
     }
 
+    /// Whether a first attempt's create fits one transaction with its record, its first
+    /// transitions and `other_items` (spec chunks, a pool guard's check). A later attempt acts
+    /// only after the earlier ones have finished (`attempts_in_order`), which it cannot know
+    /// before it has read them: it takes the staged path.
+    fn fits_one_transaction(&self, spec: &Spec, other_items: usize) -> bool {
+        let count = spec.instance_count();
+        spec.attempt() == 1
+            && count > 0
+            && count <= self.limits.one_transaction_max_instances
+            && other_items + 1 + count <= core::MAX_TRANSACTION_ITEMS
+    }
+
     /// The one-transaction form of a new run, when it fits: a commit created already `Done` with
     /// every commit transition, or a rollback created in `RollingBack` with every release.
     fn fast_path(
         &self,
         record: &RunRecord,
         spec: &Spec,
-        chunks: usize,
+        other_items: usize,
         now: Timestamp,
     ) -> Option<(RunRecord, Vec<InstanceTransition>)> {
         let count = spec.instance_count();
-        // A later attempt acts only after the earlier ones have finished (`attempts_in_order`),
-        // which it cannot know before it has read them: it takes the staged path.
-        if record.run_attempt > 1
-            || count == 0
-            || count > self.limits.one_transaction_max_instances
-            || chunks + 1 + count > core::MAX_TRANSACTION_ITEMS
-        {
+        if !self.fits_one_transaction(spec, other_items) {
             return None;
         }
         match record.state {
@@ -221,20 +293,22 @@ impl<P: Ports> Driver<P> {
         }
     }
 
-    /// Creates `record` (with `transitions` riding along), telling a landed create from an
-    /// existing run and from a refused transition. A create whose answer was lost is read back
-    /// before the run reports that nothing was written.
+    /// Creates `record` (with `transitions` and a `guard` riding along), telling a landed create
+    /// from an existing run, from a refused transition and from a refused guard. A create whose
+    /// answer was lost is read back before the run reports that nothing was written.
+    #[allow(clippy::too_many_arguments)]
     async fn create(
         &self,
         record: &RunRecord,
         chunks: &[String],
         ttl: i64,
         transitions: &[InstanceTransition],
+        guard: Option<&PoolGuard>,
         now: Timestamp,
         spec_digest: &str,
     ) -> Result<Created, DriveError> {
         let mut sent = record.clone();
-        let created = self.create_within_throttle_budget(&mut sent, chunks, ttl, transitions, now).await?;
+        let created = self.create_within_throttle_budget(&mut sent, chunks, ttl, transitions, guard, now).await?;
         let record = &sent;
         match created {
             Ok(CreateOutcome::Created) => Ok(Created::Landed(record.clone())),
@@ -249,6 +323,13 @@ impl<P: Ports> Driver<P> {
                     .map(|(transition, _)| transition.instance_id.clone())
                     .collect(),
             )),
+            Ok(CreateOutcome::PoolRefused) => Ok(Created::PoolRefused),
+            // A guarded create failed for good (nothing was written; say an IAM policy from
+            // before the guard, without `dynamodb:ConditionCheckItem`): the reads decide.
+            Err(StoreError::Aws(aws)) if guard.is_some() && !aws.class.is_retryable() => {
+                warn!(error = %aws, "the guarded one-transaction create failed; reading the pool first");
+                Ok(Created::PoolRefused)
+            }
             Err(StoreError::Aws(aws)) if aws.class.is_retryable() => {
                 // The create may have landed with its answer lost: look before saying that
                 // nothing was written.
@@ -285,6 +366,7 @@ impl<P: Ports> Driver<P> {
         chunks: &[String],
         ttl: i64,
         transitions: &[InstanceTransition],
+        guard: Option<&PoolGuard>,
         mut now: Timestamp,
     ) -> Result<Result<CreateOutcome, StoreError>, DriveError> {
         let mut rounds = super::batching::Rounds::default();
@@ -295,7 +377,7 @@ impl<P: Ports> Driver<P> {
                 record.lease.expires_at =
                     if record.state.is_terminal() { now } else { now.plus_secs(self.limits.lease_secs) };
             }
-            let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, now)).await?;
+            let created = self.write(self.ports.create_run(record, chunks, ttl, transitions, guard, now)).await?;
             if !create_throttled(&created) {
                 return Ok(created);
             }
@@ -389,6 +471,18 @@ enum Created {
     /// A transition that rode along was refused (or the transaction failed): nothing was
     /// written. The instances whose conditions failed.
     Refused(Vec<String>),
+    /// The pool guard's check refused the create, or a guarded create failed for good: nothing
+    /// was written.
+    PoolRefused,
+}
+
+/// What a guarded create ([`Driver::start_guarded`]) came to.
+enum Guarded {
+    /// The run was created (and driven), or it existed already: its outcome.
+    Finished(Box<Result<RunOutcome, DriveError>>),
+    /// Nothing was written: read the pool first, as a run without a guard does. The instances
+    /// that refused, when the pool's check held (or none, when the answer was lost).
+    ReadFirst(Option<Vec<String>>),
 }
 
 enum ResolveError {

@@ -130,9 +130,10 @@ impl<P: RunStore> RunStore for Hooked<P> {
         spec_chunks: &[String],
         chunk_ttl: i64,
         transitions: &[InstanceTransition],
+        guard: Option<&crate::core::PoolGuard>,
         now: Timestamp,
     ) -> Result<CreateOutcome, StoreError> {
-        self.write(self.inner.create_run(record, spec_chunks, chunk_ttl, transitions, now)).await
+        self.write(self.inner.create_run(record, spec_chunks, chunk_ttl, transitions, guard, now)).await
     }
     async fn replace_run(&self, record: &RunRecord, expected_version: u64) -> Result<(), StoreError> {
         self.write(self.inner.replace_run(record, expected_version)).await

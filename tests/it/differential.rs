@@ -4,7 +4,9 @@
 //! instance record. The sequences cover conditional transitions (one or two expected shapes, each
 //! threshold condition), transactions with failing items, conditional deletes, sends (to a queue
 //! and to one that does not exist), terminations (with unknown ids), the pool-tag check, and the
-//! run-record writes (create, versioned replace, lease renewal, reads).
+//! run-record writes (create, versioned replace, lease renewal, reads), and a create's pool guard
+//! (the metadata item's `ConditionCheck`, present, absent or disagreeing, and the class and
+//! instance type each guarded release needs).
 //!
 //! Where moto is known to differ from AWS (`../shared/reference/aws-facts.md`), the simulation
 //! follows AWS, and nothing here depends on the difference:
@@ -18,7 +20,8 @@ use std::collections::BTreeMap;
 
 use post_provision::aws::AwsPorts;
 use post_provision::core::{
-    Expectation, InstanceDeletion, InstanceState, InstanceTransition, ThresholdCondition, WriteResult,
+    Expectation, InstanceDeletion, InstanceKind, InstanceState, InstanceTransition, PoolGuard, ThresholdCondition,
+    WriteResult,
 };
 use post_provision::machine::State;
 use post_provision::ports::{
@@ -26,13 +29,13 @@ use post_provision::ports::{
     StoreError, Termination,
 };
 use post_provision::record::{HistoryEntry, Lease, RunRecord, RUN_RECORD_SCHEMA_VERSION};
-use post_provision::spec::Role;
+use post_provision::spec::{ResourceClass, ResourceClassConfig, Role};
 use post_provision::timestamp::Timestamp;
 use post_provision_sim::memory::memory_ports;
 use post_provision_sim::ports::SimPorts;
 use post_provision_sim::rng::Rng;
 
-use crate::harness::{test_limits, World};
+use crate::harness::{test_limits, World, CLASSES};
 
 const STATES: [InstanceState; 5] = [
     InstanceState::Created,
@@ -173,6 +176,52 @@ fn run_record(run_id: &str, version: u64, owner: &str, state: State, at: Timesta
     }
 }
 
+/// The pool's configuration as the harness writes it to moto's metadata item.
+fn pool_config(world: &World) -> ResourceClassConfig {
+    CLASSES
+        .iter()
+        .map(|(class, _, cpu, mmem)| {
+            (class.to_string(), ResourceClass { cpu: *cpu, mmem: *mmem, queue_url: world.queues[*class].clone() })
+        })
+        .collect()
+}
+
+/// A pool guard for `transitions`: mostly the pool's own configuration (all of it or
+/// one class) and each record's own class and type, sometimes a class, queue, cpu, type or
+/// class name that is not the pool's or not the record's.
+fn guard(world: &World, transitions: &[InstanceTransition], rng: &mut Rng) -> PoolGuard {
+    let pool = pool_config(world);
+    let mut classes = pool.clone();
+    if rng.chance(0.2) {
+        classes.remove(*rng.pick(&["small", "large"]));
+    }
+    let mut class = |name: &str| classes.entry(name.to_string()).or_insert_with(|| pool["large"].clone()).clone();
+    let spoiled = match rng.below(12) {
+        0 => Some(("large", ResourceClass { cpu: class("large").cpu + 1, ..class("large") })),
+        1 => Some(("large", ResourceClass { mmem: class("large").mmem + 1, ..class("large") })),
+        2 => Some(("small", ResourceClass { queue_url: format!("{}x", class("small").queue_url), ..class("small") })),
+        3 => Some(("x.y #z", class("x.y #z"))),
+        _ => None,
+    };
+    if let Some((name, spoiled)) = spoiled {
+        classes.insert(name.to_string(), spoiled);
+    }
+    let instances = transitions
+        .iter()
+        .map(|transition| {
+            let (resource_class, instance_type) = match rng.below(10) {
+                0 => ("small", "t3.small"),
+                1 => ("small", "c6i.large"),
+                2 => ("large", "t3.nano"),
+                _ => ("large", "c6i.large"),
+            };
+            let kind = InstanceKind { resource_class: resource_class.into(), instance_type: instance_type.into() };
+            (transition.instance_id.clone(), kind)
+        })
+        .collect();
+    PoolGuard { classes, instances }
+}
+
 /// One seeded sequence; returns how many answers were compared.
 async fn run_sequence(seed: u64) -> usize {
     let world = World::new(&format!("diff{seed}")).await;
@@ -181,6 +230,21 @@ async fn run_sequence(seed: u64) -> usize {
     let memory: SimPorts = memory_ports(&limits);
     let mut rng = Rng::new(seed);
     let start = world.start;
+    // The pool's metadata item, on both sides; one sequence in three has none.
+    memory.put_resource_class_config(Some(pool_config(&world)));
+    if seed % 3 == 0 {
+        world
+            .clients
+            .dynamodb
+            .delete_item()
+            .table_name(&world.table)
+            .key("PK", aws_sdk_dynamodb::types::AttributeValue::S("TYPE#METADATA".into()))
+            .key("SK", aws_sdk_dynamodb::types::AttributeValue::S("ID#resource_class_config".into()))
+            .send()
+            .await
+            .expect("delete the pool configuration");
+        memory.put_resource_class_config(None);
+    }
 
     // EC2: pool-tagged instances, one foreign one, and an id neither side knows.
     let mut ids = Vec::new();
@@ -204,7 +268,23 @@ async fn run_sequence(seed: u64) -> usize {
             let run = *rng.pick(&RUNS);
             let at = threshold(start, &mut rng);
             world.put_record(id, "large", state, run, at).await;
-            memory.put_instance_record(id, state, run, &at.to_string(), "large");
+            // The harness's records carry their class's instance type; some records have none.
+            let mut instance_type = Some("c6i.large");
+            if rng.chance(0.3) {
+                instance_type = None;
+                world
+                    .clients
+                    .dynamodb
+                    .update_item()
+                    .table_name(&world.table)
+                    .key("PK", aws_sdk_dynamodb::types::AttributeValue::S("TYPE#INSTANCE".into()))
+                    .key("SK", aws_sdk_dynamodb::types::AttributeValue::S(format!("ID#{id}")))
+                    .update_expression("REMOVE instanceType")
+                    .send()
+                    .await
+                    .expect("remove the instance type");
+            }
+            memory.put_instance_record(id, state, run, &at.to_string(), ("large", instance_type));
         }
     }
     let queue = world.queues["large"].clone();
@@ -214,7 +294,7 @@ async fn run_sequence(seed: u64) -> usize {
     let mut compared = 0;
     let mut versions: BTreeMap<&str, u64> = BTreeMap::new();
     for step in 0..STEPS {
-        let operation = rng.below(7);
+        let operation = rng.below(8);
         let (what, real_answer, memory_answer) = match operation {
             0 => {
                 let batch: Vec<InstanceTransition> = subset(&all_ids, 4, &mut rng)
@@ -320,8 +400,11 @@ async fn run_sequence(seed: u64) -> usize {
                         } else {
                             Vec::new()
                         };
-                        let real_answer = real.create_run(&record, &chunks, 0, &transitions, start).await;
-                        let memory_answer = memory.create_run(&record, &chunks, 0, &transitions, start).await;
+                        let guard = rng.chance(0.6).then(|| guard(&world, &transitions, &mut rng));
+                        let real_answer =
+                            real.create_run(&record, &chunks, 0, &transitions, guard.as_ref(), start).await;
+                        let memory_answer =
+                            memory.create_run(&record, &chunks, 0, &transitions, guard.as_ref(), start).await;
                         if matches!(real_answer, Ok(CreateOutcome::Created)) {
                             versions.insert(run, 1);
                         }
@@ -330,9 +413,11 @@ async fn run_sequence(seed: u64) -> usize {
                                 CreateOutcome::Created => "created".to_string(),
                                 CreateOutcome::Exists(existing) => format!("exists v{}", existing.version),
                                 CreateOutcome::EffectsRefused(results) => format!("effects refused {results:?}"),
+                                CreateOutcome::PoolRefused => "pool refused".to_string(),
                             }))
                         };
-                        (format!("create {run} with {transitions:?}"), key(real_answer), key(memory_answer))
+                        let what = format!("create {run} with {transitions:?} guarded by {guard:?}");
+                        (what, key(real_answer), key(memory_answer))
                     }
                     Some(version) => {
                         let expected = if rng.chance(0.75) { version } else { version + 5 };
@@ -345,6 +430,43 @@ async fn run_sequence(seed: u64) -> usize {
                         (format!("replace {run} v{version} expecting v{expected}"), real_answer, memory_answer)
                     }
                 }
+            }
+            6 => {
+                // A rollback's guarded create of a run of its own: its releases expect mostly
+                // the records' own shapes, so that some land and some are refused by the guard.
+                let run = format!("run-g{step}");
+                let record = run_record(&run, 1, "owner-1", State::RollingBack, start);
+                let transitions: Vec<InstanceTransition> = subset(&all_ids, 2, &mut rng)
+                    .into_iter()
+                    .map(|id| {
+                        let current = memory.instance_record(&id);
+                        // Mostly the record's exact shape, so that the guard's conditions decide.
+                        let exact = current.as_ref().filter(|_| rng.chance(0.8)).and_then(|(state, run, at)| {
+                            Some(Expectation {
+                                states: STATES.iter().copied().filter(|s| s.as_str() == state).collect(),
+                                run_id: run.clone(),
+                                threshold: ThresholdCondition::Exactly(Timestamp::parse(at).ok()?),
+                            })
+                        });
+                        let expected = exact.unwrap_or_else(|| expectation(start, current.as_ref(), &mut rng));
+                        InstanceTransition {
+                            expected: vec![expected],
+                            instance_id: id,
+                            role: Role::Selected,
+                            new_state: InstanceState::Idle,
+                            new_run_id: String::new(),
+                            new_threshold: threshold(start, &mut rng),
+                        }
+                    })
+                    .collect();
+                let guard = guard(&world, &transitions, &mut rng);
+                let chunks = vec!["{}".to_string()];
+                let key = |result: Result<CreateOutcome, StoreError>| store_key(result.map(|o| format!("{o:?}")));
+                (
+                    format!("guarded create {run} with {transitions:?} guarded by {guard:?}"),
+                    key(real.create_run(&record, &chunks, 0, &transitions, Some(&guard), start).await),
+                    key(memory.create_run(&record, &chunks, 0, &transitions, Some(&guard), start).await),
+                )
             }
             _ => {
                 let run = *rng.pick(&["run-a", "run-b", "run-none"]);

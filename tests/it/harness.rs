@@ -340,6 +340,24 @@ impl World {
         })
     }
 
+    /// The pool's `resourceClassConfig` as this world's metadata item holds it, for a spec.
+    pub fn pool_config_json(&self) -> serde_json::Value {
+        CLASSES
+            .iter()
+            .map(|(class, _, cpu, mmem)| {
+                (class.to_string(), serde_json::json!({"cpu": cpu, "mmem": mmem, "queueUrl": self.queues[*class]}))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    /// [`World::spec`] carrying the pool's own `resourceClassConfig`.
+    pub fn spec_with_config(&self, creation_state: &str, required: usize) -> post_provision::Spec {
+        let mut spec = self.spec_json(creation_state, required);
+        spec["resourceClassConfig"] = self.pool_config_json();
+        post_provision::Spec::from_json(&spec.to_string()).expect("valid spec")
+    }
+
     pub fn spec(&self, creation_state: &str, required: usize) -> post_provision::Spec {
         post_provision::Spec::from_json(&self.spec_json(creation_state, required).to_string()).expect("valid spec")
     }

@@ -1,6 +1,10 @@
 //! Integration tests: the real aws-sdk-rust clients against the moto emulator that
 //! `scripts/test` starts (it exports `AWS_ENDPOINT_URL`). One binary, so the SDKs link once.
 
+// The differential test's sequence is one long future over every SDK's types: proving it `Send`
+// nests deeper than the default limit of 128.
+#![recursion_limit = "256"]
+
 mod harness;
 
 mod action;

@@ -273,3 +273,56 @@ async fn a_small_cleanup_phase_takes_four_round_trips() {
     let stored = engine.status(&world.run_id).await.expect("status").expect("a record");
     assert_eq!(stored.state, State::Failed, "the terminal record rode with the deletion");
 }
+
+/// Issue 19: a small rollback whose spec carries the pool's `resourceClassConfig` reads nothing
+/// first. Its create checks the pool's metadata item and each record's class and instance type
+/// in the same transaction: the create with the release, the message, `Failed`, three stages.
+#[tokio::test]
+async fn a_small_rollback_with_the_pools_config_in_its_spec_reads_nothing_first() {
+    let mut world = World::new("guarded").await;
+    world.seed(&[Seed::claimed("large")], &[]).await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec_with_config("failed", 1)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::RolledBack);
+    assert!(outcome.record.refused_at_create.is_empty());
+    let requests = engine.requests().snapshot();
+    assert_eq!(
+        requests,
+        [
+            ("DynamoDB.TransactWriteItems".to_string(), 1),
+            ("SQS.SendMessageBatch".to_string(), 1),
+            ("DynamoDB.PutItem".to_string(), 1),
+        ]
+        .into(),
+        "no GetItem or BatchGetItem first: {requests:?}"
+    );
+    assert!(engine.requests().stages() <= 3, "stages: {}", engine.requests().stages());
+    assert_eq!(
+        world.picture(world.start, false).await,
+        "sel0: record idle runId=\"\" threshold=start+300s; ec2 running\n\
+         queue large: [sel0@start+300s]\n\
+         queue small: []"
+    );
+    snapshot("trace_rollback_guarded", trace_text(&world, &outcome.trace));
+}
+
+/// A guarded create that an instance refuses (its claim expired) writes nothing; the run then
+/// reads the pool as before and takes the staged path, with the refusing instance in
+/// `refusedAtCreate`.
+#[tokio::test]
+async fn a_guarded_rollback_with_a_refusing_instance_reads_the_pool_and_takes_the_staged_path() {
+    let mut world = World::new("guardrefused").await;
+    let expired = Seed { threshold_secs: -60, ..Seed::claimed("large") };
+    world.seed(&[Seed::claimed("small"), expired], &[]).await;
+    let engine = world.engine(TestClock::at(world.start), Hooks::default()).await;
+    let outcome = engine.start(world.spec_with_config("failed", 1)).await.expect("run");
+    assert_eq!(outcome.kind, OutcomeKind::RolledBack);
+    assert_eq!(outcome.record.refused_at_create, vec![world.selected[1].id.clone()]);
+    let requests = engine.requests().snapshot();
+    assert_eq!(requests.get("DynamoDB.BatchGetItem"), Some(&1), "read after the refusal: {requests:?}");
+    assert_eq!(requests.get("DynamoDB.GetItem"), Some(&1), "the pool's item, after the refusal: {requests:?}");
+    let picture = world.picture(world.start, false).await;
+    assert!(picture.starts_with("sel0: record idle runId=\"\" threshold=start+300s; ec2 running\n"), "{picture}");
+    assert!(picture.contains("sel1: record no record; ec2 terminated\n"), "the expired claim is retired: {picture}");
+    assert!(picture.contains("queue small: [sel0@start+300s]"), "{picture}");
+}

@@ -4,6 +4,10 @@
 //! the table's `TYPE#METADATA` item only, and without that item a run that would return
 //! instances stops with a configuration error (78) before anything is written, whatever queue
 //! URL the spec carries.
+//!
+//! A small rollback whose spec carries `resourceClassConfig` reads nothing first (issue 19): its
+//! creating transaction checks the same, and any refusal sends it to the reads. Each attack here
+//! runs both ways, and ends alike: the same exit code and error, nothing written.
 
 use std::process::{Command, Output};
 
@@ -62,13 +66,18 @@ async fn a_spec_that_contradicts_the_record_is_refused_and_nothing_is_written() 
     let instance = &mut small["selection"]["instances"][0];
     (instance["resourceClass"], instance["instanceType"], instance["cpu"], instance["mmem"]) =
         ("small".into(), "t3.nano".into(), 1.into(), 2048.into());
+    // The class only: `small` with the record's own instance type.
+    let mut class_only = small.clone();
+    class_only["selection"]["instances"][0]["instanceType"] = "c6i.large".into();
     // The class right, the instance type not the record's.
     let mut nano = world.spec_json("partial", 2);
     nano["selection"]["instances"][0]["instanceType"] = "t3.nano".into();
-    for (spec, field, named) in [
+    let attacks = [
         (small, "selection.instances[0].resourceClass", "\"large\""),
+        (class_only, "selection.instances[0].resourceClass", "\"large\""),
         (nano, "selection.instances[0].instanceType", "\"c6i.large\""),
-    ] {
+    ];
+    for (spec, field, named) in attacks.into_iter().flat_map(|attack| with_and_without_config(&world, attack)) {
         let output = run(&world, &spec);
         assert_eq!(output.status.code(), Some(EXIT_INVALID_SPEC), "{}", context(&output));
         assert_eq!(error_of(&output), ("invalid-spec".to_string(), field.to_string()), "{}", context(&output));
@@ -76,10 +85,47 @@ async fn a_spec_that_contradicts_the_record_is_refused_and_nothing_is_written() 
         assert_eq!(world_state(&world).await, before, "nothing written: {}", context(&output));
     }
     // The honest spec returns the instance to the `large` queue, as its record says.
-    let output = run(&world, &world.spec_json("partial", 2));
+    let mut honest = world.spec_json("partial", 2);
+    honest["resourceClassConfig"] = world.pool_config_json();
+    let output = run(&world, &honest);
     assert_eq!(output.status.code(), Some(1), "{}", context(&output));
     let queues = world.queue_contents().await;
     assert_eq!((queues["large"].len(), queues["small"].len()), (1, 0), "{queues:?}");
+}
+
+/// An attack as given, and with the pool's own `resourceClassConfig` in its spec (the guarded
+/// create, whose refusal leads to the same reads).
+fn with_and_without_config<'a>(
+    world: &World,
+    (spec, field, named): (Value, &'a str, &'a str),
+) -> [(Value, &'a str, &'a str); 2] {
+    let mut configured = spec.clone();
+    configured["resourceClassConfig"] = world.pool_config_json();
+    [(spec, field, named), (configured, field, named)]
+}
+
+/// The spec's `resourceClassConfig` must be the pool's in every class it names, even one no
+/// instance of the run is of: a `cpu` or `mmem` that is not the pool's is refused with 65 and
+/// nothing is written, by the guarded create's check (which then reads the pool) as by the reads.
+#[tokio::test]
+async fn a_spec_config_whose_cpu_or_mmem_is_not_the_pools_is_refused_and_nothing_is_written() {
+    let world = shortfall_world("msg-config-cpu").await;
+    let before = world_state(&world).await;
+    for field in ["cpu", "mmem"] {
+        let mut spec = world.spec_json("partial", 2);
+        spec["resourceClassConfig"] = world.pool_config_json();
+        let value = spec["resourceClassConfig"]["small"][field].as_u64().expect("a number");
+        spec["resourceClassConfig"]["small"][field] = (value * 2).into();
+        let output = run(&world, &spec);
+        assert_eq!(output.status.code(), Some(EXIT_INVALID_SPEC), "{field}: {}", context(&output));
+        assert_eq!(
+            error_of(&output),
+            ("invalid-spec".to_string(), "resourceClassConfig.small.cpu".to_string()),
+            "{field}: {}",
+            context(&output)
+        );
+        assert_eq!(world_state(&world).await, before, "nothing written: {field}: {}", context(&output));
+    }
 }
 
 #[tokio::test]
