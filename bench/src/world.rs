@@ -143,7 +143,7 @@ pub async fn seed(path: PathKind, count: usize) -> anyhow::Result<World> {
         .collect();
     put_records(&dynamodb, &table, &instances, start).await?;
 
-    let spec = spec_json(path, &run_id, &instances);
+    let spec = spec_json(path, &run_id, &instances, &queues);
     post_provision::Spec::from_json(&spec.to_string()).map_err(|error| anyhow::anyhow!("seeded spec: {error}"))?;
     Ok(World { path, table, run_id, queues, instances, spec })
 }
@@ -236,8 +236,15 @@ async fn put_records(
 }
 
 /// Commit and cleanup: creation succeeded with exactly what was required (cleanup is then caused
-/// by the expired claim). Rollback: creation was partial, one instance short.
-fn spec_json(path: PathKind, run_id: &str, instances: &[Instance]) -> serde_json::Value {
+/// by the expired claim). Rollback: creation was partial, one instance short. Every spec carries
+/// the pool's `resourceClassConfig`, as an orchestrator that has it passes it on (a small
+/// rollback then checks it inside its create instead of reading the pool first).
+fn spec_json(
+    path: PathKind,
+    run_id: &str,
+    instances: &[Instance],
+    queues: &BTreeMap<String, String>,
+) -> serde_json::Value {
     let entry = |instance: &Instance| {
         let (_, instance_type, cpu, mmem) = class_info(&instance.class);
         serde_json::json!({
@@ -255,5 +262,11 @@ fn spec_json(path: PathKind, run_id: &str, instances: &[Instance]) -> serde_json
         "runId": run_id, "maxRuntimeMin": MAX_RUNTIME_MIN, "idleTimeSec": IDLE_TIME_SEC,
         "selection": {"numInstancesSelected": selected.len(), "numInstancesRequired": required, "instances": selected},
         "creation": {"state": state, "numInstancesCreated": created.len(), "instances": created},
+        "resourceClassConfig": CLASSES
+            .iter()
+            .map(|(class, _, cpu, mmem)| {
+                (class.to_string(), serde_json::json!({"cpu": cpu, "mmem": mmem, "queueUrl": queues[*class]}))
+            })
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
