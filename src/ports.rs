@@ -276,17 +276,6 @@ impl Fence {
     }
 }
 
-/// The ids a fenced transaction of `batch` records on the run record (`committedIds`, appended by
-/// the fence's `Update` in the same transaction): those of commit transitions (→ `running`, the
-/// run's own runId). Empty for every other batch, whose fence is a `ConditionCheck`.
-pub fn committed_ids(batch: &[InstanceTransition], fence: &Fence) -> Vec<String> {
-    batch
-        .iter()
-        .filter(|t| t.new_state == crate::core::InstanceState::Running && t.new_run_id == fence.run_id)
-        .map(|t| t.instance_id.clone())
-        .collect()
-}
-
 /// The instance records, changed in atomic batches.
 pub trait InstanceStore: Send + Sync {
     /// Applies up to [`crate::core::MAX_FENCED_BATCH`] transitions atomically, with `fence`'s

@@ -602,7 +602,7 @@ impl InstanceStore for SimPorts {
             let outcome = world.table.transact(&actions, &injected);
             if outcome.is_ok() {
                 invariants::check_fenced_write(world, fence, "transition");
-                world.table.append_committed(fence, post_provision::ports::committed_ids(batch, fence));
+                world.table.append_committed(fence, post_provision::run::commit::committed_ids(batch, &fence.run_id));
                 let attempt = world.clients[&self.client].acting_attempt;
                 invariants::check_one_driver(world, self.client, attempt);
                 for (transition, item) in batch.iter().zip(before) {

@@ -234,7 +234,7 @@ impl AwsPorts {
 
     /// One fenced transaction: `items`, then the [`Fence`] on the run record: a `ConditionCheck`,
     /// or, when `committed` names commit transitions, an `Update` with the same condition that
-    /// appends them to `committedIds` (`crate::ports::committed_ids`). Refused by the fence,
+    /// appends them to `committedIds` (`crate::run::commit::committed_ids`). Refused by the fence,
     /// every item comes back [`WriteResult::Fenced`].
     async fn transact(
         &self,
@@ -377,7 +377,7 @@ impl InstanceStore for AwsPorts {
     ) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
         let items = batch.iter().map(|t| self.transition_item(t, now, None)).collect::<Result<Vec<_>, _>>()?;
-        self.transact(items, fence, crate::ports::committed_ids(batch, fence)).await
+        self.transact(items, fence, crate::run::commit::committed_ids(batch, &fence.run_id)).await
     }
 
     async fn delete(&self, batch: &[InstanceDeletion], fence: &Fence) -> Result<Vec<WriteResult>, AwsError> {

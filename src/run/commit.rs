@@ -27,6 +27,18 @@ use crate::core::{
 use crate::spec::{Role, Spec};
 use crate::timestamp::Timestamp;
 
+/// The commit's evidence: the ids a fenced transaction of `batch` for run `run_id` records on the
+/// run record (`committedIds`, appended by the fence's `Update` in the same transaction), those of
+/// commit transitions (→ `running`, the run's own runId). Empty for every other batch, whose
+/// fence is a `ConditionCheck`. The resume rule below reads what this wrote.
+pub fn committed_ids(batch: &[InstanceTransition], run_id: &str) -> Vec<String> {
+    batch
+        .iter()
+        .filter(|t| t.new_state == InstanceState::Running && t.new_run_id == run_id)
+        .map(|t| t.instance_id.clone())
+        .collect()
+}
+
 /// The commit transitions: selected `claimed → running`, created `running|created → running`,
 /// all keeping the runId and taking the commit threshold.
 pub fn transitions(spec: &Spec, commit_threshold: Timestamp) -> Vec<InstanceTransition> {

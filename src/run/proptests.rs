@@ -278,19 +278,18 @@ fn world(selected: usize, instances: Vec<Instance>, faults: Vec<u8>) -> (Spec, M
 }
 
 /// The evidence a resumed commit relies on: every transition the commit stage emits is one the
-/// fenced transaction records in the run record's `committedIds` (`ports::committed_ids`), and
+/// fenced transaction records in the run record's `committedIds` (`commit::committed_ids`), and
 /// no other stage's transition is (issue 17's `commit-evidence-not-recorded` mutant).
 #[test]
 fn every_commit_transition_is_recorded_as_evidence_and_nothing_else_is() {
     let (spec, _) = world(2, vec![instance_with_record("claimed"), instance_with_record("created")], Vec::new());
-    let fence = crate::ports::Fence { run_id: RUN.to_string(), attempt: 1, owner: "me".into(), epoch: 1 };
     let mut commit = Commit::new(&spec, start().plus_secs(1_800), &[]);
     let Poll::Run(effects) = commit.advance(start(), Vec::new()) else { panic!("the commit transitions first") };
     let Some(Effect::Transition(transitions)) = effects.into_iter().next() else { panic!("transitions") };
     let ids: Vec<String> = spec.instances().map(|(_, i)| i.id.clone()).collect();
-    assert_eq!(crate::ports::committed_ids(&transitions, &fence), ids);
+    assert_eq!(super::commit::committed_ids(&transitions, RUN), ids);
     let releases = super::rollback::transitions(&spec, start().plus_secs(300), &Default::default());
-    assert!(crate::ports::committed_ids(&releases, &fence).is_empty(), "a release is no commit");
+    assert!(super::commit::committed_ids(&releases, RUN).is_empty(), "a release is no commit");
 }
 
 fn instance_with_record(state: &'static str) -> Instance {
