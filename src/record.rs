@@ -177,6 +177,20 @@ pub struct Lease {
 }
 
 impl RunRecord {
+    /// Whether `found`, read where this record's create was sent, is that very create: same owner,
+    /// version, creation time, state and thresholds. One driver may send two different creates
+    /// for a run (the one-transaction form, then after a refusal or a lost answer the staged
+    /// form, with a later `now`); a late-landing first one must not pass for the second, whose
+    /// thresholds the driver would then hold while the records carry the first's.
+    pub fn is_own_create(&self, found: &RunRecord) -> bool {
+        found.lease.owner == self.lease.owner
+            && found.version == self.version
+            && found.created_at == self.created_at
+            && found.state == self.state
+            && found.idle_threshold == self.idle_threshold
+            && found.commit_threshold == self.commit_threshold
+    }
+
     /// When the current state was entered.
     pub fn state_entered_at(&self) -> Timestamp {
         self.history.last().map(|entry| entry.at).unwrap_or(self.created_at)
@@ -296,6 +310,24 @@ mod tests {
         record.queue_urls =
             (0..5_000).map(|i| (format!("class-{i}"), format!("https://sqs.example/123456789012/pool-{i}"))).collect();
         assert!(check_size(&record).unwrap_err().contains("over the 350000-byte bound"));
+    }
+
+    /// A late-landing first create (the one-transaction form, its answer lost) must not pass
+    /// for the staged create the same driver sent after it with a later `now`.
+    #[test]
+    fn a_create_recognises_only_itself() {
+        let text = include_str!("../tests/fixtures/run-record-v1.json");
+        let sent = from_json_value(serde_json::from_str(text).unwrap()).unwrap();
+        assert!(sent.is_own_create(&sent.clone()));
+        let mut earlier = sent.clone();
+        earlier.idle_threshold = Some(Timestamp::parse("2026-01-01T00:00:00Z").unwrap());
+        assert!(!sent.is_own_create(&earlier), "another threshold: another create");
+        let mut earlier = sent.clone();
+        earlier.created_at = Timestamp::parse("2026-01-01T00:00:00Z").unwrap();
+        assert!(!sent.is_own_create(&earlier), "another creation time: another create");
+        let mut other = sent.clone();
+        other.lease.owner = "pid1-000000000000".into();
+        assert!(!sent.is_own_create(&other), "another driver's");
     }
 
     #[test]

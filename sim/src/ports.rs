@@ -432,9 +432,7 @@ impl RunStore for SimPorts {
         match existing {
             // As the adapter: a retried create whose first attempt landed finds itself (and the
             // transaction was atomic, so its transitions landed with it).
-            Some(existing) if existing.lease.owner == record.lease.owner && existing.version == record.version => {
-                return Ok(CreateOutcome::Created)
-            }
+            Some(existing) if record.is_own_create(&existing) => return Ok(CreateOutcome::Created),
             Some(existing) => return Ok(CreateOutcome::Exists(existing)),
             None => {}
         }

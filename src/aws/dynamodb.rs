@@ -138,7 +138,7 @@ fn read_create_cancellation(
         let existing = record_from_item(item)?;
         // A retried create whose first attempt landed finds itself: that is ours, and the
         // transaction was atomic, so its transitions landed with it.
-        if existing.lease.owner == record.lease.owner && existing.version == record.version {
+        if record.is_own_create(&existing) {
             return Ok(CreateOutcome::Created);
         }
         return Ok(CreateOutcome::Exists(Box::new(existing)));

@@ -123,6 +123,12 @@ impl<P: Ports> Driver<P> {
                 Ok(Guarded::Finished(Box::new(Box::pin(self.landed_with(landed, spec.clone(), &transitions)).await)))
             }
             Created::Other(outcome) => Ok(Guarded::Finished(Box::new(outcome))),
+            // Refused by no instance: a lost answer read back as nothing written, or a conflict.
+            // The pool's check said nothing either: after the reads, the one-transaction path.
+            Created::Refused(refused) if refused.is_empty() => {
+                info!("the guarded one-transaction create wrote nothing; reading the pool first");
+                Ok(Guarded::ReadFirst(None))
+            }
             Created::Refused(refused) => {
                 info!(refused = ?refused, "the guarded one-transaction create was refused; reading the pool first");
                 Ok(Guarded::ReadFirst(Some(refused)))
@@ -334,7 +340,7 @@ impl<P: Ports> Driver<P> {
                 // The create may have landed with its answer lost: look before saying that
                 // nothing was written.
                 match self.ports.load_run(&record.run_id, record.run_attempt).await {
-                    Ok(Some(existing)) if existing.lease.owner == self.owner && existing.version == 1 => {
+                    Ok(Some(existing)) if record.is_own_create(&existing) => {
                         info!("the create landed although its answer was lost");
                         Ok(Created::Landed(existing))
                     }
@@ -480,8 +486,10 @@ enum Created {
 enum Guarded {
     /// The run was created (and driven), or it existed already: its outcome.
     Finished(Box<Result<RunOutcome, DriveError>>),
-    /// Nothing was written: read the pool first, as a run without a guard does. The instances
-    /// that refused, when the pool's check held (or none, when the answer was lost).
+    /// Nothing was written: read the pool first, as a run without a guard does. `Some`: the
+    /// instances that refused, when the pool's check held (then the staged path); `None`: the
+    /// pool's check refused, or nothing refused (a lost answer read back as nothing written),
+    /// and the one-transaction path is tried again after the reads.
     ReadFirst(Option<Vec<String>>),
 }
 

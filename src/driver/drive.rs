@@ -195,7 +195,8 @@ impl<P: Ports> Driver<P> {
             return None;
         };
         let next = self.next_record(record, spec, input, reason, error).ok()?;
-        next.state.is_terminal().then_some(next)
+        // A record too large for its write goes alone, where `persist` reports it (exit 70).
+        (next.state.is_terminal() && crate::record::check_size(&next).is_ok()).then_some(next)
     }
 
     /// Writes the next state before its side effects run.

@@ -203,6 +203,18 @@ impl Retire {
         }
     }
 
+    /// The results of the marks and the pool check, run side by side: the marks' findings are
+    /// kept even when the pool check failed; the marks' failure comes first.
+    fn handle_marks_and_pool(&mut self, results: Vec<Outcome>) -> Result<(), Failure> {
+        let mut results = results.into_iter();
+        let (marks, pool) =
+            (results.next().expect("the marks' result"), results.next().expect("the pool check's result"));
+        debug_assert!(results.next().is_none(), "two effects, two results");
+        self.handle_marks(marks?.into_transitioned().expect("the result matches the effect"));
+        self.membership = pool?.into_checked().expect("the result matches the effect");
+        Ok(())
+    }
+
     /// The instances to terminate: the marked ones with the pool tag, and those without a record
     /// that the rule for them allows (the tag's value decides). The pool check looked up every
     /// instance to mark; only the candidates' answers count (one somebody else holds is not
@@ -299,11 +311,9 @@ impl Stage for Retire {
                 self.phase = Phase::MarksAndPool;
                 return Poll::Run(vec![Effect::Transition(std::mem::take(&mut self.marks)), Effect::CheckPool(ids)]);
             }
-            Phase::MarksAndPool => marks_and_pool(results).map(|(marks, membership)| {
-                self.handle_marks(marks);
-                self.membership = membership;
-                (Phase::Checkpoint, Effect::Checkpoint)
-            }),
+            Phase::MarksAndPool => {
+                self.handle_marks_and_pool(results).map(|()| (Phase::Checkpoint, Effect::Checkpoint))
+            }
             Phase::Checkpoint => single(results, EffectResult::into_checkpointed)
                 .map(|()| (Phase::Termination, Effect::Terminate(self.handle_pool()))),
             Phase::Termination => match single(results, EffectResult::into_terminated) {
@@ -349,16 +359,6 @@ impl Stage for Retire {
     fn drain_found(&mut self) -> Vec<Found> {
         std::mem::take(&mut self.found)
     }
-}
-
-/// The results of the marks and the pool check, run side by side: the marks' failure first.
-fn marks_and_pool(results: Vec<Outcome>) -> Result<(Vec<(InstanceTransition, WriteResult)>, PoolMembership), Failure> {
-    let mut results = results.into_iter();
-    let (marks, pool) = (results.next().expect("the marks' result"), results.next().expect("the pool check's result"));
-    debug_assert!(results.next().is_none(), "two effects, two results");
-    let marks = marks?.into_transitioned().expect("the result matches the effect");
-    let membership = pool?.into_checked().expect("the result matches the effect");
-    Ok((marks, membership))
 }
 
 #[cfg(test)]
