@@ -343,3 +343,47 @@ async fn a_take_over_never_erases_commit_evidence_appended_after_its_read() {
     let after = engine.status(&spec.run_id).await.expect("status").expect("record");
     assert_eq!((after.lease.owner.as_str(), after.committed_ids.len()), ("the-sweeper", 2));
 }
+
+/// The terminal record riding with a cleanup's last deletions (issue 19): the same transaction
+/// sent again after its first answer was lost finds its own record and counts as applied; one
+/// from a driver that no longer holds the record is fenced, and nothing of it lands.
+#[tokio::test]
+async fn a_finishing_deletion_recognises_its_own_write_and_is_fenced_for_another_driver() {
+    use post_provision::core::{InstanceDeletion, WriteResult};
+    use post_provision::ports::{Fence, InstanceStore};
+    let mut world = World::new("finishing").await;
+    world.seed(&[Seed::claimed("small"), Seed::claimed("large")], &[]).await;
+    let clock = TestClock::at(world.start);
+    let spec = world.spec("success", 0);
+    // The first driver creates its run (staged) and dies; its records are then marked as a
+    // retire marks them.
+    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
+    let first = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
+    assert!(matches!(first.start(spec.clone()).await, Err(DriveError::Crashed { .. })));
+    let engine = world.engine(clock.clone(), Hooks::default()).await;
+    let read = engine.status(&spec.run_id).await.expect("status").expect("record");
+    let instances: Vec<_> = spec.instances().collect();
+    let marks = post_provision::run::retire::marks(&spec.run_id, &instances, None, world.start);
+    let marked = engine.ports().transition(&marks, world.start, &Fence::of(&read)).await.expect("marks");
+    assert!(marked.iter().all(|r| *r == WriteResult::Applied), "{marked:?}");
+    let deletion = |index: usize| InstanceDeletion {
+        instance_id: world.selected[index].id.clone(),
+        owner_run_id: spec.run_id.clone(),
+    };
+    let mut finished = read.clone();
+    finished.version += 1;
+    finished.state = State::Failed;
+    let landed = engine.ports().delete_finishing(&[deletion(0)], &finished, read.version).await.expect("an answer");
+    assert_eq!(landed, vec![WriteResult::Applied]);
+    let again = engine.ports().delete_finishing(&[deletion(0)], &finished, read.version).await.expect("an answer");
+    assert_eq!(again, vec![WriteResult::Applied], "the re-sent transaction finds its own record");
+    let mut other = finished.clone();
+    other.lease.owner = "another-driver".into();
+    let fenced = engine.ports().delete_finishing(&[deletion(1)], &other, read.version).await.expect("an answer");
+    assert_eq!(fenced, vec![WriteResult::Fenced]);
+    let picture = world.picture(world.start, false).await;
+    assert!(picture.starts_with("sel0: record no record"), "{picture}");
+    assert!(picture.contains("sel1: record terminated"), "the fenced deletion did not land: {picture}");
+    let stored = engine.status(&spec.run_id).await.expect("status").expect("record");
+    assert_eq!((stored.state, stored.lease.owner), (State::Failed, read.lease.owner.clone()));
+}
