@@ -11,8 +11,9 @@ use crate::timestamp::Timestamp;
 
 pub use crate::spec::MAX_TRANSACTION_ITEMS;
 /// Most instance items in one fenced transaction: the rest of [`MAX_TRANSACTION_ITEMS`] after the
-/// `ConditionCheck` on the run record.
-pub const MAX_FENCED_BATCH: usize = MAX_TRANSACTION_ITEMS - 1;
+/// fence's two `ConditionCheck`s (the run record; no record for the attempt the driver does not
+/// know of: `ports::Fence`).
+pub const MAX_FENCED_BATCH: usize = MAX_TRANSACTION_ITEMS - 2;
 /// Most entries in one SQS `SendMessageBatch` call.
 pub const MAX_MESSAGE_BATCH: usize = 10;
 /// Most ids in one EC2 `TerminateInstances` call.

@@ -125,6 +125,13 @@ pub const ACCESSES: &[Access] = &[
     Access { function: "renew_lease", actions: &["dynamodb:UpdateItem"], partitions: RUN, roles: DRIVING },
     // The fence: every instance transaction checks the run record.
     Access { function: "fence_check", actions: &["dynamodb:ConditionCheckItem"], partitions: RUN, roles: DRIVING },
+    // The fence's second check: the attempt of the run the driver does not know of has no record.
+    Access {
+        function: "unknown_attempt_check",
+        actions: &["dynamodb:ConditionCheckItem"],
+        partitions: RUN,
+        roles: DRIVING,
+    },
     // A commit transaction's fence: the same condition on an `Update` recording the committed ids.
     Access { function: "fence_update", actions: &["dynamodb:UpdateItem"], partitions: RUN, roles: DRIVING },
     Access { function: "transition_item", actions: &["dynamodb:UpdateItem"], partitions: INSTANCE, roles: DRIVING },

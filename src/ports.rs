@@ -251,7 +251,9 @@ pub trait RunStore: Send + Sync {
 /// The fencing token a driver's instance writes carry: the run record they are checked against
 /// (`ConditionCheck` in the same transaction) and what it must hold. A driver that was taken over
 /// (another owner, a bumped epoch) or whose run finished has every such write refused by the
-/// store ([`WriteResult::Fenced`]), whatever the clocks say.
+/// store ([`WriteResult::Fenced`]), whatever the clocks say. So is one that drives an attempt
+/// while a later attempt of the run it does not know of has its record: re-runs share the run id
+/// in every instance record, and only the attempts' records tell their instances apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     /// The run id.
@@ -262,25 +264,38 @@ pub struct Fence {
     pub owner: String,
     /// The fencing epoch the record must carry.
     pub epoch: u64,
+    /// The first attempt of the run the driver does not know of: its run record must not exist
+    /// (a second `ConditionCheck`, `attribute_not_exists`). The attempt after `attempt`, or after
+    /// the latest the driver read (`Driver::attempts_in_order`); always after `attempt` (one
+    /// transaction cannot check one item twice).
+    pub unknown_attempt: u32,
 }
 
 impl Fence {
-    /// The fence of `record` as this driver holds it.
+    /// The fence of `record` as this driver holds it, knowing of no later attempt.
     pub fn of(record: &RunRecord) -> Fence {
         Fence {
             run_id: record.run_id.clone(),
             attempt: record.run_attempt,
             owner: record.lease.owner.clone(),
             epoch: record.fencing_epoch,
+            unknown_attempt: record.run_attempt.saturating_add(1),
         }
+    }
+
+    /// The same fence, knowing of every attempt up to `latest`.
+    pub fn knowing(mut self, latest: u32) -> Fence {
+        self.unknown_attempt = self.unknown_attempt.max(latest.saturating_add(1));
+        self
     }
 }
 
 /// The instance records, changed in atomic batches.
 pub trait InstanceStore: Send + Sync {
     /// Applies up to [`crate::core::MAX_FENCED_BATCH`] transitions atomically, with `fence`'s
-    /// `ConditionCheck` on the run record in the same transaction, one result per transition in
-    /// order. When the fence fails, every result is `Fenced`. When any condition fails nothing
+    /// `ConditionCheck`s on the run record (and on the record of the attempt it does not know
+    /// of) in the same transaction, one result per transition in order. When the fence fails,
+    /// every result is `Fenced`. When any condition fails nothing
     /// is written: the rejected ones come back as `Rejected` with the record found, throttled
     /// ones as `Throttled`, the others as `Cancelled`. `now` is both the `updatedAt` written and the `:now` of
     /// [`crate::core::ThresholdCondition::Unexpired`].
@@ -298,14 +313,16 @@ pub trait InstanceStore: Send + Sync {
     ) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
     /// Deletes up to [`crate::core::MAX_FENCED_BATCH`] records atomically together with the run
     /// record's versioned write of `record` (its terminal state), which is the transaction's
-    /// fence: only if the stored version is `expected_version`. Same results as
-    /// [`InstanceStore::delete`]; `Fenced` when the version differs, unless the record found is
+    /// fence: only if the stored version is `expected_version`, and only while attempt
+    /// `unknown_attempt` of the run has no record (as [`Fence::unknown_attempt`]). Same results
+    /// as [`InstanceStore::delete`]; `Fenced` when either fails, unless the record found is
     /// `record` itself (a re-sent transaction whose first answer was lost), which is `Applied`.
     fn delete_finishing(
         &self,
         batch: &[InstanceDeletion],
         record: &RunRecord,
         expected_version: u64,
+        unknown_attempt: u32,
     ) -> impl Future<Output = Result<Vec<WriteResult>, AwsError>> + Send;
 }
 

@@ -132,13 +132,24 @@ impl Table {
     /// The `ConditionCheck` every fenced transaction carries on the run record: the lease owner
     /// and fencing epoch are the fence's, and the run is not finished (as
     /// `src/aws/dynamodb.rs`'s `fence_check` phrases it; the differential test keeps them equal).
+    /// With it, the second: the attempt the driver does not know of has no record
+    /// (`unknown_attempt_check`).
     pub fn fence_holds(&self, fence: &post_provision::ports::Fence) -> bool {
+        if !self.unknown_attempt_absent(&fence.run_id, fence.unknown_attempt) {
+            return false;
+        }
         let identifier = post_provision::record::record_identifier(&fence.run_id, fence.attempt);
         let Some(record) = self.runs.get(&identifier) else { return false };
         let owner = record.pointer("/lease/owner").and_then(|v| v.as_str());
         let epoch = record.get("fencingEpoch").and_then(|v| v.as_u64());
         let state = record.get("state").and_then(|v| v.as_str()).unwrap_or("");
         owner == Some(fence.owner.as_str()) && epoch == Some(fence.epoch) && !matches!(state, "Done" | "Failed")
+    }
+
+    /// The fence's `ConditionCheck` on the record of the attempt the driver does not know of:
+    /// `attribute_not_exists(PK)`.
+    pub fn unknown_attempt_absent(&self, run_id: &str, unknown_attempt: u32) -> bool {
+        !self.runs.contains_key(&post_provision::record::record_identifier(run_id, unknown_attempt))
     }
 
     /// A [`PoolGuard`]'s `ConditionCheck` on the metadata item (`src/aws/dynamodb.rs`'s

@@ -657,6 +657,7 @@ impl InstanceStore for SimPorts {
         batch: &[InstanceDeletion],
         record: &RunRecord,
         expected_version: u64,
+        unknown_attempt: u32,
     ) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= post_provision::core::MAX_FENCED_BATCH, "transaction batch too large");
         self.call("DynamoDB", "TransactWriteItems", true, |world| {
@@ -668,6 +669,10 @@ impl InstanceStore for SimPorts {
                 let itself = found.is_some_and(|f| f.version == record.version && f.lease.owner == record.lease.owner);
                 world.log(|| format!("  delete {} finishing the run: record version differs ({itself})", batch.len()));
                 return Ok(vec![if itself { WriteResult::Applied } else { WriteResult::Fenced }; batch.len()]);
+            }
+            if !world.table.unknown_attempt_absent(&record.run_id, unknown_attempt) {
+                world.log(|| format!("  delete {} finishing the run: attempt {unknown_attempt} exists", batch.len()));
+                return Ok(vec![WriteResult::Fenced; batch.len()]);
             }
             let injected =
                 if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
@@ -685,7 +690,8 @@ impl InstanceStore for SimPorts {
                 )
             });
             if outcome.is_ok() {
-                invariants::check_fenced_write(world, &Fence::of(record), "deletion");
+                let fence = Fence { unknown_attempt, ..Fence::of(record) };
+                invariants::check_fenced_write(world, &fence, "deletion");
                 self.deleted(world, batch, before);
                 world.table.replace_run(record, expected_version).expect("the version was checked");
                 self.put_landed(world, record);

@@ -243,6 +243,8 @@ impl AwsPorts {
         committed: Vec<String>,
     ) -> Result<Vec<WriteResult>, AwsError> {
         let count = items.len();
+        assert!(fence.unknown_attempt > fence.attempt, "a fence's unknown attempt comes after its own");
+        items.push(self.unknown_attempt_check(&fence.run_id, fence.unknown_attempt)?);
         items.push(self.fence_check(fence, committed)?);
         let result = self
             .dynamodb
@@ -258,16 +260,30 @@ impl AwsPorts {
                     error.as_service_error()
                 {
                     let reasons = cancelled.cancellation_reasons();
-                    if reasons.get(count).and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+                    let fenced = |index: usize| reasons.get(index).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
+                    if fenced(count) || fenced(count + 1) {
                         return Ok(vec![WriteResult::Fenced; count]);
                     }
-                    let mut results = cancellation_results(reasons, count + 1)?;
+                    let mut results = cancellation_results(reasons, count + 2)?;
                     results.truncate(count);
                     return Ok(results);
                 }
                 Err(from_sdk(SERVICE, "TransactWriteItems", error))
             }
         }
+    }
+
+    /// The fence's second half: the attempt of the run the driver does not know of has no
+    /// record. Re-runs share the run id in every instance record, so a driver of an earlier
+    /// attempt that read the attempts before a later one's record landed must not write on.
+    fn unknown_attempt_check(&self, run_id: &str, unknown_attempt: u32) -> Result<TransactWriteItem, AwsError> {
+        let check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(key("RUN", &crate::record::record_identifier(run_id, unknown_attempt))))
+            .condition_expression("attribute_not_exists(PK)")
+            .build()
+            .map_err(|error| build_error("TransactWriteItems", error))?;
+        Ok(TransactWriteItem::builder().condition_check(check).build())
     }
 
     /// The fence: this driver holds the lease, its epoch is unchanged, and the run is not
@@ -390,10 +406,13 @@ impl InstanceStore for AwsPorts {
         batch: &[InstanceDeletion],
         record: &RunRecord,
         expected_version: u64,
+        unknown_attempt: u32,
     ) -> Result<Vec<WriteResult>, AwsError> {
         assert!(batch.len() <= crate::core::MAX_FENCED_BATCH, "transaction batch too large");
         let count = batch.len();
         let mut items = self.deletion_items(batch)?;
+        assert!(unknown_attempt > record.run_attempt, "a fence's unknown attempt comes after its own");
+        items.push(self.unknown_attempt_check(&record.run_id, unknown_attempt)?);
         // The run's terminal write is the fence: the versioned `PutItem` every later record write
         // is, in the same transaction as the deletions.
         let item = record_item(record).map_err(|error| build_error("TransactWriteItems", error))?;
@@ -427,14 +446,18 @@ impl InstanceStore for AwsPorts {
             return Err(from_sdk(SERVICE, "TransactWriteItems", error));
         };
         let reasons = cancelled.cancellation_reasons();
-        let fence = reasons.get(count);
-        if fence.and_then(|r| r.code()) == Some("ConditionalCheckFailed") {
+        let failed = |index: usize| reasons.get(index).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
+        let fence = reasons.get(count + 1);
+        if failed(count + 1) {
             // A re-sent transaction whose first answer was lost finds its own record.
             let found = fence.and_then(|r| r.item()).map(record_from_item).transpose().ok().flatten();
             let itself = found.is_some_and(|f| f.version == record.version && f.lease.owner == record.lease.owner);
             return Ok(vec![if itself { WriteResult::Applied } else { WriteResult::Fenced }; count]);
         }
-        let mut results = cancellation_results(reasons, count + 1)?;
+        if failed(count) {
+            return Ok(vec![WriteResult::Fenced; count]);
+        }
+        let mut results = cancellation_results(reasons, count + 2)?;
         results.truncate(count);
         Ok(results)
     }

@@ -62,9 +62,9 @@ impl<P: Ports> Driver<P> {
     ) -> Result<(), StepError> {
         debug_assert!(deletions.len() <= core::MAX_FENCED_BATCH, "one transaction");
         let landed = &AtomicBool::new(false);
-        let (expected, finished) = (record.version, &next);
+        let (expected, finished, unknown) = (record.version, &next, self.fence(record).unknown_attempt);
         self.run_batched(deletions, DELETION, move |batch| async move {
-            let written = self.write(self.ports.delete_finishing(&batch, finished, expected)).await;
+            let written = self.write(self.ports.delete_finishing(&batch, finished, expected, unknown)).await;
             if let Ok(Ok(results)) = &written {
                 if results.iter().all(|result| *result == WriteResult::Applied) {
                     landed.store(true, Ordering::SeqCst);

@@ -59,7 +59,7 @@ impl<P: Ports> Driver<P> {
     /// `concurrency` allows, else one after the other, in order. Delivered pool messages are
     /// added to the record's `messagesSent` as soon as they are known.
     async fn execute(&self, record: &mut RunRecord, effects: Vec<Effect>) -> Result<Vec<Outcome>, DriveError> {
-        let fence = Fence::of(record);
+        let fence = self.fence(record);
         let together = effects.len() > 1
             && self.limits.concurrency > 1
             && !effects.iter().any(|effect| matches!(effect, Effect::Checkpoint));

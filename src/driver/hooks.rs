@@ -186,8 +186,9 @@ impl<P: InstanceStore> InstanceStore for Hooked<P> {
         batch: &[InstanceDeletion],
         record: &RunRecord,
         expected_version: u64,
+        unknown_attempt: u32,
     ) -> Result<Vec<WriteResult>, AwsError> {
-        self.write(self.inner.delete_finishing(batch, record, expected_version)).await
+        self.write(self.inner.delete_finishing(batch, record, expected_version, unknown_attempt)).await
     }
 }
 

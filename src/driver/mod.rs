@@ -23,7 +23,7 @@ mod hooks;
 mod lease;
 mod take_over;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -149,7 +149,7 @@ pub enum DriveError {
     },
     /// This driver's lease was taken over, or ran out before it could renew it; it stopped
     /// before its next write.
-    #[error("run {run_id}: this driver lost its lease and stopped (its lease ran out or another driver took over)")]
+    #[error("run {run_id}: this driver lost its lease and stopped (its lease ran out, another driver took over, or a later attempt of the run started)")]
     LeaseLost {
         /// The run id.
         run_id: String,
@@ -263,6 +263,9 @@ pub struct Driver<P: Ports> {
     persisted_messages: AtomicUsize,
     /// The run whose lease this driver holds, once it holds one, as its fence.
     leased_run: Mutex<Option<crate::ports::Fence>>,
+    /// The latest attempt of the run this driver read the record of (0: it read none). Every
+    /// instance write it makes is fenced on the next attempt having no record ([`Driver::fence`]).
+    latest_attempt: AtomicU32,
     trace: Mutex<Vec<TraceEvent>>,
 }
 
@@ -280,6 +283,7 @@ impl<P: Ports> Driver<P> {
             lease_valid_until: AtomicI64::new(i64::MAX),
             persisted_messages: AtomicUsize::new(0),
             leased_run: Mutex::new(None),
+            latest_attempt: AtomicU32::new(0),
             trace: Mutex::new(Vec::new()),
         }
     }
@@ -294,6 +298,17 @@ impl<P: Ports> Driver<P> {
         *self.leased_run.lock().expect("lease lock") = Some(crate::ports::Fence::of(record));
         self.persisted_messages.store(record.messages_sent.len(), Ordering::SeqCst);
         self.lease_valid_until.store(record.lease.expires_at.unix_secs(), Ordering::SeqCst);
+    }
+
+    /// The fence of this driver's instance writes for `record`: its lease, and no record for an
+    /// attempt of the run after every one it has read.
+    fn fence(&self, record: &RunRecord) -> crate::ports::Fence {
+        crate::ports::Fence::of(record).knowing(self.latest_attempt.load(Ordering::SeqCst))
+    }
+
+    /// This driver has read the records of the run's attempts up to `latest`.
+    fn know_attempts(&self, latest: u32) {
+        self.latest_attempt.fetch_max(latest, Ordering::SeqCst);
     }
 
     fn record_event(&self, event: TraceEvent) {

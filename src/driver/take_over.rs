@@ -125,12 +125,17 @@ impl<P: Ports> Driver<P> {
         }
         let attempts =
             self.ports.load_attempts(&record.run_id).await.map_err(|error| self.store_stall(record, error))?;
+        // Every attempt read: from now on a later one's record refuses this driver's writes, and
+        // the earlier attempts' (driven below by drivers of their own, knowing the same).
+        let latest = attempts.iter().map(|other| other.run_attempt).fold(record.run_attempt, u32::max);
+        self.know_attempts(latest);
         for earlier in attempts.iter().filter(|other| other.run_attempt < record.run_attempt) {
             if earlier.state.is_terminal() {
                 continue;
             }
             info!(attempt = earlier.run_attempt, "finishing an earlier attempt of this run first");
             let driver = Driver::new(self.ports.clone(), self.limits.clone(), self.clock.clone());
+            driver.know_attempts(latest);
             let finishing = async {
                 match driver.take_over(earlier.clone(), false).await? {
                     TakeOver::Finished(outcome) => Ok(*outcome),

@@ -373,13 +373,13 @@ async fn a_finishing_deletion_recognises_its_own_write_and_is_fenced_for_another
     let mut finished = read.clone();
     finished.version += 1;
     finished.state = State::Failed;
-    let landed = engine.ports().delete_finishing(&[deletion(0)], &finished, read.version).await.expect("an answer");
+    let landed = engine.ports().delete_finishing(&[deletion(0)], &finished, read.version, 2).await.expect("an answer");
     assert_eq!(landed, vec![WriteResult::Applied]);
-    let again = engine.ports().delete_finishing(&[deletion(0)], &finished, read.version).await.expect("an answer");
+    let again = engine.ports().delete_finishing(&[deletion(0)], &finished, read.version, 2).await.expect("an answer");
     assert_eq!(again, vec![WriteResult::Applied], "the re-sent transaction finds its own record");
     let mut other = finished.clone();
     other.lease.owner = "another-driver".into();
-    let fenced = engine.ports().delete_finishing(&[deletion(1)], &other, read.version).await.expect("an answer");
+    let fenced = engine.ports().delete_finishing(&[deletion(1)], &other, read.version, 2).await.expect("an answer");
     assert_eq!(fenced, vec![WriteResult::Fenced]);
     let picture = world.picture(world.start, false).await;
     assert!(picture.starts_with("sel0: record no record"), "{picture}");

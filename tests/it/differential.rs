@@ -140,13 +140,15 @@ fn subset(ids: &[String], most: usize, rng: &mut Rng) -> Vec<String> {
 }
 
 /// A fence on one of the two runs the test writes: mostly one that holds, sometimes another
-/// owner, epoch or run (or a record not written yet), so both sides refuse alike.
+/// owner, epoch or run (or a record not written yet), so both sides refuse alike. Its unknown
+/// attempt is the next or the one after: `run-b`'s attempt 2 has a record from the start.
 fn fence(rng: &mut Rng) -> Fence {
     Fence {
         run_id: rng.pick(&["run-a", "run-b"]).to_string(),
         attempt: 1,
         owner: rng.pick(&["owner-1", "owner-2"]).to_string(),
         epoch: *rng.pick(&[1, 1, 1, 2]),
+        unknown_attempt: *rng.pick(&[2, 3]),
     }
 }
 
@@ -291,6 +293,12 @@ async fn run_sequence(seed: u64) -> usize {
     memory.create_queue(&queue);
     let missing_queue = format!("{queue}-missing");
 
+    // A later attempt of `run-b` exists: fences that do not know of it are refused.
+    let mut later = run_record("run-b", 1, "owner-1", State::Committing, start);
+    later.run_attempt = 2;
+    let chunks = vec!["{}".to_string()];
+    assert!(matches!(real.create_run(&later, &chunks, 0, &[], None, start).await, Ok(CreateOutcome::Created)));
+    assert!(matches!(memory.create_run(&later, &chunks, 0, &[], None, start).await, Ok(CreateOutcome::Created)));
     let mut compared = 0;
     let mut versions: BTreeMap<&str, u64> = BTreeMap::new();
     for step in 0..STEPS {
@@ -336,8 +344,32 @@ async fn run_sequence(seed: u64) -> usize {
                     })
                     .collect();
                 let fence = fence(&mut rng);
-                let what = format!("delete {batch:?} fenced by {fence:?}");
-                (what, writes_key(real.delete(&batch, &fence).await), writes_key(memory.delete(&batch, &fence).await))
+                let run: &'static str = if fence.run_id == "run-a" { "run-a" } else { "run-b" };
+                match versions.get(run).copied() {
+                    // A cleanup's last deletions with its terminal record, whose version is the fence.
+                    Some(version) if rng.chance(0.4) => {
+                        let expected = if rng.chance(0.75) { version } else { version + 5 };
+                        let record = run_record(run, version + 1, &fence.owner, State::Failed, start);
+                        let unknown = fence.unknown_attempt;
+                        let real_answer = real.delete_finishing(&batch, &record, expected, unknown).await;
+                        let memory_answer = memory.delete_finishing(&batch, &record, expected, unknown).await;
+                        let landed =
+                            matches!(&real_answer, Ok(results) if results.iter().all(|r| *r == WriteResult::Applied));
+                        if landed && expected == version {
+                            versions.insert(run, version + 1);
+                        }
+                        let what = format!("delete {batch:?} finishing {run} v{version} expecting v{expected}, attempt {unknown} unknown");
+                        (what, writes_key(real_answer), writes_key(memory_answer))
+                    }
+                    _ => {
+                        let what = format!("delete {batch:?} fenced by {fence:?}");
+                        (
+                            what,
+                            writes_key(real.delete(&batch, &fence).await),
+                            writes_key(memory.delete(&batch, &fence).await),
+                        )
+                    }
+                }
             }
             2 => {
                 let url = if rng.chance(0.2) { missing_queue.clone() } else { queue.clone() };

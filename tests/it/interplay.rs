@@ -205,6 +205,56 @@ async fn throttling_past_the_budget_stalls_and_never_cleans_up() {
     }
 }
 
+/// The re-run's selection claims another instance, under the same run id, and hands over a spec
+/// of attempt 2 naming it alone: the instance, the spec as JSON, the spec.
+async fn second_attempt(world: &mut World) -> (String, serde_json::Value, post_provision::Spec) {
+    let second_claim = world.launch("large").await;
+    world.put_record(&second_claim, "large", "claimed", &world.run_id.clone(), world.start.plus_secs(240)).await;
+    let mut second_json = world.spec_json("success", 0);
+    second_json["runAttempt"] = 2.into();
+    second_json["selection"]["instances"][0]["id"] = second_claim.clone().into();
+    second_json["selection"]["instances"][0]["resourceClass"] = "large".into();
+    second_json["selection"]["instances"][0]["instanceType"] = "c6i.large".into();
+    second_json["selection"]["instances"][0]["cpu"] = 2.into();
+    second_json["selection"]["instances"][0]["mmem"] = 4096.into();
+    second_json["creation"] = serde_json::json!({"state": "success", "numInstancesCreated": 0, "instances": []});
+    let second = post_provision::Spec::from_json(&second_json.to_string()).expect("valid");
+    (second_claim, second_json, second)
+}
+
+/// A driver of attempt 1 that read the attempts before attempt 2's record landed (the re-run race
+/// the simulation found at seed 16543) is refused by the store from then on: its fence names
+/// attempt 2, whose record must not exist. One that knows of attempt 2 writes on (and leaves
+/// attempt 2's instances alone: `Driver::attempts_in_order`).
+#[tokio::test]
+async fn a_later_attempts_record_fences_a_driver_of_an_earlier_attempt_that_never_read_it() {
+    use post_provision::core::WriteResult;
+    use post_provision::ports::{Fence, InstanceStore};
+    let mut world = World::new("unknownattempt").await;
+    world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
+    let clock = TestClock::at(world.start);
+    let first = world.spec("success", 1);
+    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
+    let crashing = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
+    assert!(matches!(crashing.start(first.clone()).await, Err(DriveError::Crashed { .. })));
+    let engine = world.engine(clock.clone(), Hooks::default()).await;
+    let read = engine.status_attempt(&world.run_id, Some(1)).await.expect("status").expect("record");
+    let commits = post_provision::run::commit::transitions(&first, read.commit_threshold.expect("committing"));
+    // Attempt 2's record lands; its driver waits for attempt 1's lease.
+    let (second_claim, _, second) = second_attempt(&mut world).await;
+    assert!(matches!(engine.start(second).await, Err(DriveError::Busy { .. })));
+    let stale = engine.ports().transition(&commits, world.start, &Fence::of(&read)).await.expect("an answer");
+    assert!(stale.iter().all(|r| *r == WriteResult::Fenced), "{stale:?}");
+    let picture = world.picture(world.start, false).await;
+    assert!(!picture.contains("record running runId=\"RUN\" threshold=start+"), "nothing committed: {picture}");
+    let knowing = Fence::of(&read).knowing(2);
+    assert_eq!(knowing.unknown_attempt, 3);
+    let applied = engine.ports().transition(&commits, world.start, &knowing).await.expect("an answer");
+    assert!(applied.iter().all(|r| *r == WriteResult::Applied), "{applied:?}");
+    let claim = world.record(&second_claim).await.expect("record");
+    assert_eq!(claim["state"].as_s().unwrap(), "claimed", "attempt 2's claim is untouched");
+}
+
 /// A re-run keeps the run id and increments the attempt. The second attempt's spec starts a run
 /// of its own; while the first attempt's driver holds its lease, the second stops (exit 3)
 /// naming it; once that lease ends, the second attempt finishes the first, then itself.
@@ -218,18 +268,7 @@ async fn a_second_attempt_finishes_the_first_before_acting() {
     let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
     let crashing = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
     assert!(matches!(crashing.start(first.clone()).await, Err(DriveError::Crashed { .. })));
-    // The re-run's selection claims another instance, under the same run id.
-    let second_claim = world.launch("large").await;
-    world.put_record(&second_claim, "large", "claimed", &world.run_id.clone(), world.start.plus_secs(240)).await;
-    let mut second_json = world.spec_json("success", 0);
-    second_json["runAttempt"] = 2.into();
-    second_json["selection"]["instances"][0]["id"] = second_claim.clone().into();
-    second_json["selection"]["instances"][0]["resourceClass"] = "large".into();
-    second_json["selection"]["instances"][0]["instanceType"] = "c6i.large".into();
-    second_json["selection"]["instances"][0]["cpu"] = 2.into();
-    second_json["selection"]["instances"][0]["mmem"] = 4096.into();
-    second_json["creation"] = serde_json::json!({"state": "success", "numInstancesCreated": 0, "instances": []});
-    let second = post_provision::Spec::from_json(&second_json.to_string()).expect("valid");
+    let (second_claim, mut second_json, second) = second_attempt(&mut world).await;
     let engine = world.engine(clock.clone(), Hooks::default()).await;
 
     match engine.start(second.clone()).await {

@@ -399,15 +399,17 @@ async fn a_thousand_instance_commit() {
             "a commit sends no pool message"
         );
     }
-    // Batched: transactions of 99 (plus the fence's check on the run record) rather than one
-    // write per instance.
+    // Batched: transactions of 98 (plus the fence's two checks: the run record, and no record of
+    // a later attempt) rather than one write per instance.
     let mut sizes = batch_sizes(&outcome, |event| match event {
         TraceEvent::TransitionInstances { ids, .. } => Some(ids.len()),
         _ => None,
     });
     sizes.sort_unstable();
-    let mut expected = vec![99; FLEET / 99];
-    expected.insert(0, FLEET % 99);
+    let full = post_provision::core::MAX_FENCED_BATCH;
+    assert_eq!(full, 98);
+    let mut expected = vec![full; FLEET / full];
+    expected.insert(0, FLEET % full);
     assert_eq!(sizes, expected);
     assert_items_within_limit(&world, &outcome).await;
 }
