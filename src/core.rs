@@ -122,6 +122,9 @@ pub struct Expectation {
     pub run_id: String,
     /// The condition on the threshold.
     pub threshold: ThresholdCondition,
+    /// The `releasedBy` the record must carry, if any: the attribute this engine's releases
+    /// write (and the pool's writers never do), naming the run that released the record.
+    pub released_by: Option<String>,
 }
 
 /// One conditional instance-record update: applied when the record matches any of `expected`,
@@ -141,6 +144,18 @@ pub struct InstanceTransition {
     pub new_run_id: String,
     /// The threshold to set, computed once at state entry.
     pub new_threshold: Timestamp,
+}
+
+impl InstanceTransition {
+    /// The run this transition returns the instance to the pool for (`idle`, owner `""`): the
+    /// owner of its first expectation, which is always the run's own hold on the record. The
+    /// write also sets `releasedBy` to it: the evidence that this run, not the pool, released
+    /// the record (the pool's release in the same second with the same idle time writes the
+    /// same `state`, `runId` and `threshold`).
+    pub fn releasing_run(&self) -> Option<&str> {
+        let releases = self.new_state == InstanceState::Idle && self.new_run_id.is_empty();
+        releases.then(|| self.expected.first().map(|e| e.run_id.as_str())).flatten().filter(|id| !id.is_empty())
+    }
 }
 
 /// One conditional instance-record deletion: only a record this run marked `terminated`
@@ -228,6 +243,8 @@ pub struct ObservedRecord {
     pub run_id: String,
     /// The `threshold` attribute, as found.
     pub threshold: String,
+    /// The `releasedBy` attribute (`""` when absent): the run whose release wrote the record.
+    pub released_by: String,
 }
 
 /// What a conditional write did to one item.
@@ -307,9 +324,12 @@ pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult
     };
     // Thresholds are computed once at state entry and reused on resume, so an earlier attempt of
     // this very transition left exactly these three values behind.
+    // A release is this run's only with its `releasedBy`: the pool's own release can leave the
+    // same three values.
     if observed.state == transition.new_state.as_str()
         && observed.run_id == transition.new_run_id
         && observed.threshold == transition.new_threshold.to_string()
+        && transition.releasing_run().map_or(true, |run| observed.released_by == run)
     {
         return Some(Finding::Done);
     }
@@ -413,7 +433,34 @@ mod tests {
             state: state.into(),
             run_id: run_id.into(),
             threshold: threshold.into(),
+            released_by: String::new(),
         }))
+    }
+
+    /// The pool's release in the same second with the same idle time leaves the record exactly
+    /// as this run's release would: only `releasedBy` tells them apart.
+    #[test]
+    fn a_release_is_this_runs_only_with_its_released_by() {
+        let spec = spec_with(|_| {});
+        let idle = Timestamp::parse("2026-11-27T10:10:00Z").unwrap();
+        let releases = crate::run::rollback::transitions(&spec, idle, &std::collections::HashSet::new());
+        let release = &releases[0];
+        assert_eq!(release.releasing_run(), Some(spec.run_id.as_str()));
+        let found = |by: &str| {
+            WriteResult::Rejected(Some(ObservedRecord {
+                state: "idle".into(),
+                run_id: String::new(),
+                threshold: idle.to_string(),
+                released_by: by.into(),
+            }))
+        };
+        assert_eq!(classify_transition(release, &found(&spec.run_id)), Some(Finding::Done));
+        let pools = Some(Finding::OwnedByOther { run_id: String::new(), state: "idle".into() });
+        assert_eq!(classify_transition(release, &found("")), pools);
+        assert_eq!(classify_transition(release, &found("another-run")), pools);
+        // A commit or a mark is not a release: no `releasedBy` to compare.
+        let commit = &crate::run::commit::transitions(&spec, idle)[0];
+        assert_eq!(commit.releasing_run(), None);
     }
 
     #[test]

@@ -60,6 +60,9 @@
 //! ("already done by this run" is success) and never overwrites another run's instance.
 //! See `docs/ARCHITECTURE.md` for the code map and the crash windows.
 #![deny(missing_docs)]
+// The driver's futures nest the AWS SDK's deeply: proving them `Send` takes more than the default
+// 128 levels once dev-dependencies' features are unified in (as `tests/it/main.rs` needs too).
+#![recursion_limit = "256"]
 
 pub mod audit;
 #[cfg(feature = "aws")]

@@ -359,6 +359,7 @@ fn creation(world: &mut World) {
         resource_class: class.into(),
         instance_type: None,
         updated_at: now.to_string(),
+        released_by: String::new(),
     };
     world.write_instance(Who::Creation, &id, Some(item));
     let passes = world.rng.chance(0.8);

@@ -30,6 +30,9 @@ pub struct InstanceItem {
     pub instance_type: Option<String>,
     /// `updatedAt`.
     pub updated_at: String,
+    /// `releasedBy` (`""` when absent): written by the engine's releases only; the pool's writers
+    /// leave it as it is.
+    pub released_by: String,
 }
 
 /// One action of an instance-record transaction.
@@ -67,6 +70,7 @@ pub enum Reason {
 fn matches(item: &InstanceItem, expectation: &Expectation, now: Timestamp) -> bool {
     expectation.states.iter().any(|state| state.as_str() == item.state)
         && item.run_id == expectation.run_id
+        && expectation.released_by.as_ref().map_or(true, |by| *by == item.released_by)
         && match expectation.threshold {
             ThresholdCondition::Unexpired => {
                 item.threshold.as_str() > ThresholdCondition::unexpired_after(now).to_string().as_str()
@@ -232,6 +236,9 @@ impl Table {
                     item.run_id = transition.new_run_id.clone();
                     item.threshold = transition.new_threshold.to_string();
                     item.updated_at = now.to_string();
+                    if let Some(run) = transition.releasing_run() {
+                        item.released_by = run.to_string();
+                    }
                 }
                 Action::Delete(deletion) => {
                     self.instances.remove(&deletion.instance_id);
@@ -391,6 +398,7 @@ mod tests {
             resource_class: "large".into(),
             instance_type: None,
             updated_at: String::new(),
+            released_by: String::new(),
         }
     }
 
@@ -402,6 +410,7 @@ mod tests {
                 states: vec![InstanceState::Claimed],
                 run_id: "r".into(),
                 threshold: ThresholdCondition::Unexpired,
+                released_by: None,
             }],
             new_state: InstanceState::Running,
             new_run_id: "r".into(),
@@ -451,9 +460,15 @@ mod tests {
             states: vec![InstanceState::Idle],
             run_id: String::new(),
             threshold: ThresholdCondition::Exactly(released),
+            released_by: Some("r".into()),
         });
+        let released_by =
+            |by: &str| InstanceItem { released_by: by.into(), ..item("idle", "", "2026-01-01T00:10:00Z") };
         assert!(transition_condition(Some(&item("claimed", "r", "2000-01-01T00:00:00Z")), &mark, now));
-        assert!(transition_condition(Some(&item("idle", "", "2026-01-01T00:10:00Z")), &mark, now));
+        assert!(transition_condition(Some(&released_by("r")), &mark, now));
+        // The pool's release at the same threshold is not this run's.
+        assert!(!transition_condition(Some(&released_by("")), &mark, now));
+        assert!(!transition_condition(Some(&released_by("other")), &mark, now));
         assert!(!transition_condition(Some(&item("idle", "", "2026-01-01T00:10:01Z")), &mark, now));
         assert!(!transition_condition(Some(&item("claimed", "other", "2026-01-01T00:10:00Z")), &mark, now));
         assert!(!transition_condition(None, &mark, now));

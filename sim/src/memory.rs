@@ -88,6 +88,7 @@ impl SimPorts {
             resource_class: kind.0.into(),
             instance_type: kind.1.map(str::to_string),
             updated_at: String::new(),
+            released_by: String::new(),
         };
         self.world.lock().expect("world").table.instances.insert(id.to_string(), item);
     }

@@ -314,6 +314,7 @@ impl SimPorts {
                 state: item.state,
                 run_id: item.run_id,
                 threshold: item.threshold,
+                released_by: item.released_by,
             }))),
             Reason::Code(code) => reason_result(code),
         }

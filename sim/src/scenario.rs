@@ -147,6 +147,7 @@ fn setup(seed: u64, verbose: bool) -> World {
                 resource_class: class.into(),
                 instance_type: None,
                 updated_at: now.to_string(),
+                released_by: String::new(),
             },
         );
     };
@@ -576,6 +577,7 @@ impl Sim {
                     resource_class: CLASSES[class].0.into(),
                     instance_type: None,
                     updated_at: now.to_string(),
+                    released_by: String::new(),
                 },
             );
             world.ec2.launch(&id, &run_id, now.unix_secs());
@@ -753,6 +755,7 @@ mod tests {
                 resource_class: "small".into(),
                 instance_type: None,
                 updated_at: String::new(),
+                released_by: String::new(),
             };
             invariants::check_isolation(world, 0, &id, &foreign, "terminated");
             assert_eq!(named(world), ["a-isolation"]);

@@ -84,7 +84,12 @@ pub(super) fn record_from_item(item: &Item) -> Result<RunRecord, StoreError> {
 fn observed(item: Option<&Item>) -> Option<ObservedRecord> {
     let item = item.filter(|item| !item.is_empty())?;
     let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
-    Some(ObservedRecord { state: text("state"), run_id: text("runId"), threshold: text("threshold") })
+    Some(ObservedRecord {
+        state: text("state"),
+        run_id: text("runId"),
+        threshold: text("threshold"),
+        released_by: text(RELEASED_BY),
+    })
 }
 
 /// What the cancellation reasons of a transaction say about each item, in request order.
@@ -502,6 +507,9 @@ impl AwsPorts {
         values.insert(":newThreshold".to_string(), s(transition.new_threshold.to_string()));
         values.insert(":now".to_string(), s(now.to_string()));
         let mut names = instance_attribute_names();
+        if transition.expected.iter().any(|expectation| expectation.released_by.is_some()) {
+            names.insert("#releasedBy".to_string(), RELEASED_BY.to_string());
+        }
         if let Some(kind) = kind {
             // Each alternative is parenthesised already; DynamoDB refuses redundant parentheses.
             if transition.expected.len() > 1 {
@@ -517,7 +525,7 @@ impl AwsPorts {
         }
         let mut update_expression =
             "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now".to_string();
-        if let Some(releaser) = releasing_run(transition) {
+        if let Some(releaser) = transition.releasing_run() {
             // The audit's evidence that this run, not the pool, released the instance: an
             // attribute of this engine's own, which the pool's writers leave alone.
             names.insert("#releasedBy".to_string(), RELEASED_BY.to_string());
@@ -540,13 +548,6 @@ impl AwsPorts {
 
 /// The instance-record attribute naming the run whose rollback returned the instance to the pool.
 const RELEASED_BY: &str = "releasedBy";
-
-/// The run a transition returns an instance to the pool for (`idle`, owner `""`): the owner of
-/// its first expectation, which is always the run's own hold on the record.
-fn releasing_run(transition: &InstanceTransition) -> Option<&str> {
-    let releases = transition.new_state == InstanceState::Idle && transition.new_run_id.is_empty();
-    releases.then(|| transition.expected.first().map(|e| e.run_id.as_str())).flatten().filter(|id| !id.is_empty())
-}
 
 fn instance_attribute_names() -> HashMap<String, String> {
     HashMap::from([
@@ -571,6 +572,10 @@ fn transition_condition(transition: &InstanceTransition, now: Timestamp) -> (Str
         }
         values.insert(format!(":e{index}runId"), s(expectation.run_id.clone()));
         let mut condition = format!("#state IN ({}) AND #runId = :e{index}runId", state_names.join(", "));
+        if let Some(released_by) = &expectation.released_by {
+            values.insert(format!(":e{index}releasedBy"), s(released_by.clone()));
+            condition.push_str(&format!(" AND #releasedBy = :e{index}releasedBy"));
+        }
         match expectation.threshold {
             ThresholdCondition::Unexpired => {
                 values.insert(format!(":e{index}now"), s(ThresholdCondition::unexpired_after(now).to_string()));

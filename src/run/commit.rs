@@ -53,6 +53,7 @@ pub fn transitions(spec: &Spec, commit_threshold: Timestamp) -> Vec<InstanceTran
                 },
                 run_id: spec.run_id.clone(),
                 threshold: ThresholdCondition::Unexpired,
+                released_by: None,
             }],
             new_state: InstanceState::Running,
             new_run_id: spec.run_id.clone(),

@@ -25,6 +25,8 @@ struct Record {
     state: &'static str,
     run_id: String,
     threshold: Timestamp,
+    /// `releasedBy`: written by this engine's releases only, and left by every other write.
+    released_by: String,
 }
 
 /// One instance's arbitrary world: its record, and what EC2 says of it.
@@ -46,8 +48,16 @@ fn instance() -> impl Strategy<Value = Instance> {
     let state = prop::sample::select(vec!["created", "running", "idle", "claimed", "terminated"]);
     let owner = prop::sample::select(vec![RUN.to_string(), "1111".to_string(), String::new()]);
     let threshold = prop::sample::select(vec![-100i64, 1_000, 300, 1_800]);
-    let record = prop::option::weighted(0.85, (state, owner, threshold))
-        .prop_map(|r| r.map(|(state, run_id, offset)| Record { state, run_id, threshold: start().plus_secs(offset) }));
+    // The pool's release can leave exactly this run's idle threshold: only `releasedBy` differs.
+    let released_by = prop::sample::select(vec![RUN.to_string(), String::new()]);
+    let record = prop::option::weighted(0.85, (state, owner, threshold, released_by)).prop_map(|r| {
+        r.map(|(state, run_id, offset, released_by)| Record {
+            state,
+            run_id,
+            threshold: start().plus_secs(offset),
+            released_by,
+        })
+    });
     let tag_value = prop::sample::select(vec![RUN.to_string(), "1111".to_string(), String::new()]);
     (record, prop::bool::weighted(0.9), tag_value, prop::bool::weighted(0.9), prop::bool::weighted(0.1)).prop_map(
         |(record, tagged, tag_value, known_to_ec2, refuse_termination)| Instance {
@@ -110,6 +120,7 @@ impl Model {
             state: r.state.to_string(),
             run_id: r.run_id.clone(),
             threshold: r.threshold.to_string(),
+            released_by: r.released_by.clone(),
         }))
     }
 
@@ -134,6 +145,7 @@ impl Model {
                     t.expected.iter().any(|e| {
                         e.states.iter().any(|s| s.as_str() == r.state)
                             && e.run_id == r.run_id
+                            && e.released_by.as_ref().map_or(true, |by| *by == r.released_by)
                             && match e.threshold {
                                 ThresholdCondition::Unexpired => r.threshold > ThresholdCondition::unexpired_after(now),
                                 ThresholdCondition::Exactly(at) => r.threshold == at,
@@ -142,7 +154,12 @@ impl Model {
                     })
                 });
                 let (state, run_id, threshold) = (t.new_state.as_str(), t.new_run_id.clone(), t.new_threshold);
-                let result = self.write(&t.instance_id, holds, |r| *r = Some(Record { state, run_id, threshold }));
+                let releaser = t.releasing_run().map(str::to_string);
+                let result = self.write(&t.instance_id, holds, |r| {
+                    let released_by =
+                        releaser.or_else(|| r.as_ref().map(|r| r.released_by.clone())).unwrap_or_default();
+                    *r = Some(Record { state, run_id, threshold, released_by })
+                });
                 (t, result)
             })
             .collect()
@@ -205,6 +222,7 @@ impl Model {
                 for a in &announcements {
                     let record = self.instances[&a.instance.id].record.clone().expect("an announced record exists");
                     assert_eq!((record.state, record.run_id.as_str()), ("idle", ""), "announced but not released");
+                    assert_eq!(record.released_by, RUN, "announced what the pool released");
                     assert_eq!(Some(record.threshold), self.idle_threshold, "announced at another threshold");
                     assert_eq!(a.threshold, record.threshold, "the message's threshold is the record's");
                 }
@@ -294,7 +312,12 @@ fn every_commit_transition_is_recorded_as_evidence_and_nothing_else_is() {
 
 fn instance_with_record(state: &'static str) -> Instance {
     Instance {
-        record: Some(Record { state, run_id: RUN.to_string(), threshold: start().plus_secs(1_000) }),
+        record: Some(Record {
+            state,
+            run_id: RUN.to_string(),
+            threshold: start().plus_secs(1_000),
+            released_by: String::new(),
+        }),
         tagged: true,
         tag_value: RUN.to_string(),
         known_to_ec2: true,
@@ -310,7 +333,7 @@ fn instance_with_record(state: &'static str) -> Instance {
 fn cleanup_retires_an_unannounced_release_only_while_it_is_exactly_as_released() {
     let idle = start().plus_secs(300);
     let released = Instance {
-        record: Some(Record { state: "idle", run_id: String::new(), threshold: idle }),
+        record: Some(Record { state: "idle", run_id: String::new(), threshold: idle, released_by: RUN.to_string() }),
         tagged: true,
         tag_value: RUN.to_string(),
         known_to_ec2: true,
@@ -346,6 +369,28 @@ fn cleanup_retires_an_unannounced_release_only_while_it_is_exactly_as_released()
     assert!(verdict.is_ok(), "{verdict:?}");
     let record = model.instances[&id].record.clone().expect("the record stays");
     assert_eq!((record.state, record.run_id.as_str(), record.threshold), ("idle", "", idle.plus_secs(60)));
+}
+
+/// The pool's own release in the same second with the same idle time leaves the record exactly
+/// as this run's rollback would have, but without this run's `releasedBy`: cleanup neither
+/// announces it nor marks it (issue 19's "the pool's release must never look like one of ours").
+#[test]
+fn cleanup_leaves_alone_what_the_pool_released_at_its_own_idle_threshold() {
+    let idle = start().plus_secs(300);
+    let pools = Instance {
+        record: Some(Record { state: "idle", run_id: String::new(), threshold: idle, released_by: String::new() }),
+        tagged: true,
+        tag_value: RUN.to_string(),
+        known_to_ec2: true,
+        refuse_termination: false,
+    };
+    let (spec, mut model) = world(1, vec![pools], Vec::new());
+    model.idle_threshold = Some(idle);
+    let id = spec.instances().next().map(|(_, i)| i.id.clone()).expect("one instance");
+    let verdict = drive(Cleanup::new(&spec, &[], Some(idle), start()), &mut model);
+    assert!(verdict.is_ok(), "{verdict:?}");
+    let record = model.instances[&id].record.clone().expect("the record stays");
+    assert_eq!((record.state, record.run_id.as_str(), record.threshold), ("idle", "", idle), "untouched");
 }
 
 proptest! {

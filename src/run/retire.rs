@@ -81,11 +81,15 @@ pub fn marks(
         states: vec![InstanceState::Claimed, InstanceState::Running, InstanceState::Created, InstanceState::Terminated],
         run_id: run_id.to_string(),
         threshold: ThresholdCondition::Any,
+        released_by: None,
     };
+    // Exactly as this run released it: the pool's release may leave the same state, runId and
+    // threshold, but never this run's `releasedBy`.
     let released = released_unsent.map(|threshold| Expectation {
         states: vec![InstanceState::Idle],
         run_id: String::new(),
         threshold: ThresholdCondition::Exactly(threshold),
+        released_by: Some(run_id.to_string()),
     });
     instances
         .iter()
@@ -112,6 +116,7 @@ pub fn disposition(
         if found.state == InstanceState::Idle.as_str()
             && found.run_id.is_empty()
             && found.threshold == threshold.to_string()
+            && found.released_by == mark.new_run_id
         {
             return (Disposition::Released, finding);
         }
@@ -498,6 +503,7 @@ mod tests {
             state: "claimed".into(),
             run_id: "1111".into(),
             threshold: "2026-11-30T13:00:00Z".into(),
+            released_by: String::new(),
         };
         let refused = marks.iter().map(|mark| (mark.clone(), WriteResult::Rejected(Some(held.clone())))).collect();
         let membership = PoolMembership {

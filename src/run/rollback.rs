@@ -42,6 +42,7 @@ pub fn transitions(spec: &Spec, idle_threshold: Timestamp, already_sent: &HashSe
                 },
                 run_id: spec.run_id.clone(),
                 threshold: ThresholdCondition::Unexpired,
+                released_by: None,
             }],
             new_state: InstanceState::Idle,
             new_run_id: String::new(),

@@ -116,6 +116,9 @@ fn expectation(start: Timestamp, current: Option<&(String, String, String)>, rng
     if states.is_empty() {
         states.push(*rng.pick(&STATES));
     }
+    // Sometimes the record must name the run that released it, as a cleanup's mark of its own
+    // release does (the adapter's `releasedBy`; the releases above write it on both sides).
+    let released_by = if rng.chance(0.25) { Some(rng.pick(&["run-a", "run-b"]).to_string()) } else { None };
     Expectation {
         states,
         run_id,
@@ -124,6 +127,7 @@ fn expectation(start: Timestamp, current: Option<&(String, String, String)>, rng
             1 => ThresholdCondition::Exactly(exactly),
             _ => ThresholdCondition::Any,
         },
+        released_by,
     }
 }
 
@@ -478,6 +482,7 @@ async fn run_sequence(seed: u64) -> usize {
                                 states: STATES.iter().copied().filter(|s| s.as_str() == state).collect(),
                                 run_id: run.clone(),
                                 threshold: ThresholdCondition::Exactly(Timestamp::parse(at).ok()?),
+                                released_by: None,
                             })
                         });
                         let expected = exact.unwrap_or_else(|| expectation(start, current.as_ref(), &mut rng));
