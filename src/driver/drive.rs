@@ -39,7 +39,8 @@ impl<P: Ports> Driver<P> {
     /// while it puts the run in order with the other attempts of its run id
     /// ([`Driver::attempts_in_order`], which may drive an earlier attempt for long), and while it
     /// drives. A run that stops on its own (stalled, or waiting for an earlier attempt's driver)
-    /// gives its lease back, so the `resume` its exit code asks for is not refused.
+    /// gives its lease back, so the `resume` its exit code asks for is not refused; so does one
+    /// the store refused while it still holds the lease (a later attempt's record appeared).
     /// `given`: the instances to act on are already known (an earlier attempt driven by a later
     /// one, without those the later holds).
     pub(super) async fn drive(
@@ -67,7 +68,13 @@ impl<P: Ports> Driver<P> {
             () = renewing => driving.await,
         };
         match result {
-            Err(DriveError::LeaseLost { .. }) => Err(DriveError::LeaseLost { run_id: name }),
+            Err(DriveError::LeaseLost { .. }) => {
+                // The store refused this driver. Taken over: giving back is refused on the owner.
+                // Refused because a later attempt's record appeared (the fence's second check): it
+                // still holds the lease, and gives it back so that the re-run need not wait it out.
+                self.release_lease(&run_id, attempt).await;
+                Err(DriveError::LeaseLost { run_id: name })
+            }
             Err(error @ (DriveError::Stalled { .. } | DriveError::Busy { .. })) => {
                 self.release_lease(&run_id, attempt).await;
                 Err(error)
