@@ -227,6 +227,18 @@ impl Table {
             .collect()
     }
 
+    /// The reasons of a transaction cancelled by one of its `others` items (a run record's
+    /// `Put` that conflicted or was throttled): each action's own reason, `None` where its
+    /// condition holds. Nothing is written.
+    pub fn cancelled(
+        &self,
+        actions: &[Action<'_>],
+        injected: &BTreeMap<usize, &'static str>,
+        others: usize,
+    ) -> Vec<Reason> {
+        self.evaluate(actions, injected, others)
+    }
+
     fn apply(&mut self, actions: &[Action<'_>]) {
         for action in actions {
             match action {

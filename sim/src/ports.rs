@@ -675,10 +675,18 @@ impl InstanceStore for SimPorts {
                 world.log(|| format!("  delete {} finishing the run: attempt {unknown_attempt} exists", batch.len()));
                 return Ok(vec![WriteResult::Fenced; batch.len()]);
             }
-            let injected =
-                if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len()) };
+            // The record's `Put` (after the deletions and the unknown attempt's check) may
+            // conflict or be throttled too: that cancels the transaction, and the adapter reads
+            // each deletion by its own reason (`Cancelled` where its condition held).
+            let mut injected =
+                if self.is_calm(world) { BTreeMap::new() } else { Self::injected_reasons(world, batch.len() + 1) };
             self.note_acting_attempt(world, batch.iter().map(|d| &d.instance_id));
             let actions: Vec<Action<'_>> = batch.iter().map(Action::Delete).collect();
+            if let Some(code) = injected.remove(&batch.len()) {
+                let reasons = world.table.cancelled(&actions, &injected, 2);
+                world.log(|| format!("  delete {} finishing the run: the record's Put got {code}", batch.len()));
+                return Self::transaction_results(Err(reasons), batch.len());
+            }
             let before: Vec<Option<InstanceItem>> =
                 batch.iter().map(|d| world.table.instances.get(&d.instance_id).cloned()).collect();
             let outcome = world.table.transact(&actions, &injected);
