@@ -273,12 +273,13 @@ struct Context<'a> {
     ec2: HashMap<&'a str, &'a Ec2Snapshot>,
     /// A run id is unfinished while any of its attempts is: attempts share the run id in records.
     run_unfinished: HashMap<&'a str, bool>,
-    /// The (run id, idle threshold) of each finished run that released instances (the first
-    /// attempt found names the finding).
-    released_by: HashMap<(&'a str, &'a str), &'a RunSnapshot>,
-    /// Every (run id, idle threshold, instance id) those runs know they announced: attempts
-    /// share the run id, so one attempt's messages never speak for another's release.
-    announced: HashSet<(&'a str, &'a str, &'a str)>,
+    /// The (`releasedBy`, idle threshold) of each finished run that released instances: its
+    /// attempt's record identifier, and its run id too (what releases wrote before the
+    /// identifier; the first attempt found names the finding).
+    released_by: HashMap<(String, &'a str), &'a RunSnapshot>,
+    /// Every (`releasedBy`, idle threshold, instance id) those runs know they announced:
+    /// attempts share the run id, so one attempt's messages never speak for another's release.
+    announced: HashSet<(String, &'a str, &'a str)>,
     recorded: HashSet<&'a str>,
 }
 
@@ -296,8 +297,11 @@ impl<'a> Context<'a> {
         let mut announced = HashSet::new();
         for run in snapshot.runs.iter().filter(|run| run.is_finished()) {
             if let Some(threshold) = run.idle_threshold.as_deref() {
-                released_by.entry((run.run_id.as_str(), threshold)).or_insert(run);
-                announced.extend(run.messages_sent.iter().map(|id| (run.run_id.as_str(), threshold, id.as_str())));
+                let identifier = crate::record::record_identifier(&run.run_id, run.attempt);
+                for by in [identifier, run.run_id.clone()] {
+                    announced.extend(run.messages_sent.iter().map(|id| (by.clone(), threshold, id.as_str())));
+                    released_by.entry((by, threshold)).or_insert(run);
+                }
             }
         }
         Context {
@@ -365,8 +369,8 @@ impl<'a> Context<'a> {
     /// An unexpired pool idle that a finished run released (its `releasedBy` and that run's
     /// threshold) and never recorded announcing.
     fn unannounced_idle(&self, record: &InstanceRecordSnapshot, ec2_state: &str) -> Option<AuditFinding> {
-        let run = self.released_by.get(&(record.released_by.as_str(), record.threshold.as_str()))?;
-        if self.announced.contains(&(record.released_by.as_str(), record.threshold.as_str(), record.id.as_str())) {
+        let run = self.released_by.get(&(record.released_by.clone(), record.threshold.as_str()))?;
+        if self.announced.contains(&(record.released_by.clone(), record.threshold.as_str(), record.id.as_str())) {
             return None;
         }
         let mut finding =
@@ -842,14 +846,19 @@ mod tests {
         let mut second = RunSnapshot { attempt: 2, ..run("r4", "Failed", -100) };
         second.idle_threshold = Some(at(300));
         snapshot.runs.extend([first, second]);
-        snapshot.records.push(InstanceRecordSnapshot { released_by: "r4".into(), ..record("i-x", "idle", "", 300) });
         snapshot.instances.push(alive("i-x"));
-        let found: Vec<(FindingKind, Option<String>, Option<u32>)> = classify(&snapshot, now(), 600)
-            .into_iter()
-            .filter(|f| !f.is_hint())
-            .map(|f| (f.kind, f.instance_id, f.run_attempt))
-            .collect();
-        assert_eq!(found, vec![(FindingKind::UnannouncedIdle, Some("i-x".to_string()), Some(2))]);
+        // Attempt 2's releases name its record identifier; releases written before the
+        // identifier named the run id alone: both are tied to it by its threshold.
+        for by in ["r4#2", "r4"] {
+            let mut snapshot = snapshot.clone();
+            snapshot.records.push(InstanceRecordSnapshot { released_by: by.into(), ..record("i-x", "idle", "", 300) });
+            let found: Vec<(FindingKind, Option<String>, Option<u32>)> = classify(&snapshot, now(), 600)
+                .into_iter()
+                .filter(|f| !f.is_hint())
+                .map(|f| (f.kind, f.instance_id, f.run_attempt))
+                .collect();
+            assert_eq!(found, vec![(FindingKind::UnannouncedIdle, Some("i-x".to_string()), Some(2))], "{by}");
+        }
     }
 
     #[test]

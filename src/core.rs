@@ -144,18 +144,11 @@ pub struct InstanceTransition {
     pub new_run_id: String,
     /// The threshold to set, computed once at state entry.
     pub new_threshold: Timestamp,
-}
-
-impl InstanceTransition {
-    /// The run this transition returns the instance to the pool for (`idle`, owner `""`): the
-    /// owner of its first expectation, which is always the run's own hold on the record. The
-    /// write also sets `releasedBy` to it: the evidence that this run, not the pool, released
-    /// the record (the pool's release in the same second with the same idle time writes the
-    /// same `state`, `runId` and `threshold`).
-    pub fn releasing_run(&self) -> Option<&str> {
-        let releases = self.new_state == InstanceState::Idle && self.new_run_id.is_empty();
-        releases.then(|| self.expected.first().map(|e| e.run_id.as_str())).flatten().filter(|id| !id.is_empty())
-    }
+    /// For a release to the pool: the `releasedBy` it also sets, the releasing attempt's record
+    /// identifier ([`crate::record::record_identifier`]). The evidence that this attempt, not the
+    /// pool (nor another attempt of the run), released the record: the pool's release in the
+    /// same second with the same idle time writes the same `state`, `runId` and `threshold`.
+    pub released_by: Option<String>,
 }
 
 /// One conditional instance-record deletion: only a record this run marked `terminated`
@@ -329,7 +322,7 @@ pub fn classify_transition(transition: &InstanceTransition, result: &WriteResult
     if observed.state == transition.new_state.as_str()
         && observed.run_id == transition.new_run_id
         && observed.threshold == transition.new_threshold.to_string()
-        && transition.releasing_run().map_or(true, |run| observed.released_by == run)
+        && transition.released_by.as_deref().map_or(true, |by| observed.released_by == by)
     {
         return Some(Finding::Done);
     }
@@ -445,7 +438,7 @@ mod tests {
         let idle = Timestamp::parse("2026-11-27T10:10:00Z").unwrap();
         let releases = crate::run::rollback::transitions(&spec, idle, &std::collections::HashSet::new());
         let release = &releases[0];
-        assert_eq!(release.releasing_run(), Some(spec.run_id.as_str()));
+        assert_eq!(release.released_by.as_deref(), Some(spec.run_id.as_str()), "attempt 1: the run id");
         let found = |by: &str| {
             WriteResult::Rejected(Some(ObservedRecord {
                 state: "idle".into(),
@@ -458,9 +451,14 @@ mod tests {
         let pools = Some(Finding::OwnedByOther { run_id: String::new(), state: "idle".into() });
         assert_eq!(classify_transition(release, &found("")), pools);
         assert_eq!(classify_transition(release, &found("another-run")), pools);
+        // Attempt 2 of the same run released nothing of attempt 1's: its own identifier.
+        let again = spec_with(|v| v["runAttempt"] = 2.into());
+        let later = &crate::run::rollback::transitions(&again, idle, &std::collections::HashSet::new())[0];
+        assert_eq!(later.released_by, Some(format!("{}#2", spec.run_id)));
+        assert_eq!(classify_transition(later, &found(&spec.run_id)), pools);
         // A commit or a mark is not a release: no `releasedBy` to compare.
         let commit = &crate::run::commit::transitions(&spec, idle)[0];
-        assert_eq!(commit.releasing_run(), None);
+        assert_eq!(commit.released_by, None);
     }
 
     #[test]

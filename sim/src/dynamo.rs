@@ -248,8 +248,8 @@ impl Table {
                     item.run_id = transition.new_run_id.clone();
                     item.threshold = transition.new_threshold.to_string();
                     item.updated_at = now.to_string();
-                    if let Some(run) = transition.releasing_run() {
-                        item.released_by = run.to_string();
+                    if let Some(by) = &transition.released_by {
+                        item.released_by = by.clone();
                     }
                 }
                 Action::Delete(deletion) => {
@@ -427,6 +427,7 @@ mod tests {
             new_state: InstanceState::Running,
             new_run_id: "r".into(),
             new_threshold: Timestamp::parse("2026-01-01T01:00:00Z").unwrap(),
+            released_by: None,
         }
     }
 

@@ -525,7 +525,7 @@ impl AwsPorts {
         }
         let mut update_expression =
             "SET #state = :newState, #runId = :newRunId, #threshold = :newThreshold, #updatedAt = :now".to_string();
-        if let Some(releaser) = transition.releasing_run() {
+        if let Some(releaser) = transition.released_by.clone() {
             // The audit's evidence that this run, not the pool, released the instance: an
             // attribute of this engine's own, which the pool's writers leave alone.
             names.insert("#releasedBy".to_string(), RELEASED_BY.to_string());
@@ -1058,6 +1058,7 @@ mod tests {
             new_state: InstanceState::Idle,
             new_run_id: String::new(),
             new_threshold: Timestamp::parse("2025-06-01T11:00:00Z").unwrap(),
+            released_by: None,
         };
         let chunks = ["{}".to_string()];
         let read = |codes: &[&str], guarded| {

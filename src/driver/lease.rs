@@ -65,7 +65,8 @@ impl<P: Ports> Driver<P> {
     }
 
     /// Gives the lease back when the driver stops on its own (stalled, or waiting for an earlier
-    /// attempt), so that the `resume` its exit code asks for is not refused for the lease's
+    /// attempt) or the store refused it while it still holds the lease (a later attempt's record
+    /// appeared), so that the `resume` its exit code asks for is not refused for the lease's
     /// length. Best effort: if this fails too, the lease simply runs out.
     pub(super) async fn release_lease(&self, run_id: &str, attempt: u32) {
         if self.lease_lost.load(Ordering::SeqCst) {

@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 
 use super::effect::{single, Announcement, Effect, EffectResult, Failure, Found, Outcome, Poll};
-use super::retire::{Retire, Retired};
+use super::retire::{Released, Retire, Retired};
 use super::Stage;
 use crate::spec::{PoolInstance, Role, Spec};
 use crate::timestamp::Timestamp;
@@ -38,6 +38,8 @@ pub struct Cleanup {
     run_id: String,
     instances: Vec<(Role, PoolInstance)>,
     idle_threshold: Option<Timestamp>,
+    /// The rollback's releases, if it got that far: its idle threshold and `releasedBy`.
+    release: Option<Released>,
     marked_at: Timestamp,
     retire: Retire,
     terminated: usize,
@@ -60,11 +62,14 @@ impl Cleanup {
         let instances: Vec<(Role, PoolInstance)> =
             spec.instances().filter(|(_, i)| !sent.contains(&i.id)).map(|(r, i)| (r, i.clone())).collect();
         let borrowed: Vec<(Role, &PoolInstance)> = instances.iter().map(|(r, i)| (*r, i)).collect();
+        let by = crate::record::record_identifier(&spec.run_id, spec.attempt());
+        let release = idle_threshold.map(|threshold| Released { threshold, by });
         Cleanup {
             run_id: spec.run_id.clone(),
-            retire: Retire::new(&spec.run_id, &borrowed, None, idle_threshold, marked_at),
+            retire: Retire::new(&spec.run_id, &borrowed, None, release.as_ref(), marked_at),
             instances,
             idle_threshold,
+            release,
             marked_at,
             terminated: 0,
             released: Vec::new(),
@@ -111,7 +116,7 @@ impl Cleanup {
             .filter(|(_, i)| self.released.contains(&i.id) && !delivered.contains(&i.id))
             .map(|(r, i)| (*r, i))
             .collect();
-        self.retire = Retire::new(&self.run_id, &unannounced, self.idle_threshold, None, self.marked_at);
+        self.retire = Retire::new(&self.run_id, &unannounced, self.release.as_ref(), None, self.marked_at);
         self.phase = Phase::RetiringUnannounced;
         self.advance(now, Vec::new())
     }

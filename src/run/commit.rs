@@ -58,6 +58,7 @@ pub fn transitions(spec: &Spec, commit_threshold: Timestamp) -> Vec<InstanceTran
             new_state: InstanceState::Running,
             new_run_id: spec.run_id.clone(),
             new_threshold: commit_threshold,
+            released_by: None,
         })
         .collect()
 }

@@ -154,7 +154,7 @@ impl Model {
                     })
                 });
                 let (state, run_id, threshold) = (t.new_state.as_str(), t.new_run_id.clone(), t.new_threshold);
-                let releaser = t.releasing_run().map(str::to_string);
+                let releaser = t.released_by.clone();
                 let result = self.write(&t.instance_id, holds, |r| {
                     let released_by =
                         releaser.or_else(|| r.as_ref().map(|r| r.released_by.clone())).unwrap_or_default();

@@ -70,11 +70,21 @@ pub enum Disposition {
     LeaveAlone,
 }
 
+/// How this run's rollback released records, if it got that far: at its idle threshold, with
+/// its attempt's record identifier in `releasedBy` (`rollback::transitions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// The idle threshold the records were released at.
+    pub threshold: Timestamp,
+    /// The `releasedBy` the releases wrote.
+    pub by: String,
+}
+
 /// The marks: see the module docs.
 pub fn marks(
     run_id: &str,
     instances: &[(Role, &PoolInstance)],
-    released_unsent: Option<Timestamp>,
+    released_unsent: Option<&Released>,
     marked_at: Timestamp,
 ) -> Vec<InstanceTransition> {
     let held = Expectation {
@@ -85,11 +95,11 @@ pub fn marks(
     };
     // Exactly as this run released it: the pool's release may leave the same state, runId and
     // threshold, but never this run's `releasedBy`.
-    let released = released_unsent.map(|threshold| Expectation {
+    let released = released_unsent.map(|released| Expectation {
         states: vec![InstanceState::Idle],
         run_id: String::new(),
-        threshold: ThresholdCondition::Exactly(threshold),
-        released_by: Some(run_id.to_string()),
+        threshold: ThresholdCondition::Exactly(released.threshold),
+        released_by: Some(released.by.clone()),
     });
     instances
         .iter()
@@ -100,23 +110,24 @@ pub fn marks(
             new_state: InstanceState::Terminated,
             new_run_id: run_id.to_string(),
             new_threshold: marked_at,
+            released_by: None,
         })
         .collect()
 }
 
-/// The rule for one mark's result. `released`: the idle threshold this run released records
-/// at, when a record found exactly so is the caller's to decide.
+/// The rule for one mark's result. `released`: how this run released records, when a record
+/// found exactly so (its threshold and its `releasedBy`) is the caller's to decide.
 pub fn disposition(
     mark: &InstanceTransition,
     result: &WriteResult,
-    released: Option<Timestamp>,
+    released: Option<&Released>,
 ) -> (Disposition, Finding) {
     let finding = classify_transition(mark, result).expect("cancelled writes were re-sent");
-    if let (Some(threshold), WriteResult::Rejected(Some(found))) = (released, result) {
+    if let (Some(released), WriteResult::Rejected(Some(found))) = (released, result) {
         if found.state == InstanceState::Idle.as_str()
             && found.run_id.is_empty()
-            && found.threshold == threshold.to_string()
-            && found.released_by == mark.new_run_id
+            && found.threshold == released.threshold.to_string()
+            && found.released_by == released.by
         {
             return (Disposition::Released, finding);
         }
@@ -144,7 +155,7 @@ enum Phase {
 pub struct Retire {
     run_id: String,
     marked_at: Timestamp,
-    released: Option<Timestamp>,
+    released: Option<Released>,
     marks: Vec<InstanceTransition>,
     phase: Phase,
     marked: Vec<String>,
@@ -167,14 +178,14 @@ impl Retire {
     pub fn new(
         run_id: &str,
         instances: &[(Role, &PoolInstance)],
-        released_unsent: Option<Timestamp>,
-        released: Option<Timestamp>,
+        released_unsent: Option<&Released>,
+        released: Option<&Released>,
         marked_at: Timestamp,
     ) -> Retire {
         Retire {
             run_id: run_id.to_string(),
             marked_at,
-            released,
+            released: released.cloned(),
             marks: marks(run_id, instances, released_unsent, marked_at),
             phase: Phase::Start,
             marked: Vec::new(),
@@ -191,7 +202,7 @@ impl Retire {
     fn handle_marks(&mut self, results: Vec<(InstanceTransition, WriteResult)>) {
         for (mark, result) in &results {
             let id = mark.instance_id.clone();
-            match disposition(mark, result, self.released) {
+            match disposition(mark, result, self.released.as_ref()) {
                 (Disposition::TerminateThenDelete, _) => self.marked.push(id),
                 (Disposition::TerminateOnly, _) if mark.role == Role::Created => self.unrecorded.push(id),
                 // A selected instance without a record: launched by another run, whatever its

@@ -30,6 +30,7 @@ use crate::timestamp::Timestamp;
 /// Created instances still in `created` are not returnable: their transition is refused as
 /// `WrongState`, and [`disposition`] retires them.
 pub fn transitions(spec: &Spec, idle_threshold: Timestamp, already_sent: &HashSet<String>) -> Vec<InstanceTransition> {
+    let releaser = crate::record::record_identifier(&spec.run_id, spec.attempt());
     spec.instances()
         .filter(|(_, instance)| !already_sent.contains(&instance.id))
         .map(|(role, instance)| InstanceTransition {
@@ -47,6 +48,7 @@ pub fn transitions(spec: &Spec, idle_threshold: Timestamp, already_sent: &HashSe
             new_state: InstanceState::Idle,
             new_run_id: String::new(),
             new_threshold: idle_threshold,
+            released_by: Some(releaser.clone()),
         })
         .collect()
 }

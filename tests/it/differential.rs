@@ -118,7 +118,7 @@ fn expectation(start: Timestamp, current: Option<&(String, String, String)>, rng
     }
     // Sometimes the record must name the run that released it, as a cleanup's mark of its own
     // release does (the adapter's `releasedBy`; the releases above write it on both sides).
-    let released_by = if rng.chance(0.25) { Some(rng.pick(&["run-a", "run-b"]).to_string()) } else { None };
+    let released_by = if rng.chance(0.25) { Some(rng.pick(&["run-a", "run-b", "run-b#2"]).to_string()) } else { None };
     Expectation {
         states,
         run_id,
@@ -317,6 +317,12 @@ async fn run_sequence(seed: u64) -> usize {
                         if rng.chance(0.3) {
                             expected.push(expectation(start, current.as_ref(), &mut rng));
                         }
+                        // Sometimes a release's `releasedBy` (an attempt's record identifier).
+                        let released_by = if rng.chance(0.4) {
+                            Some(rng.pick(&["run-a", "run-b", "run-b#2"]).to_string())
+                        } else {
+                            None
+                        };
                         InstanceTransition {
                             instance_id: id,
                             role: Role::Selected,
@@ -324,6 +330,7 @@ async fn run_sequence(seed: u64) -> usize {
                             new_state: *rng.pick(&STATES),
                             new_run_id: rng.pick(&RUNS).to_string(),
                             new_threshold: threshold(start, &mut rng),
+                            released_by,
                         }
                     })
                     .collect();
@@ -430,6 +437,7 @@ async fn run_sequence(seed: u64) -> usize {
                                         new_state: *rng.pick(&STATES),
                                         new_run_id: run.to_string(),
                                         new_threshold: threshold(start, &mut rng),
+                                        released_by: None,
                                     }
                                 })
                                 .collect()
@@ -493,6 +501,7 @@ async fn run_sequence(seed: u64) -> usize {
                             new_state: InstanceState::Idle,
                             new_run_id: String::new(),
                             new_threshold: threshold(start, &mut rng),
+                            released_by: Some(run.clone()),
                         }
                     })
                     .collect();

@@ -242,17 +242,24 @@ async fn a_later_attempts_record_fences_a_driver_of_an_earlier_attempt_that_neve
     let commits = post_provision::run::commit::transitions(&first, read.commit_threshold.expect("committing"));
     // Attempt 2's record lands; its driver waits for attempt 1's lease.
     let (second_claim, _, second) = second_attempt(&mut world).await;
-    assert!(matches!(engine.start(second).await, Err(DriveError::Busy { .. })));
+    assert!(matches!(engine.start(second.clone()).await, Err(DriveError::Busy { .. })));
+    // The stale driver of attempt 1 marks what it takes for its own (seed 16543): attempt 2's
+    // claim carries the same run id, so only the fence can refuse it.
+    let theirs: Vec<_> = second.instances().collect();
+    let marks = post_provision::run::retire::marks(&world.run_id, &theirs, None, world.start);
+    let stale = engine.ports().transition(&marks, world.start, &Fence::of(&read)).await.expect("an answer");
+    assert!(stale.iter().all(|r| *r == WriteResult::Fenced), "{stale:?}");
+    let claim = world.record(&second_claim).await.expect("record");
+    assert_eq!(claim["state"].as_s().unwrap(), "claimed", "attempt 2's claim is untouched");
     let stale = engine.ports().transition(&commits, world.start, &Fence::of(&read)).await.expect("an answer");
     assert!(stale.iter().all(|r| *r == WriteResult::Fenced), "{stale:?}");
     let picture = world.picture(world.start, false).await;
     assert!(!picture.contains("record running runId=\"RUN\" threshold=start+"), "nothing committed: {picture}");
+    // A driver that read attempt 2 writes on (leaving attempt 2's instances out of its effects).
     let knowing = Fence::of(&read).knowing(2);
     assert_eq!(knowing.unknown_attempt, 3);
     let applied = engine.ports().transition(&commits, world.start, &knowing).await.expect("an answer");
     assert!(applied.iter().all(|r| *r == WriteResult::Applied), "{applied:?}");
-    let claim = world.record(&second_claim).await.expect("record");
-    assert_eq!(claim["state"].as_s().unwrap(), "claimed", "attempt 2's claim is untouched");
 }
 
 /// A re-run keeps the run id and increments the attempt. The second attempt's spec starts a run
