@@ -37,7 +37,6 @@ enum Phase {
 pub struct Cleanup {
     run_id: String,
     instances: Vec<(Role, PoolInstance)>,
-    idle_threshold: Option<Timestamp>,
     /// The rollback's releases, if it got that far: its idle threshold and `releasedBy`.
     release: Option<Released>,
     marked_at: Timestamp,
@@ -62,13 +61,11 @@ impl Cleanup {
         let instances: Vec<(Role, PoolInstance)> =
             spec.instances().filter(|(_, i)| !sent.contains(&i.id)).map(|(r, i)| (r, i.clone())).collect();
         let borrowed: Vec<(Role, &PoolInstance)> = instances.iter().map(|(r, i)| (*r, i)).collect();
-        let by = crate::record::record_identifier(&spec.run_id, spec.attempt());
-        let release = idle_threshold.map(|threshold| Released { threshold, by });
+        let release = idle_threshold.map(|threshold| Released { threshold, by: super::rollback::releaser(spec) });
         Cleanup {
             run_id: spec.run_id.clone(),
             retire: Retire::new(&spec.run_id, &borrowed, None, release.as_ref(), marked_at),
             instances,
-            idle_threshold,
             release,
             marked_at,
             terminated: 0,
@@ -81,7 +78,8 @@ impl Cleanup {
     /// Step 1 is over: announce the released instances again, or finish.
     fn after_retire(&mut self, retired: Retired) -> Poll<usize> {
         self.terminated += retired.terminated;
-        let Some(threshold) = self.idle_threshold.filter(|_| !retired.released.is_empty()) else {
+        let Some(threshold) = self.release.as_ref().map(|r| r.threshold).filter(|_| !retired.released.is_empty())
+        else {
             return self.finish(Ok(()));
         };
         self.released = retired.released;
@@ -141,7 +139,7 @@ impl Stage for Cleanup {
                 // the verdict rides with them (advancing instead gives the same one).
                 Poll::Last(effect, retired) => {
                     self.phase = Phase::Retiring;
-                    if self.idle_threshold.is_some() && !retired.released.is_empty() {
+                    if self.release.is_some() && !retired.released.is_empty() {
                         return Poll::Run(vec![effect]);
                     }
                     Poll::Last(effect, self.terminated + retired.terminated)

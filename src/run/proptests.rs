@@ -311,13 +311,19 @@ fn every_commit_transition_is_recorded_as_evidence_and_nothing_else_is() {
 }
 
 fn instance_with_record(state: &'static str) -> Instance {
+    let threshold = start().plus_secs(1_000);
+    instance_with(Record { state, run_id: RUN.to_string(), threshold, released_by: String::new() })
+}
+
+/// An idle record in the pool at `threshold`, released by `by` (`""`: the pool's own release).
+fn idle_released_by(threshold: Timestamp, by: &str) -> Instance {
+    instance_with(Record { state: "idle", run_id: String::new(), threshold, released_by: by.to_string() })
+}
+
+/// A tagged instance EC2 knows, with `record`.
+fn instance_with(record: Record) -> Instance {
     Instance {
-        record: Some(Record {
-            state,
-            run_id: RUN.to_string(),
-            threshold: start().plus_secs(1_000),
-            released_by: String::new(),
-        }),
+        record: Some(record),
         tagged: true,
         tag_value: RUN.to_string(),
         known_to_ec2: true,
@@ -332,14 +338,7 @@ fn instance_with_record(state: &'static str) -> Instance {
 #[test]
 fn cleanup_retires_an_unannounced_release_only_while_it_is_exactly_as_released() {
     let idle = start().plus_secs(300);
-    let released = Instance {
-        record: Some(Record { state: "idle", run_id: String::new(), threshold: idle, released_by: RUN.to_string() }),
-        tagged: true,
-        tag_value: RUN.to_string(),
-        known_to_ec2: true,
-        refuse_termination: false,
-    };
-    let (spec, mut model) = world(1, vec![released], Vec::new());
+    let (spec, mut model) = world(1, vec![idle_released_by(idle, RUN)], Vec::new());
     model.idle_threshold = Some(idle);
     let id = spec.instances().next().map(|(_, i)| i.id.clone()).expect("one instance");
     let mut stage = Cleanup::new(&spec, &[], Some(idle), start());
@@ -377,14 +376,7 @@ fn cleanup_retires_an_unannounced_release_only_while_it_is_exactly_as_released()
 #[test]
 fn cleanup_leaves_alone_what_the_pool_released_at_its_own_idle_threshold() {
     let idle = start().plus_secs(300);
-    let pools = Instance {
-        record: Some(Record { state: "idle", run_id: String::new(), threshold: idle, released_by: String::new() }),
-        tagged: true,
-        tag_value: RUN.to_string(),
-        known_to_ec2: true,
-        refuse_termination: false,
-    };
-    let (spec, mut model) = world(1, vec![pools], Vec::new());
+    let (spec, mut model) = world(1, vec![idle_released_by(idle, "")], Vec::new());
     model.idle_threshold = Some(idle);
     let id = spec.instances().next().map(|(_, i)| i.id.clone()).expect("one instance");
     let verdict = drive(Cleanup::new(&spec, &[], Some(idle), start()), &mut model);

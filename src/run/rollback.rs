@@ -30,7 +30,7 @@ use crate::timestamp::Timestamp;
 /// Created instances still in `created` are not returnable: their transition is refused as
 /// `WrongState`, and [`disposition`] retires them.
 pub fn transitions(spec: &Spec, idle_threshold: Timestamp, already_sent: &HashSet<String>) -> Vec<InstanceTransition> {
-    let releaser = crate::record::record_identifier(&spec.run_id, spec.attempt());
+    let releaser = releaser(spec);
     spec.instances()
         .filter(|(_, instance)| !already_sent.contains(&instance.id))
         .map(|(role, instance)| InstanceTransition {
@@ -51,6 +51,13 @@ pub fn transitions(spec: &Spec, idle_threshold: Timestamp, already_sent: &HashSe
             released_by: Some(releaser.clone()),
         })
         .collect()
+}
+
+/// The `releasedBy` this attempt's releases write: its record identifier (the run id for
+/// attempt 1, `<runId>#<attempt>` after), so that neither the pool's release nor another
+/// attempt's is ever read as this one's.
+pub fn releaser(spec: &Spec) -> String {
+    crate::record::record_identifier(&spec.run_id, spec.attempt())
 }
 
 /// What rollback does with one instance after its release transition.

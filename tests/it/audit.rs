@@ -11,10 +11,10 @@ use std::process::Command;
 use aws_sdk_dynamodb::types::AttributeValue;
 use post_provision::audit::{FindingKind, RepairOutcome};
 use post_provision::aws::InstanceFilter;
-use post_provision::driver::{DriveError, Hooks};
+use post_provision::driver::Hooks;
 use post_provision::{AuditOptions, Engine};
 
-use crate::harness::{staged_limits, Owner, Seed, TestClock, World};
+use crate::harness::{Owner, Seed, TestClock, World};
 
 /// The audit sees the world an hour after it was seeded: every instance is past the grace.
 const LATER_SECS: i64 = 3_600;
@@ -150,11 +150,7 @@ async fn audit_names_each_stray_and_fix_repairs_them() {
     names.insert(quiet.clone(), "quiet");
     // unfinished-run: a real run whose driver died right after persisting its state.
     world.seed(&[Seed { class: "small", state: Some("claimed"), owner: Owner::Own, threshold_secs: 4_200 }], &[]).await;
-    let crashing = world
-        .engine_with(clock.clone(), Hooks { crash_after_writes: Some(1), ..Hooks::default() }, staged_limits(), None)
-        .await;
-    let crashed = crashing.start(world.spec("success", 0)).await;
-    assert!(matches!(crashed, Err(DriveError::Crashed { .. })), "{crashed:?}");
+    world.crash_after_create(clock.clone(), world.spec("success", 0)).await;
     names.insert(world.selected[0].id.clone(), "crashed run's claim");
     clock.advance(120); // past the dead driver's lease
 

@@ -317,9 +317,7 @@ async fn a_take_over_never_erases_commit_evidence_appended_after_its_read() {
     let clock = TestClock::at(world.start);
     let spec = world.spec("success", 1);
     // The first driver creates its run (staged: no transition rides along) and dies.
-    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
-    let first = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
-    assert!(matches!(first.start(spec.clone()).await, Err(DriveError::Crashed { .. })));
+    world.crash_after_create(clock.clone(), spec.clone()).await;
     let engine = world.engine(clock.clone(), Hooks::default()).await;
     let read = engine.status(&spec.run_id).await.expect("status").expect("record");
     assert!(read.committed_ids.is_empty());
@@ -357,9 +355,7 @@ async fn a_finishing_deletion_recognises_its_own_write_and_is_fenced_for_another
     let spec = world.spec("success", 0);
     // The first driver creates its run (staged) and dies; its records are then marked as a
     // retire marks them.
-    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
-    let first = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
-    assert!(matches!(first.start(spec.clone()).await, Err(DriveError::Crashed { .. })));
+    world.crash_after_create(clock.clone(), spec.clone()).await;
     let engine = world.engine(clock.clone(), Hooks::default()).await;
     let read = engine.status(&spec.run_id).await.expect("status").expect("record");
     let instances: Vec<_> = spec.instances().collect();

@@ -381,6 +381,15 @@ impl World {
         builder.build().await.expect("engine")
     }
 
+    /// Starts `spec` staged with a driver that dies right after its first write: the run is
+    /// created, unfinished, with its lease running.
+    pub async fn crash_after_create(&self, clock: Arc<TestClock>, spec: post_provision::Spec) {
+        let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
+        let crashing = self.engine_with(clock, hooks, staged_limits(), None).await;
+        let crashed = crashing.start(spec).await;
+        assert!(matches!(crashed, Err(post_provision::driver::DriveError::Crashed { .. })), "{crashed:?}");
+    }
+
     /// Every seeded instance, selected first, with a stable name (`sel0`, `cre1`).
     pub fn named(&self) -> Vec<(String, &Seeded)> {
         let mut out: Vec<(String, &Seeded)> =

@@ -7,13 +7,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Output;
 
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use post_provision::driver::{DriveError, Hooks};
+use post_provision::driver::Hooks;
 use post_provision::machine::State;
 use post_provision::record::{HistoryEntry, Lease, RunRecord, RUN_RECORD_SCHEMA_VERSION};
 use post_provision::timestamp::Timestamp;
 use post_provision::OutcomeKind;
 
-use crate::harness::{staged_limits, test_limits, Owner, Seed, TestClock, World};
+use crate::harness::{test_limits, Owner, Seed, TestClock, World};
 
 /// A finished (committed) run record, as a retained run leaves it.
 fn finished_record(run_id: &str, at: Timestamp) -> RunRecord {
@@ -75,13 +75,6 @@ async fn seed_finished(world: &World, count: usize, first: Timestamp) {
     put_items(world, items).await;
 }
 
-/// A run whose driver died right after persisting its first state: unfinished, lease running.
-async fn crash_a_run(world: &World, clock: std::sync::Arc<TestClock>, spec: post_provision::Spec) {
-    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
-    let crashing = world.engine_with(clock, hooks, staged_limits(), None).await;
-    assert!(matches!(crashing.start(spec).await, Err(DriveError::Crashed { .. })));
-}
-
 fn cli(world: &World, args: &[&str]) -> Output {
     std::process::Command::new(crate::harness::cli_binary())
         .env("RUST_LOG", "warn")
@@ -103,7 +96,7 @@ async fn an_unfinished_run_is_found_among_more_finished_runs_than_any_bound() {
     let mut world = World::new("history").await;
     world.seed(&[Seed { class: "small", state: Some("claimed"), owner: Owner::Own, threshold_secs: 4_000 }], &[]).await;
     let clock = TestClock::at(world.start);
-    crash_a_run(&world, clock.clone(), world.spec("success", 0)).await;
+    world.crash_after_create(clock.clone(), world.spec("success", 0)).await;
     // Finished runs older and newer than the crashed one, more than the sweep's bound and the
     // listing's limit, with run ids on both sides of its own.
     seed_finished(&world, 60, world.start.plus_secs(-120)).await;
@@ -140,10 +133,10 @@ async fn a_listing_that_cannot_show_every_unfinished_run_exits_non_zero() {
     world.seed(&[Seed { class: "small", state: Some("claimed"), owner: Owner::Own, threshold_secs: 4_000 }], &[]).await;
     let clock = TestClock::at(world.start);
     // Two unfinished runs (a second attempt's record is a run record of its own).
-    crash_a_run(&world, clock.clone(), world.spec("success", 0)).await;
+    world.crash_after_create(clock.clone(), world.spec("success", 0)).await;
     let mut second = world.spec("success", 0);
     second.run_id = format!("{}-b", world.run_id);
-    crash_a_run(&world, clock.clone(), second).await;
+    world.crash_after_create(clock.clone(), second).await;
     seed_finished(&world, 30, world.start.plus_secs(-60)).await;
 
     let all = cli(&world, &["list", "--unfinished", "--limit", "2"]);

@@ -234,9 +234,7 @@ async fn a_later_attempts_record_fences_a_driver_of_an_earlier_attempt_that_neve
     world.seed(&[Seed::claimed("small")], &[Seed::created("running")]).await;
     let clock = TestClock::at(world.start);
     let first = world.spec("success", 1);
-    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
-    let crashing = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
-    assert!(matches!(crashing.start(first.clone()).await, Err(DriveError::Crashed { .. })));
+    world.crash_after_create(clock.clone(), first.clone()).await;
     let engine = world.engine(clock.clone(), Hooks::default()).await;
     let read = engine.status_attempt(&world.run_id, Some(1)).await.expect("status").expect("record");
     let commits = post_provision::run::commit::transitions(&first, read.commit_threshold.expect("committing"));
@@ -272,9 +270,7 @@ async fn a_second_attempt_finishes_the_first_before_acting() {
     let clock = TestClock::at(world.start);
     let first = world.spec("success", 1);
     // Staged: the first attempt dies right after persisting `Committing`, before acting.
-    let hooks = Hooks { crash_after_writes: Some(1), ..Hooks::default() };
-    let crashing = world.engine_with(clock.clone(), hooks, staged_limits(), None).await;
-    assert!(matches!(crashing.start(first.clone()).await, Err(DriveError::Crashed { .. })));
+    world.crash_after_create(clock.clone(), first.clone()).await;
     let (second_claim, mut second_json, second) = second_attempt(&mut world).await;
     let engine = world.engine(clock.clone(), Hooks::default()).await;
 
